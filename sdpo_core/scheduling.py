@@ -1,0 +1,147 @@
+"""DDIM step with log-probability: the one module that mirrors diffusers' scheduler math.
+
+Mirrors ``diffusers.DDIMScheduler.step`` (diffusers 0.35-0.42) for epsilon, v-prediction and
+sample prediction, vectorised over a batch whose items may sit at different timesteps (needed
+for step-shuffled updates), and adds the Gaussian log-density of ``x_{t-1}`` under the step's
+distribution N(mean, sigma_t^2) (DDPO/SDPO: a policy's action log-prob).
+
+The last step (previous timestep < 0) has two behaviours, chosen by ``last_step``:
+- ``"clamp"`` (default, the SDPO paper's code): the previous timestep is clamped to 0, so the
+  last transition goes to ``alphas_cumprod[0]`` and stays stochastic. This is what gives a
+  1-step model a policy gradient at all. It equals diffusers' step when the scheduler has
+  ``set_alpha_to_one=False``.
+- ``"final_alpha"`` (diffusers exactly): uses ``final_alpha_cumprod``; with
+  ``set_alpha_to_one=True`` that is 1 and the last step is deterministic, which has no
+  log-probability, so ``ddim_step`` raises rather than return an infinite one.
+Both sampling and training go through this function, so training always scores exactly the
+transition that was sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class DDIMParams:
+    """The constants of a DDIM schedule that ``ddim_step`` needs (no scheduler object)."""
+
+    alphas_cumprod: torch.Tensor  # (num_train_timesteps,) float32
+    final_alpha_cumprod: float
+    num_train_timesteps: int
+    num_inference_steps: int
+    prediction_type: str
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    last_step: str = "clamp"
+
+    @classmethod
+    def from_scheduler(
+        cls, scheduler, num_inference_steps: int | None = None, last_step: str = "clamp"
+    ) -> DDIMParams:
+        """Read the constants of a diffusers ``DDIMScheduler`` after ``set_timesteps``."""
+        n = num_inference_steps or scheduler.num_inference_steps
+        if n is None:
+            raise ValueError("call scheduler.set_timesteps(n) first or pass num_inference_steps")
+        cfg = scheduler.config
+        if cfg.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {cfg.prediction_type!r} not in {PREDICTION_TYPES}")
+        if getattr(cfg, "thresholding", False):
+            raise ValueError("dynamic thresholding is not supported by the log-prob DDIM step")
+        return cls(
+            alphas_cumprod=scheduler.alphas_cumprod.to(torch.float32).cpu(),
+            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            num_train_timesteps=int(cfg.num_train_timesteps),
+            num_inference_steps=int(n),
+            prediction_type=cfg.prediction_type,
+            clip_sample=bool(cfg.clip_sample),
+            clip_sample_range=float(getattr(cfg, "clip_sample_range", 1.0)),
+            last_step=last_step,
+        )
+
+
+def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, 1, 1) matching ``like``'s rank, device and dtype float32."""
+    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim)).to(like.device, torch.float32)
+
+
+def ddim_step(
+    params: DDIMParams,
+    model_output: torch.Tensor,
+    timesteps: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} with its log-probability.
+
+    Args:
+        model_output: (N, C, H, W) the UNet's output (epsilon, v or x0 by ``prediction_type``).
+        timesteps: (N,) or scalar integer timesteps t of each item.
+        sample: (N, C, H, W) the noisy latent x_t.
+        eta: DDIM eta in (0, 1]; sigma_t = eta * sqrt(variance) (DDIM paper eq. 16).
+        prev_sample: (N, C, H, W) if given, only score this x_{t-1} (training); else sample it.
+        generator / noise: randomness for sampling x_{t-1}; ``noise`` (N, C, H, W) wins if given.
+
+    Returns:
+        prev_sample (N, C, H, W), pred_original_sample x0_t (N, C, H, W) and
+        log_prob (N,) float32: the Gaussian log-density of prev_sample, averaged over C*H*W
+        (the paper's code averages rather than sums; it keeps the scale independent of size).
+    """
+    if eta <= 0:
+        raise ValueError("eta must be > 0 for a log-probability (eta 0 is deterministic)")
+    n = sample.shape[0]
+    t = torch.as_tensor(timesteps, device="cpu").long().reshape(-1).expand(n)
+    prev_t = t - params.num_train_timesteps // params.num_inference_steps
+    ac = params.alphas_cumprod
+    alpha_t = ac[t]
+    if params.last_step == "clamp":
+        alpha_prev = ac[prev_t.clamp(min=0)]
+    else:
+        alpha_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], torch.tensor(params.final_alpha_cumprod))
+    # log-probs, ratios and the step itself in float32 even under autocast: tiny variances
+    # (sigma_t ~ 1e-2 at late steps) make half-precision log-densities meaningless.
+    x = sample.float()
+    out = model_output.float()
+    a_t, a_prev = _bcast(alpha_t, x), _bcast(alpha_prev, x)
+    b_t = 1 - a_t
+    if params.prediction_type == "epsilon":
+        x0 = (x - b_t.sqrt() * out) / a_t.sqrt()
+        eps = out
+    elif params.prediction_type == "sample":
+        x0 = out
+        eps = (x - a_t.sqrt() * x0) / b_t.sqrt()
+    else:  # v_prediction
+        x0 = a_t.sqrt() * x - b_t.sqrt() * out
+        eps = a_t.sqrt() * out + b_t.sqrt() * x
+    if params.clip_sample:
+        x0 = x0.clamp(-params.clip_sample_range, params.clip_sample_range)
+    # DDIM paper eq. 16: sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    if bool((std == 0).any()):
+        raise ValueError(
+            "a DDIM step with zero variance has no log-probability (final_alpha_cumprod is 1 at the "
+            "last step); use last_step='clamp' (sample.last_step: clamp), as the SDPO paper does"
+        )
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    mean = a_prev.sqrt() * x0 + direction
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        prev = mean + std * noise.float()
+    else:
+        prev = prev_sample.float()
+    # Gaussian log-density; x_{t-1} is data here (detached), gradients flow through the mean.
+    log_prob = (
+        -((prev.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    )
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev.to(sample.dtype), x0.to(sample.dtype), log_prob
