@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +147,10 @@ class TrackingConfig(_Strict):
     backend: Literal["none", "mlflow"] = "mlflow"
     experiment: str = "sdpo"
     log_images_every: int = Field(default=1, ge=1)
+
+
+# BaseModel's metaclass has an ABC ``register`` method; the design fixes ``register`` as a key.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class Config(_Strict):
@@ -339,7 +344,18 @@ def load_config(
     raw = apply_overrides(raw, overrides or [])
     cfg = validate_dict(raw, f"{path}, pipeline '{pipeline}'")
     batch_plan(cfg)
+    check_reward(cfg, f"{path}, pipeline '{pipeline}'")
     return cfg
+
+
+def check_reward(cfg: Config, source: str) -> None:
+    """The reward must be registered or an importable ``module:function`` (checked at load)."""
+    from sdpo_core.rewards import RewardError, validate_reward_name
+
+    try:
+        validate_reward_name(cfg.reward.name)
+    except RewardError as exc:
+        raise ConfigError(f"invalid configuration ({source}): 'reward.name': {exc}") from None
 
 
 def load_resolved(path: Path) -> Config:

@@ -1,0 +1,141 @@
+"""Load diffusers pipelines (local dir or hub id), add LoRA with peft, save and reload weights.
+
+A trained model is a directory holding either the LoRA in the diffusers format that
+``pipe.load_lora_weights`` takes (``pytorch_lora_weights.safetensors``) or a full ``unet/``,
+plus ``sdpo_model.json`` naming the base model it applies to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+log = logging.getLogger(__name__)
+
+MODEL_META = "sdpo_model.json"
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory or hub id could not be loaded; the message says what was tried."""
+
+
+def load_pipeline(
+    pretrained: str,
+    revision: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    timestep_spacing: str | None = None,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion-style pipeline with a DDIM scheduler, frozen and ready to sample.
+
+    ``pretrained`` is a local diffusers directory or a hub id (e.g. ``stabilityai/sd-turbo``).
+    The scheduler is rebuilt as ``DDIMScheduler`` from the model's own scheduler config, so the
+    timestep schedule (betas, prediction type, spacing) stays the model's.
+    """
+    local = Path(pretrained).expanduser()
+    source = str(local) if local.exists() else pretrained
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise ModelLoadError(f"{local} exists but is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, revision=revision, safety_checker=None)
+    except Exception as exc:  # diffusers raises several types for missing / unreachable models
+        raise ModelLoadError(
+            f"cannot load model '{pretrained}': {exc}. Give a local diffusers directory, or a hub id on a "
+            "machine that can reach the hub (or whose HF cache already holds it)"
+        ) from exc
+    extra = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **extra)
+    pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.to(device)
+    pipe.vae.to(dtype=dtype)
+    pipe.text_encoder.to(dtype=dtype)
+    return pipe
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None, target_modules: list[str]) -> None:
+    """Add a trainable LoRA adapter (peft) to the UNet's attention projections; base stays frozen."""
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules
+    )
+    unet.add_adapter(config)
+    for p in unet.parameters():  # LoRA weights train in float32 even when the base is half
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft's naming (what checkpoints save and restore)."""
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_trained(unet: UNet2DConditionModel, out_dir: str | Path, finetune: str, base: str) -> Path:
+    """Save final weights: LoRA in diffusers format (``load_lora_weights``) or the full UNet."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if finetune == "lora":
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+    else:
+        unet.save_pretrained(out / "unet", safe_serialization=True)
+    (out / MODEL_META).write_text(json.dumps({"base_model": base, "finetune": finetune}, indent=2))
+    return out
+
+
+def read_model_meta(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MODEL_META
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir} is not a trained sdpo model directory (no {MODEL_META})")
+    return json.loads(path.read_text())
+
+
+def load_trained(
+    model_dir: str | Path,
+    base: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    timestep_spacing: str | None = None,
+) -> StableDiffusionPipeline:
+    """Base pipeline with a trained model directory's LoRA or full UNet applied."""
+    meta = read_model_meta(model_dir)
+    pipe = load_pipeline(base or meta["base_model"], device=device, dtype=dtype, timestep_spacing=timestep_spacing)
+    if meta["finetune"] == "lora":
+        pipe.load_lora_weights(str(model_dir))
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet").to(device)
+        pipe.unet.requires_grad_(False).eval()
+    return pipe
+
+
+@torch.no_grad()
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) latents -> (N, 3, H, W) images in [0, 1], float32."""
+    vae = pipe.vae
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        scaled = scaled + shift
+    images = vae.decode(scaled, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """N prompts -> (N, L, D) text-encoder hidden states (as the pipeline conditions on them)."""
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
