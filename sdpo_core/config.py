@@ -129,6 +129,7 @@ class EvaluateConfig(_Strict):
     samples_per_prompt: int = Field(default=2, ge=1)
     seed: int = 1234
     batch_size: int = Field(default=32, ge=1)
+    metrics: list[str] = Field(default_factory=list, description="extra metrics by name (sdpo_core.metrics)")
 
     @field_validator("steps")
     @classmethod
