@@ -1,0 +1,427 @@
+"""The online RL loop: sample paired trajectories, score them densely, update the UNet.
+
+Run it with ``sdpo train --pipeline NAME``; for several GPUs (or two CPU processes) start the
+same command under ``accelerate launch`` / ``torchrun``: every process samples its own prompts
+and noise (per-process seeds), rewards and prompts are gathered so that all processes hold the
+same stat tracker, gradients are averaged by accelerate, and only the main process writes.
+
+One epoch (``Trainer.run_epoch``):
+  1. sample ``sample.num_batches_per_epoch`` batches of B prompts, two trajectories each from the
+     same x_T (DDPO: independent x_T); record x_t, x0_t and log-probs per step;
+  2. while the next batch samples, a worker thread decodes x0 at the first, anchor and last steps
+     and scores them (three reward queries per trajectory whatever T is; DDPO: last only);
+  3. dense rewards -> discounted returns -> per-step, per-prompt advantages (gathered);
+  4. step-shuffled updates: for each step position, over the train batches, accumulating
+     ``gradient_accumulation_steps`` batches per optimizer step (SDPO loss or DDPO loss);
+  5. checkpoint (atomic) and log metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from peft.utils import set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from sdpo_core import checkpoint as ckpt
+from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise, discounted_returns
+from sdpo_core.config import Config, batch_plan, dump_yaml
+from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
+from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
+from sdpo_core.models import DTYPES, add_lora, decode_latents, encode_prompts, load_pipeline, lora_state_dict
+from sdpo_core.models import save_trained as save_trained_model
+from sdpo_core.prompts import load_train_eval
+from sdpo_core.rewards import build_reward, check_rewards
+from sdpo_core.sampling import guided_output, sample_pairs
+from sdpo_core.scheduling import DDIMParams, ddim_step
+from sdpo_core.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be started or resumed as asked."""
+
+
+def _seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (seed, epoch, process, stream)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+@dataclass
+class EpochSamples:
+    """One process's samples of an epoch. M items: pairs (sdpo) or trajectories (ddpo)."""
+
+    embeds: torch.Tensor  # (M, L, D)
+    latents: list[torch.Tensor]  # one (M, T+1, C, H, W) per trajectory of an item (2 for sdpo)
+    log_probs: list[torch.Tensor]  # one (M, T) per trajectory
+    advantages: list[torch.Tensor] = field(default_factory=list)  # one (M, T) per trajectory
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        tracker: Tracker | None = None,
+        accelerator: Accelerator | None = None,
+        on_optimizer_step: Callable[[Trainer], None] | None = None,
+    ) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.acc = accelerator or Accelerator(
+            mixed_precision=cfg.model.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),
+        )
+        self.plan = batch_plan(cfg, self.acc.num_processes)
+        self.tracker = tracker if (tracker is not None and self.acc.is_main_process) else NullTracker()
+        self.on_optimizer_step = on_optimizer_step
+        self.global_step = 0
+        self._setup_model()
+        self.train_prompts, _ = load_train_eval(cfg.prompts.source, cfg.prompts.eval_fraction, cfg.prompts.seed)
+        self.reward_fn = build_reward(cfg.reward.name, cfg.reward.options, self.acc.device, self.infer_dtype)
+        t_track = cfg.sample.num_steps if cfg.train.method == "sdpo" else 1
+        st = cfg.train.stat_tracking
+        self.stat_tracker = PerStepPromptStatTracker(st.buffer_size, st.min_count, t_track) if st.enabled else None
+        self.weights = temporal_weights(cfg.sample.num_steps, cfg.train.lam, cfg.train.log_scale)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_model(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.infer_dtype = DTYPES[acc.mixed_precision] if acc.mixed_precision != "no" else torch.float32
+        self.pipe = load_pipeline(
+            cfg.model.pretrained, cfg.model.revision, acc.device, self.infer_dtype, cfg.model.timestep_spacing
+        )
+        unet = self.pipe.unet
+        if cfg.model.finetune == "lora":
+            unet.to(dtype=self.infer_dtype)
+            add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
+        else:
+            unet.requires_grad_(True)
+        if cfg.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.pipe.scheduler.set_timesteps(cfg.sample.num_steps, device="cpu")
+        self.timesteps = self.pipe.scheduler.timesteps.clone().long()
+        self.ddim = DDIMParams.from_scheduler(self.pipe.scheduler, cfg.sample.num_steps, cfg.sample.last_step)
+        self.trainable = [p for p in unet.parameters() if p.requires_grad]
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            self.trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+        )
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        size = cfg.sample.resolution or unet.config.sample_size * self.pipe.vae_scale_factor
+        self.latent_shape = (unet.config.in_channels, size // self.pipe.vae_scale_factor,
+                             size // self.pipe.vae_scale_factor)
+        empty = encode_prompts(self.pipe, [""])
+        self.negative_embed = empty if cfg.sample.guidance_scale > 1 else None
+
+    def _unet_fn(self, model: torch.nn.Module) -> Callable:
+        def fn(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            with self.acc.autocast():
+                return model(x.to(self.infer_dtype), t, encoder_hidden_states=e.to(self.infer_dtype)).sample
+
+        return fn
+
+    # ------------------------------------------------------------------ sampling + rewards
+    def _reward_job(self, x0: torch.Tensor, steps: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, float]:
+        """Decode x0 at the queried steps and score them; runs in the worker thread.
+
+        x0: (N, T, C, H, W); steps: (N, Q) step indices. Returns (N, Q) rewards and busy seconds.
+        Each distinct (trajectory, step) is decoded and scored once (T = 1 or 2 repeat steps).
+        """
+        start = time.perf_counter()
+        n, t = x0.shape[:2]
+        flat = (torch.arange(n)[:, None] * t + steps).flatten()
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        images = decode_latents(self.pipe, x0.flatten(0, 1)[unique].to(self.acc.device))
+        item_prompts = [prompts[int(i) // t] for i in unique]
+        values = check_rewards(self.cfg.reward.name, self.reward_fn(images, item_prompts), len(unique))
+        return values.cpu()[inverse].reshape(steps.shape), time.perf_counter() - start
+
+    def _sample_batch(self, prompts: list[str], gen: torch.Generator) -> tuple[dict, Future]:
+        cfg, b = self.cfg, len(prompts)
+        paired = cfg.train.method == "sdpo"
+        embeds = encode_prompts(self.pipe, prompts)
+        noise = torch.randn((b if paired else 2 * b, *self.latent_shape), generator=gen)
+        neg = self.negative_embed.expand(b, -1, -1) if self.negative_embed is not None else None
+        model = self.acc.unwrap_model(self.unet)
+        model.eval()
+        traj = sample_pairs(
+            self._unet_fn(model), self.ddim, self.timesteps, embeds, noise.to(self.acc.device, self.infer_dtype),
+            cfg.sample.eta, gen, cfg.sample.guidance_scale, neg, paired=paired,
+        )
+        if paired:
+            anchor, sims = similarities(traj.x0)
+            steps = query_steps(anchor, traj.num_steps)
+        else:
+            anchor = sims = None
+            steps = torch.full((2 * b, 1), traj.num_steps - 1)
+        future = self.executor.submit(self._reward_job, traj.x0.cpu(), steps, prompts * 2)
+        out = {"embeds": embeds.cpu(), "latents": traj.latents.cpu(), "log_probs": traj.log_probs.cpu(),
+               "anchor": anchor, "sims": sims}
+        return out, future
+
+    def sample_epoch(self, epoch: int) -> tuple[EpochSamples, list[str], dict[str, float]]:
+        cfg, rank = self.cfg, self.acc.process_index
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1))
+        prompt_rng = np.random.default_rng(_seed(cfg.seed, epoch, rank, 2))
+        batches, futures, prompts_all = [], [], []
+        t0 = time.perf_counter()
+        for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
+                      disable=not self.acc.is_local_main_process, leave=False):
+            idx = prompt_rng.integers(0, len(self.train_prompts), cfg.sample.batch_size)
+            prompts = [self.train_prompts[i] for i in idx]
+            out, fut = self._sample_batch(prompts, gen)
+            batches.append(out)
+            futures.append(fut)
+            prompts_all.append(prompts)
+        t_sample = time.perf_counter() - t0
+        results = [f.result() for f in futures]
+        t_wait = time.perf_counter() - t0 - t_sample
+        stats = {"time/sampling": t_sample, "time/reward_wait": t_wait,
+                 "time/reward": sum(r[1] for r in results)}
+        return self._assemble(batches, [r[0] for r in results], prompts_all, stats)
+
+    # ------------------------------------------------------------------ advantages
+    def _assemble(self, batches, queried, prompts_all, stats):
+        """Dense rewards, returns and advantages; returns the process's EpochSamples."""
+        cfg = self.cfg
+        sdpo = cfg.train.method == "sdpo"
+        traj_prompts: list[str] = []
+        rewards_q, dense = [], []
+        for bt, rq, prompts in zip(batches, queried, prompts_all, strict=True):
+            traj_prompts += prompts * 2
+            rewards_q.append(rq)
+            if sdpo:
+                dense.append(predict_dense_rewards(rq, bt["sims"], bt["anchor"], cfg.train.anchor,
+                                                   cfg.train.dense_reward))
+            else:
+                dense.append(rq[:, -1:])
+        per_traj = torch.cat(dense)  # (N, T) sdpo or (N, 1) ddpo, N = 2 * prompts of this process
+        returns = discounted_returns(per_traj, cfg.train.gamma) if sdpo else per_traj
+        all_returns = self.acc.gather(returns.to(self.acc.device)).cpu()
+        all_prompts = gather_object(traj_prompts) if self.acc.num_processes > 1 else traj_prompts
+        if self.stat_tracker is not None:
+            adv_all = self.stat_tracker.update(list(all_prompts), all_returns)
+        else:
+            adv_all = batch_normalise(all_returns)
+        n = returns.shape[0]
+        adv = adv_all[self.acc.process_index * n:(self.acc.process_index + 1) * n]
+        all_q = self.acc.gather(torch.cat(rewards_q).to(self.acc.device)).cpu()
+        stats.update(self._reward_stats(all_q, sdpo))
+        return self._split_items(batches, adv, sdpo), traj_prompts, stats
+
+    @staticmethod
+    def _reward_stats(all_q: torch.Tensor, sdpo: bool) -> dict[str, float]:
+        stats = {"reward/last": float(all_q[:, -1].mean()), "reward/last_std": float(all_q[:, -1].std())}
+        if sdpo:
+            stats.update({"reward/first": float(all_q[:, 0].mean()), "reward/anchor": float(all_q[:, 1].mean())})
+        return stats
+
+    def _split_items(self, batches, adv: torch.Tensor, sdpo: bool) -> EpochSamples:
+        t = self.cfg.sample.num_steps
+        adv = adv.expand(-1, t) if adv.shape[1] == 1 else adv
+        halves = [[], []]
+        lats, lps = [[], []], [[], []]
+        for bt in batches:
+            b = bt["embeds"].shape[0]
+            for h in range(2):
+                lats[h].append(bt["latents"][h * b:(h + 1) * b])
+                lps[h].append(bt["log_probs"][h * b:(h + 1) * b])
+            halves[0].append(bt["embeds"])
+        embeds = torch.cat(halves[0])
+        # advantages are ordered per batch as [traj 1 of B; traj 2 of B]
+        sizes = [bt["embeds"].shape[0] for bt in batches]
+        chunks = torch.split(adv, [2 * s for s in sizes])
+        adv1 = torch.cat([c[: s] for c, s in zip(chunks, sizes, strict=True)])
+        adv2 = torch.cat([c[s:] for c, s in zip(chunks, sizes, strict=True)])
+        lat1, lat2 = torch.cat(lats[0]), torch.cat(lats[1])
+        lp1, lp2 = torch.cat(lps[0]), torch.cat(lps[1])
+        if sdpo:
+            return EpochSamples(embeds, [lat1, lat2], [lp1, lp2], [adv1, adv2])
+        # DDPO: every trajectory is its own item
+        return EpochSamples(torch.cat([embeds, embeds]), [torch.cat([lat1, lat2])],
+                            [torch.cat([lp1, lp2])], [torch.cat([adv1, adv2])])
+
+    # ------------------------------------------------------------------ training
+    def _batch_loss(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor):
+        """Loss of items ``rows`` (b,) at step indices ``steps`` (b,), one UNet call for all."""
+        cfg, dev = self.cfg, self.acc.device
+        k = len(s.latents)
+        x_t = torch.cat([lat[rows, steps] for lat in s.latents]).to(dev)
+        x_prev = torch.cat([lat[rows, steps + 1] for lat in s.latents]).to(dev)
+        t = self.timesteps[steps].repeat(k).to(dev)
+        embeds = s.embeds[rows].repeat(k, 1, 1).to(dev)
+        neg = self.negative_embed.expand(len(t), -1, -1) if self.negative_embed is not None else None
+        out = guided_output(self._unet_fn(self.unet), x_t, t, embeds, cfg.sample.guidance_scale, neg)
+        _, _, lp = ddim_step(self.ddim, out, t.cpu(), x_t, cfg.sample.eta, prev_sample=x_prev)
+        lp_new = lp.chunk(k)
+        lp_old = [p[rows, steps].to(dev) for p in s.log_probs]
+        adv = [a[rows, steps].to(dev) for a in s.advantages]
+        tr = cfg.train
+        if k == 2:
+            w = self.weights[steps].to(dev)
+            return sdpo_loss(lp_new[0], lp_old[0], lp_new[1], lp_old[1], adv[0], adv[1], w,
+                             tr.clip_range, tr.adv_clip_max)
+        return ddpo_loss(lp_new[0], lp_old[0], adv[0], tr.clip_range, tr.adv_clip_max)
+
+    def train_epoch(self, s: EpochSamples, epoch: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.acc
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, acc.process_index, 3))
+        m, t = s.embeds.shape[0], cfg.sample.num_steps
+        n_steps = max(1, math.ceil(t * cfg.train.timestep_fraction))
+        info: dict[str, list[float]] = defaultdict(list)
+        self.unet.train()
+        start = time.perf_counter()
+        for _ in range(cfg.train.num_inner_epochs):
+            order = torch.randperm(m, generator=gen) if cfg.train.shuffle_batch else torch.arange(m)
+            if cfg.train.shuffle_timesteps:  # an independent permutation of the steps per item
+                step_perm = torch.rand(m, t, generator=gen).argsort(dim=1)
+            else:
+                step_perm = torch.arange(t).expand(m, t)
+            batches = order.split(cfg.train.batch_size)
+            bar = tqdm(total=n_steps * len(batches), desc=f"epoch {epoch}: training",
+                       disable=not acc.is_local_main_process, leave=False)
+            for j in range(n_steps):
+                for rows in batches:
+                    self._train_step(s, rows, step_perm[rows, j], info)
+                    bar.update()
+            bar.close()
+        metrics = {k: float(np.mean(v)) for k, v in info.items()}
+        metrics["time/training"] = time.perf_counter() - start
+        return metrics
+
+    def _train_step(self, s, rows, steps, info) -> None:
+        acc = self.acc
+        with acc.accumulate(self.unet):
+            loss, diag = self._batch_loss(s, rows, steps)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                norm = acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
+                info["grad_norm"].append(float(norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        info["loss"].append(float(loss.detach()))
+        for k, v in diag.items():
+            info[k].append(float(v))
+        if acc.sync_gradients:
+            self.global_step += 1
+            if self.on_optimizer_step is not None:
+                self.on_optimizer_step(self)
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        unet = self.acc.unwrap_model(self.unet)
+        if self.cfg.model.finetune == "lora":
+            return lora_state_dict(unet)
+        return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+
+    def save_checkpoint(self, epoch: int) -> Path | None:
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        state = ckpt.CheckpointState(
+            epoch=epoch, global_step=self.global_step, weights=self.trainable_state(),
+            optimizer=self.optimizer.state_dict(),
+            tracker=self.stat_tracker.state_dict() if self.stat_tracker else None,
+            rng={"torch": torch.get_rng_state()}, config_yaml=dump_yaml(self.cfg),
+        )
+        return ckpt.save_checkpoint(self.run_dir, state, self.cfg.train.keep_checkpoints)
+
+    def load_checkpoint(self, path: Path) -> int:
+        state = ckpt.load_checkpoint(path)
+        unet = self.acc.unwrap_model(self.unet)
+        if self.cfg.model.finetune == "lora":
+            result = set_peft_model_state_dict(unet, state.weights)
+            if getattr(result, "unexpected_keys", None):
+                raise ResumeError(f"{path}: checkpoint LoRA keys do not match this model")
+        else:
+            unet.load_state_dict(state.weights)
+        self.optimizer.load_state_dict(state.optimizer)
+        if self.stat_tracker is not None and state.tracker is not None:
+            self.stat_tracker.load_state_dict(state.tracker)
+        torch.set_rng_state(state.rng["torch"])
+        self.global_step = state.global_step
+        return state.epoch + 1
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False) -> Path:
+        cfg, acc = self.cfg, self.acc
+        start_epoch = self._prepare_run_dir(resume)
+        if acc.is_main_process:
+            self.tracker.log_params(cfg.to_dict())
+        log.info("batch plan: %s", self.plan)
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            samples, _, stats = self.sample_epoch(epoch)
+            stats.update(self.train_epoch(samples, epoch))
+            stats["time/epoch"] = time.perf_counter() - t0
+            stats["epoch"] = epoch
+            if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+                self.save_checkpoint(epoch)
+            self._log_epoch(epoch, stats)
+        return self._finish()
+
+    def _prepare_run_dir(self, resume: bool) -> int:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if resume and latest is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+        if not resume and latest is not None:
+            raise ResumeError(
+                f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass --resume to continue "
+                "it, or choose another --run-dir"
+            )
+        start = self.load_checkpoint(latest) if (resume and latest is not None) else 0
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            if start:
+                log.info("resumed from %s: starting at epoch %d", latest, start)
+        return start
+
+    def _log_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
+        with open(self.run_dir / "train_metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(stats) + "\n")
+        r = " ".join(f"{k.split('/')[1]}={stats[k]:.4f}" for k in ("reward/first", "reward/anchor", "reward/last")
+                     if k in stats)
+        log.info("epoch %d: %s loss=%.4g kl=%.2e clipfrac=%.3f grad_norm=%.3g time: sample %.1fs reward %.1fs "
+                 "train %.1fs", epoch, r, stats.get("loss", float("nan")), stats.get("approx_kl", float("nan")),
+                 stats.get("clipfrac", float("nan")), stats.get("grad_norm", float("nan")),
+                 stats["time/sampling"], stats["time/reward"], stats["time/training"])
+
+    def _finish(self) -> Path:
+        self.acc.wait_for_everyone()
+        self.executor.shutdown()
+        final = self.run_dir / "final"
+        if self.acc.is_main_process:
+            unet = self.acc.unwrap_model(self.unet)
+            save_trained_model(unet, final, self.cfg.model.finetune, base=self.cfg.model.pretrained)
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self.acc.wait_for_everyone()
+        return final
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, tracker: Tracker | None = None,
+          **kwargs) -> Path:
+    """Train ``cfg`` into ``run_dir``; returns ``run_dir/final``."""
+    return Trainer(cfg, run_dir, tracker=tracker, **kwargs).run(resume=resume)
