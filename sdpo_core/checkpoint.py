@@ -22,6 +22,10 @@ from safetensors.torch import load_file, save_file
 PREFIX = "epoch_"
 
 
+class ResumeError(RuntimeError):
+    """A run directory cannot be started or resumed as asked."""
+
+
 @dataclass
 class CheckpointState:
     epoch: int  # last completed epoch (0-based)

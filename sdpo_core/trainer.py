@@ -36,23 +36,19 @@ from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from sdpo_core import checkpoint as ckpt
+from sdpo_core.checkpoint import ResumeError
 from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise, discounted_returns
 from sdpo_core.config import Config, batch_plan, dump_yaml
 from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
 from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
 from sdpo_core.models import DTYPES, add_lora, decode_latents, encode_prompts, load_pipeline, lora_state_dict
 from sdpo_core.models import save_trained as save_trained_model
-from sdpo_core.prompts import load_train_eval
 from sdpo_core.rewards import build_reward, check_rewards
 from sdpo_core.sampling import guided_output, sample_pairs
 from sdpo_core.scheduling import DDIMParams, ddim_step
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
-
-
-class ResumeError(RuntimeError):
-    """A run directory cannot be started or resumed as asked."""
 
 
 def _seed(*parts: int) -> int:
@@ -81,6 +77,7 @@ class Trainer:
         tracker: Tracker | None = None,
         accelerator: Accelerator | None = None,
         on_optimizer_step: Callable[[Trainer], None] | None = None,
+        train_prompts: list[str] | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.acc = accelerator or Accelerator(
@@ -93,7 +90,13 @@ class Trainer:
         self.on_optimizer_step = on_optimizer_step
         self.global_step = 0
         self._setup_model()
-        self.train_prompts, _ = load_train_eval(cfg.prompts.source, cfg.prompts.eval_fraction, cfg.prompts.seed)
+        if train_prompts is None:
+            from sdpo_core.prompts import load_train_eval
+
+            train_prompts, _ = load_train_eval(cfg.prompts.source, cfg.prompts.eval_fraction, cfg.prompts.seed)
+        if not train_prompts:
+            raise ValueError("no training prompts")
+        self.train_prompts = list(train_prompts)
         self.reward_fn = build_reward(cfg.reward.name, cfg.reward.options, self.acc.device, self.infer_dtype)
         t_track = cfg.sample.num_steps if cfg.train.method == "sdpo" else 1
         st = cfg.train.stat_tracking

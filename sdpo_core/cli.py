@@ -1,0 +1,280 @@
+"""The ``sdpo`` command.
+
+    sdpo run --pipeline digits-tiny            # prepare, base, train, evaluate
+    sdpo train --pipeline NAME [--run-dir DIR] [--set k=v ...] [--resume]
+    sdpo generate --model DIR --prompt "a seven" --steps 2 --out seven.png
+    sdpo config show NAME [--json]
+
+Exit codes: 0 success, 2 bad input (a clear message, nothing written), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("sdpo")
+
+BAD_INPUT = 2
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from sdpo_core.config import ConfigError
+    from sdpo_core.models import ModelLoadError
+    from sdpo_core.rewards import RewardError
+    from sdpo_core.checkpoint import ResumeError
+
+    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError]
+    try:
+        from sdpo_core.prompts import PromptError
+
+        errors.append(PromptError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def _load_cfg(args: argparse.Namespace):
+    from sdpo_core.config import load_config
+
+    return load_config(args.pipeline, args.set, Path(args.pipelines))
+
+
+def _run_dir(args: argparse.Namespace, cfg) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.pipeline
+
+
+def _tracker(cfg, stage: str):
+    from sdpo_core.tracking import make_tracker
+
+    return make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-{stage}")
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from sdpo_core.config import batch_plan, dump_yaml
+
+    cfg = _load_cfg(args)
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=2))
+    else:
+        print(dump_yaml(cfg), end="")
+        print(f"# batch plan (1 process): {batch_plan(cfg)}")
+    return 0
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    from sdpo_core.config import pipeline_names
+
+    print("\n".join(pipeline_names(Path(args.pipelines))))
+    return 0
+
+
+def cmd_rewards_list(args: argparse.Namespace) -> int:
+    from sdpo_core.rewards import available_rewards
+
+    for name, spec in available_rewards().items():
+        print(f"{name:24s} {spec.value_range:14s} {spec.description}")
+    return 0
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    from sdpo_core.base import ensure_base
+
+    cfg = _load_cfg(args)
+    print(ensure_base(cfg, force=args.force))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from sdpo_core.pipeline import prepare_stage
+
+    cfg = _load_cfg(args)
+    split = prepare_stage(cfg, _run_dir(args, cfg))
+    print(f"{len(split.train)} train / {len(split.eval)} eval prompts -> {_run_dir(args, cfg) / 'prompts'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdpo_core.config import dump_yaml
+    from sdpo_core.pipeline import base_stage, train_stage
+
+    cfg = _load_cfg(args)
+    print(dump_yaml(cfg), end="", flush=True)
+    base_stage(cfg)
+    tracker = _tracker(cfg, "train")
+    status = "FAILED"
+    try:
+        final = train_stage(cfg, _run_dir(args, cfg), resume=args.resume, tracker=tracker)
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    print(f"trained weights: {final}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sdpo_core.evaluate import format_table
+    from sdpo_core.pipeline import evaluate_stage
+
+    cfg = _load_cfg(args)
+    run_dir = _run_dir(args, cfg)
+    model = args.model or (str(run_dir / "final") if (run_dir / "final").exists() else None)
+    tracker = _tracker(cfg, "evaluate")
+    try:
+        result = evaluate_stage(cfg, run_dir, model, tracker=tracker)
+    finally:
+        tracker.end()
+    print(format_table(result))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from sdpo_core.models import MODEL_META, load_pipeline, load_trained
+    from sdpo_core.plots import save_image_grid
+
+    model = Path(args.model)
+    if args.lora:
+        pipe = load_trained(args.lora, base=args.model)
+    elif (model / MODEL_META).is_file():
+        pipe = load_trained(model)
+    else:
+        pipe = load_pipeline(args.model)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = pipe(
+        [args.prompt] * args.num_images, num_inference_steps=args.steps, eta=args.eta,
+        guidance_scale=args.guidance_scale, generator=gen, output_type="pt",
+    ).images
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(images.unsqueeze(0), out, row_labels=[f"{args.steps} steps"], col_labels=None)
+    print(out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sdpo_core.pipeline import run_pipeline
+
+    cfg = _load_cfg(args)
+    result = run_pipeline(cfg, _run_dir(args, cfg), resume=args.resume)
+    print(result.summary)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+def _add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+    p.add_argument("--pipeline", required=True, help="pipeline name in the pipelines file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--pipelines", default="pipelines.yaml", help="pipelines file (default: %(default)s)")
+    if run_dir:
+        p.add_argument("--run-dir", help="output folder (default: runs/<pipeline>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdpo", description="Align few-step text-to-image diffusion models with SDPO.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="prepare prompts, build the base model if needed, train and evaluate")
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prepare", help="build, clean and split the prompt set")
+    _add_common(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("base", help="build the embedded base model (cached) or check the configured one")
+    _add_common(p, run_dir=False)
+    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser("train", help="SDPO (or DDPO) online training")
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="base vs trained at several step counts: eval.json, plot, grid")
+    _add_common(p)
+    p.add_argument("--model", help="trained model dir (default: RUN_DIR/final if present)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="generate images with a base or trained model")
+    p.add_argument("--model", required=True, help="base model (dir or hub id) or a trained model dir")
+    p.add_argument("--lora", help="trained LoRA dir to apply on --model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("config", help="show resolved pipeline configs")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("show", help="print the resolved config of a pipeline")
+    c.add_argument("pipeline")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--pipelines", default="pipelines.yaml")
+    c.set_defaults(func=cmd_config_show)
+    c = csub.add_parser("list", help="list pipeline names")
+    c.add_argument("--pipelines", default="pipelines.yaml")
+    c.set_defaults(func=cmd_config_list)
+
+    p = sub.add_parser("rewards", help="list registered rewards")
+    p.set_defaults(func=cmd_rewards_list)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+# other modules add subcommands here (orchestration, reward server) without touching the core ones
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except _bad_input_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The stages of a run as plain functions: the CLI and the Prefect tasks both call these.
+
+Each stage reads and writes fixed paths under the run directory (``runs/<pipeline>`` by
+default), which are also the ``outs`` of the DVC stages:
+
+    RUN_DIR/prompts/{train,eval}.txt, manifest.json   prepare
+    model.pretrained (embedded builders only)         base
+    RUN_DIR/final/, checkpoints/, config.yaml         train
+    RUN_DIR/eval/eval.json, reward_vs_steps.png, grid.png   evaluate
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdpo_core.config import Config
+from sdpo_core.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+
+def prompts_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "prompts"
+
+
+def eval_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "eval"
+
+
+def prepare_stage(cfg: Config, run_dir: str | Path):
+    """Write the cleaned train/eval prompt split; returns the PromptSplit."""
+    from sdpo_core.prompts import prepare
+
+    return prepare(cfg.prompts, prompts_dir(run_dir))
+
+
+def load_or_prepare(cfg: Config, run_dir: str | Path):
+    from sdpo_core.prompts import load_split
+
+    if (prompts_dir(run_dir) / "manifest.json").is_file():
+        return load_split(prompts_dir(run_dir))
+    return prepare_stage(cfg, run_dir)
+
+
+def base_stage(cfg: Config, force: bool = False) -> str:
+    from sdpo_core.base import ensure_base
+
+    return ensure_base(cfg, force=force)
+
+
+def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False, tracker: Tracker | None = None) -> Path:
+    from sdpo_core.trainer import Trainer
+
+    split = load_or_prepare(cfg, run_dir)
+    return Trainer(cfg, run_dir, tracker=tracker, train_prompts=split.train).run(resume=resume)
+
+
+def evaluate_stage(
+    cfg: Config, run_dir: str | Path, model_dir: str | Path | None, tracker: Tracker | None = None
+) -> dict:
+    """Evaluate base (and trained, when ``model_dir``) on the held-out prompts."""
+    from sdpo_core.evaluate import evaluate
+
+    split = load_or_prepare(cfg, run_dir)
+    return evaluate(
+        cfg, cfg.model.pretrained, str(model_dir) if model_dir else None, split.eval, eval_dir(run_dir),
+        tracker=tracker,
+    )
+
+
+@dataclass
+class RunResult:
+    final: Path
+    eval_json: Path
+    eval: dict
+    seconds: float
+    summary: str
+
+
+def run_pipeline(cfg: Config, run_dir: str | Path, resume: bool = False) -> RunResult:
+    """prepare -> base -> train -> evaluate, with one tracker run per stage."""
+    from sdpo_core.evaluate import format_table
+    from sdpo_core.tracking import make_tracker
+
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    split = prepare_stage(cfg, run_dir)
+    log.info("prompts: %d train / %d eval", len(split.train), len(split.eval))
+    base_stage(cfg)
+    tracker = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-train")
+    final = _tracked(lambda: train_stage(cfg, run_dir, resume=resume, tracker=tracker), tracker)
+    tracker = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-evaluate")
+    result = _tracked(lambda: evaluate_stage(cfg, run_dir, final, tracker=tracker), tracker)
+    seconds = time.perf_counter() - start
+    out = eval_dir(run_dir)
+    summary = (
+        f"{format_table(result)}\n\nrun time: {seconds / 60:.1f} min\n"
+        f"trained weights: {final}\neval: {out / 'eval.json'}\nplot: {out / 'reward_vs_steps.png'}\n"
+        f"grid: {out / 'grid.png'}"
+    )
+    return RunResult(final, out / "eval.json", result, seconds, summary)
+
+
+def _tracked(fn, tracker: Tracker | NullTracker):
+    status = "FAILED"
+    try:
+        value = fn()
+        status = "FINISHED"
+        return value
+    finally:
+        tracker.end(status)
