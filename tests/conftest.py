@@ -1,0 +1,37 @@
+"""Shared fixtures: no network, a tiny random diffusers pipeline built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:////tmp/sdpo-tests-mlflow.db")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A randomly initialised tiny StableDiffusionPipeline directory (from_pretrained-able)."""
+    from sdpo_core.base import build_random_tiny
+
+    return build_random_tiny(tmp_path_factory.mktemp("base") / "tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_base):
+    """Config factory for the tiny-random pipeline pointed at the session's tiny base."""
+    from sdpo_core.config import load_config
+
+    def make(*overrides: str):
+        return load_config(
+            "tiny-random",
+            [f"model.pretrained={tiny_base}", "tracking.backend=none", *overrides],
+            ROOT / "pipelines.yaml",
+        )
+
+    return make

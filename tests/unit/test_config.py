@@ -1,0 +1,64 @@
+"""Every shipped pipeline validates; every invalid config fails with its expected message."""
+
+from pathlib import Path
+
+import pytest
+
+from sdpo_core.config import ConfigError, batch_plan, load_config, parse_override, pipeline_names
+
+ROOT = Path(__file__).resolve().parents[2]
+INVALID = sorted((ROOT / "tests" / "configs" / "invalid").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", pipeline_names(ROOT / "pipelines.yaml"))
+def test_shipped_pipelines_validate(name):
+    cfg = load_config(name, path=ROOT / "pipelines.yaml")
+    assert cfg.pipeline == name
+    assert batch_plan(cfg).optimizer_steps_per_epoch >= 1
+
+
+def test_paper_settings_of_sd_turbo_pipelines():
+    lrs = {"aesthetic": 1e-4, "imagereward": 5e-5, "hpsv2": 5e-5, "pickscore": 6e-5}
+    for reward, lr in lrs.items():
+        cfg = load_config(f"sd-turbo-{reward}", path=ROOT / "pipelines.yaml")
+        assert cfg.reward.name == reward and cfg.train.learning_rate == lr
+        assert (cfg.sample.eta, cfg.sample.guidance_scale, cfg.sample.num_steps) == (1.0, 1.0, 50)
+        t = cfg.train
+        assert (t.gamma, t.lam, t.clip_range, t.adv_clip_max) == (0.99, 0.99, 1e-4, 5.0)
+        assert (t.stat_tracking.buffer_size, t.stat_tracking.min_count) == (32, 16)
+        assert cfg.model.finetune == "lora" and cfg.model.timestep_spacing == "trailing"
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_configs_fail_clearly(path):
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    with pytest.raises(ConfigError) as err:
+        load_config("x", path=path)
+    assert expected in str(err.value)
+
+
+def test_set_overrides_types_and_errors():
+    assert parse_override("train.learning_rate=1e-4") == (["train", "learning_rate"], 1e-4)
+    assert parse_override("evaluate.steps=[1, 4]") == (["evaluate", "steps"], [1, 4])
+    assert parse_override("train.shuffle_timesteps=false")[1] is False
+    cfg = load_config("tiny-random", ["train.epochs=5", "sample.num_steps=3"], ROOT / "pipelines.yaml")
+    assert (cfg.train.epochs, cfg.sample.num_steps) == (5, 3)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.epochs")
+    with pytest.raises(ConfigError, match="no pipeline named 'digits-tinny'; did you mean 'digits-tiny'"):
+        load_config("digits-tinny", path=ROOT / "pipelines.yaml")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config("tiny-random", ["seed.x=1"], ROOT / "pipelines.yaml")
+
+
+def test_batch_plan_arithmetic():
+    cfg = load_config("tiny-random", ["sample.batch_size=4", "sample.num_batches_per_epoch=2",
+                                      "train.batch_size=2", "train.gradient_accumulation_steps=2",
+                                      "sample.num_steps=3"], ROOT / "pipelines.yaml")
+    plan = batch_plan(cfg, num_processes=2)
+    # 8 pairs per process -> 4 train batches; 3 step positions x 4 batches / 2 accumulation = 6
+    assert (plan.train_items_per_process, plan.train_batches_per_process) == (8, 4)
+    assert plan.optimizer_steps_per_epoch == 6 and plan.samples_per_epoch == 32
+    # DDPO trains on single trajectories: 4 prompts x 2 = 8 per process, which 3 does not divide
+    with pytest.raises(ConfigError, match="does not divide the 8 trajectories"):
+        load_config("tiny-random", ["train.method=ddpo", "train.batch_size=3"], ROOT / "pipelines.yaml")
