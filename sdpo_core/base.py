@@ -16,17 +16,23 @@ from sdpo_core.config import Config
 log = logging.getLogger(__name__)
 
 
+# words the random tiny tokenizer knows whole (others fall back to characters)
+RANDOM_TINY_WORDS = (
+    "a an the of handwritten digit number drawing zero one two three four five six seven eight nine "
+    "cat dog horse bird fish"
+).split()
+
+
 def base_exists(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
 def build_random_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     """A randomly initialised tiny pipeline (fast tests and smoke runs), written atomically."""
-    from sdpo_core.prompts import digits_prompts
     from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
 
     out = Path(out_dir)
-    words = sorted({w for p in digits_prompts() for w in p.lower().split()})
+    words = RANDOM_TINY_WORDS
     pipe = build_tiny_pipeline(TinySizes(words=words), seed=seed)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -112,6 +112,7 @@ class Trainer:
             cfg.model.pretrained, cfg.model.revision, acc.device, self.infer_dtype, cfg.model.timestep_spacing
         )
         unet = self.pipe.unet
+        torch.manual_seed(cfg.seed)  # LoRA init: the same in every process and every run of a config
         if cfg.model.finetune == "lora":
             unet.to(dtype=self.infer_dtype)
             add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
