@@ -1,0 +1,44 @@
+"""Run by tests/integration/test_distributed.py under ``torchrun --nproc_per_node 2``.
+
+Trains the tiny pipeline in two CPU processes (gloo) and records, after every optimizer step,
+a checksum of each process's trainable weights; each process writes what it saw to OUT/rankN.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather
+
+from sdpo_core.config import load_config
+from sdpo_core.trainer import Trainer
+
+
+def main(base: str, run_dir: str, out: str, method: str) -> None:
+    cfg = load_config(
+        "tiny-random",
+        [f"model.pretrained={base}", "tracking.backend=none", f"train.method={method}",
+         "train.stat_tracking.buffer_size=64", "train.stat_tracking.min_count=2"],
+        Path(__file__).resolve().parents[2] / "pipelines.yaml",
+    )
+    acc = Accelerator(cpu=True)
+    record: dict = {"checksums_equal": []}
+
+    def check_sync(trainer: Trainer) -> None:
+        total = sum(p.detach().double().sum() for p in trainer.trainable).reshape(1)
+        both = gather(total)
+        record["checksums_equal"].append(bool(torch.equal(both[0], both[1])))
+
+    trainer = Trainer(cfg, run_dir, accelerator=acc, on_optimizer_step=check_sync)
+    trainer.run()
+    record["world_size"] = acc.num_processes
+    record["tracker_values"] = int(trainer.stat_tracker.count.sum()) if trainer.stat_tracker else -1
+    record["samples_per_epoch"] = trainer.plan.samples_per_epoch
+    record["final_sum"] = float(sum(p.detach().double().sum() for p in trainer.trainable))
+    Path(out, f"rank{acc.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
