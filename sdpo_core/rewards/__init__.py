@@ -4,12 +4,16 @@ A reward function takes images in [0, 1] of shape (N, 3, H, W) and N prompts and
 float32 scores, higher is better. Factories are registered with :func:`register_reward` and
 called as ``factory(device=..., dtype=..., **options)`` where ``options`` come from the config's
 ``reward.options``.
+
+A reward may also expose ``last_components: dict[str, torch.Tensor]`` (each (N,) float32, the
+parts of its last call; ``combine`` does) for the trainer to log.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +48,52 @@ def register_reward(name: str, description: str, value_range: str) -> Callable[[
 
 
 def _import_callable(spec: str) -> Callable[..., Any]:
+    """``module:function`` (or ``module:Class.attr``) -> the callable, or a RewardError saying what is wrong."""
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise RewardError(f"reward '{spec}': expected 'module:function' (e.g. 'my_pkg.rewards:score')")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RewardError(f"reward '{spec}': cannot import module '{module_name}': {exc}") from exc
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise RewardError(f"reward '{spec}': module '{module_name}' has no attribute '{attr}'")
+    except ModuleNotFoundError as exc:
+        raise RewardError(
+            f"reward '{spec}': cannot import module '{module_name}' ({exc}); is it installed or on PYTHONPATH?"
+        ) from exc
+    except Exception as exc:  # the user's module raised while importing: say so, with its error
+        raise RewardError(
+            f"reward '{spec}': importing module '{module_name}' failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    fn: Any = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            names = [n for n in dir(fn) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RewardError(f"reward '{spec}': module '{module_name}' has no attribute '{attr}'{hint}")
+        fn = getattr(fn, part)
     if not callable(fn):
-        raise RewardError(f"reward '{spec}': '{attr}' is not callable")
+        raise RewardError(
+            f"reward '{spec}': '{attr}' is a {type(fn).__name__}, not a callable; point it at a function "
+            "taking (images, prompts)"
+        )
     return fn
+
+
+def call_factory(name: str, factory: Factory, device: Any, dtype: Any, options: dict[str, Any]) -> RewardFn:
+    """``factory(device=, dtype=, **options)``, with unknown or missing options as a RewardError
+    that lists the accepted ones (instead of Python's bare TypeError)."""
+    try:
+        inspect.signature(factory).bind(device=device, dtype=dtype, **options)
+    except TypeError as exc:
+        params = inspect.signature(factory).parameters
+        accepted = [
+            p for p in params if p not in ("device", "dtype") and params[p].kind is not params[p].VAR_KEYWORD
+        ]
+        raise RewardError(
+            f"reward '{name}': bad options {sorted(options)}: {exc}; accepted: {accepted}"
+        ) from exc
+    except ValueError:  # builtins without a signature: let the call speak for itself
+        pass
+    return factory(device=device, dtype=dtype, **options)
 
 
 def validate_reward_name(name: str) -> None:
@@ -69,7 +108,9 @@ def validate_reward_name(name: str) -> None:
 
 
 def build_reward(
-    name: str, options: dict[str, Any] | None = None, device: torch.device | str = "cpu",
+    name: str,
+    options: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> RewardFn:
     """Build the reward function ``name`` (registry name or ``module:function``)."""
@@ -78,13 +119,15 @@ def build_reward(
     if ":" in name:
         fn = _import_callable(name)
         return fn(**options) if options else fn  # options make it a factory
-    return REGISTRY[name].factory(device=device, dtype=dtype, **options)
+    return call_factory(name, REGISTRY[name].factory, device, dtype, options)
 
 
 def check_rewards(name: str, values: Any, n: int) -> torch.Tensor:
     """Guard: (n,) finite floating values, else RewardError naming the reward and the problem."""
     if not isinstance(values, torch.Tensor):
-        raise RewardError(f"reward '{name}' returned {type(values).__name__}, expected a torch.Tensor of shape ({n},)")
+        raise RewardError(
+            f"reward '{name}' returned {type(values).__name__}, expected a torch.Tensor of shape ({n},)"
+        )
     if values.shape != (n,):
         raise RewardError(f"reward '{name}' returned shape {tuple(values.shape)}, expected ({n},)")
     if not values.is_floating_point():

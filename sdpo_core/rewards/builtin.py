@@ -1,19 +1,22 @@
-"""Rewards that need no model weights, and placeholders for the model-based ones."""
+"""Built-in rewards: the JPEG ones (no weights) here, the model-based ones registered lazily."""
 
 from __future__ import annotations
 
+import importlib
 import io
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sdpo_core.rewards import RewardError, register_reward
+from sdpo_core.rewards import Factory, call_factory, register_reward
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -44,21 +47,47 @@ def jpeg_incompressibility(device=None, dtype=None, quality: int = 95):
     return lambda images, prompts: jpeg_size_kb(images, quality)
 
 
-def _needs_weights(name: str):
+def _lazy(module: str) -> Factory:
+    """A factory that imports ``sdpo_core.rewards.<module>`` only when the reward is built, so that
+    ``import sdpo_core.rewards`` stays light (no transformers, no HTTP client)."""
+
     def factory(device=None, dtype=None, **options):
-        raise RewardError(
-            f"reward '{name}' needs its published model weights, and its scorer is not part of this "
-            "version of sdpo yet; choose another reward (e.g. --set reward.name=jpeg_compressibility) "
-            "or a module:function of your own"
-        )
+        build = importlib.import_module(f"sdpo_core.rewards.{module}").build
+        return call_factory(module, build, device, dtype, options)
 
     return factory
 
 
-for _name, _what in {
-    "aesthetic": "LAION aesthetic predictor on CLIP ViT-L/14 image embeddings",
-    "imagereward": "ImageReward (BLIP-based human preference model)",
-    "hpsv2": "HPSv2 (OpenCLIP ViT-H/14 fine-tuned on human preferences)",
-    "pickscore": "PickScore (CLIP-H fine-tuned on Pick-a-Pic preferences)",
-}.items():
-    register_reward(_name, _what, "model-defined")(_needs_weights(_name))
+for _name, _what, _range in (
+    (
+        "aesthetic",
+        "LAION aesthetic predictor: MLP head on L2-normalised CLIP ViT-L/14 image embeddings",
+        "about [1, 10] (typically 4-7)",
+    ),
+    (
+        "pickscore",
+        "PickScore: logit_scale.exp() * cosine of CLIP-H image and prompt embeddings",
+        "[-100, 100] (typically 18-24)",
+    ),
+    (
+        "hpsv2",
+        "HPSv2: cosine of OpenCLIP ViT-H/14 image and prompt embeddings (fine-tuned on human preferences)",
+        "[-1, 1] (typically 0.2-0.3)",
+    ),
+    (
+        "imagereward",
+        "ImageReward: BLIP image-prompt features into an MLP head, z-scored as published",
+        "about [-2.5, 2.5]",
+    ),
+    (
+        "combine",
+        "weighted sum of other rewards (options.components), optionally z-scored per batch",
+        "weighted sum of the components' ranges",
+    ),
+    (
+        "remote",
+        "a reward served over HTTP by `sdpo reward-server` (options.url)",
+        "the served reward's range",
+    ),
+):
+    register_reward(_name, _what, _range)(_lazy(_name))
