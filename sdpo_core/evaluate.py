@@ -271,7 +271,7 @@ def evaluate(
     )
     if tracker is not None:
         log_to_tracker(tracker, result, [out / f for f in FILES])
-    log.info("evaluation written to %s\n%s", out, format_table(result))
+    log.info("evaluation written to %s", out)
     return result
 
 
