@@ -96,7 +96,7 @@ def cmd_rewards_list(args: argparse.Namespace) -> int:
     from sdpo_core.rewards import available_rewards
 
     for name, spec in available_rewards().items():
-        print(f"{name:24s} {spec.value_range:14s} {spec.description}")
+        print(f"{name:22s} range {spec.value_range}\n    {spec.description}")
     return 0
 
 
@@ -164,14 +164,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe = load_trained(model)
     else:
         pipe = load_pipeline(args.model)
-    gen = torch.Generator().manual_seed(args.seed)
+    # one generator per image so image i is the same whatever --num-images is
+    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
     images = pipe(
         [args.prompt] * args.num_images, num_inference_steps=args.steps, eta=args.eta,
-        guidance_scale=args.guidance_scale, generator=gen, output_type="pt",
+        guidance_scale=args.guidance_scale, generator=gens, output_type="pt",
     ).images
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(images.unsqueeze(0), out, row_labels=[f"{args.steps} steps"], col_labels=None)
+    labels = [f"seed {args.seed + i}" for i in range(args.num_images)] if args.num_images > 1 else [args.prompt]
+    save_image_grid({args.prompt: images.unsqueeze(0)}, [f"{args.steps} steps"], labels, out)
     print(out)
     return 0
 
@@ -252,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rewards", help="list registered rewards")
     p.set_defaults(func=cmd_rewards_list)
+
+    # its own parser takes every argument (see main); listed here for --help
+    sub.add_parser("reward-server", help="serve a reward over HTTP (sdpo reward-server --help for options)")
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return parser
@@ -263,6 +268,11 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["reward-server"]:
+        from sdpo_core.rewards.server import main as server_main
+
+        return server_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

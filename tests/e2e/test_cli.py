@@ -1,0 +1,83 @@
+"""The `sdpo` command as a user runs it (subprocess): train, resume, generate, bad input, tracking."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sdpo(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "sdpo_core.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_help_lists_commands():
+    out = sdpo("--help")
+    assert out.returncode == 0
+    for cmd in ("run", "prepare", "base", "train", "evaluate", "generate", "config"):
+        assert cmd in out.stdout
+    assert "--resume" in sdpo("train", "--help").stdout
+
+
+def test_config_show_json_is_resolved():
+    out = sdpo("config", "show", "sd-turbo-pickscore", "--json")
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads(out.stdout)
+    assert cfg["train"]["learning_rate"] == 6e-5 and cfg["model"]["pretrained"] == "stabilityai/sd-turbo"
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    out = sdpo("train", "--pipeline", "tiny-random", "--run-dir", str(run_dir), "--set", "train.lerning_rate=1")
+    assert out.returncode == 2
+    assert "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?" in out.stderr
+    assert not run_dir.exists()
+    out = sdpo("train", "--pipeline", "no-such-pipeline")
+    assert out.returncode == 2 and "no pipeline named" in out.stderr
+
+
+@pytest.mark.slow
+def test_train_resume_generate_with_mlflow(tiny_base, tmp_path):
+    run_dir = tmp_path / "run"
+    db = tmp_path / "mlflow.db"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    common = ["--pipeline", "tiny-random", "--run-dir", str(run_dir), "--set", f"model.pretrained={tiny_base}",
+              "--set", "tracking.experiment=cli-test"]
+    out = sdpo("train", *common, "--set", "train.epochs=1", env_extra=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "learning_rate" in out.stdout  # the resolved config is printed at start
+    assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "epoch_0000").is_dir()
+    # a second start without --resume refuses; with --resume it continues where it stopped
+    again = sdpo("train", *common, "--set", "train.epochs=2", env_extra=env)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = sdpo("train", *common, "--set", "train.epochs=2", "--resume", env_extra=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "starting at epoch 1" in resumed.stderr
+    assert (run_dir / "checkpoints" / "epoch_0001").is_dir()
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "train_metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]  # epoch 0 was not sampled again
+    png = tmp_path / "seven.png"
+    gen = sdpo("generate", "--model", str(tiny_base), "--lora", str(run_dir / "final"), "--prompt", "a seven",
+               "--steps", "2", "--num-images", "2", "--out", str(png))
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert Image.open(png).size[0] >= 2 * 32
+    # MLflow got params and per-epoch metrics for both training runs
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("cli-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 3  # first train, the refused start (recorded as FAILED), the resumed one
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) == 2
+    assert all("reward/last" in r.data.metrics and "train.learning_rate" in r.data.params for r in finished)
