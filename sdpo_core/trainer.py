@@ -157,6 +157,9 @@ class Trainer:
         images = decode_latents(self.pipe, x0.flatten(0, 1)[unique].to(self.acc.device))
         item_prompts = [prompts[int(i) // t] for i in unique]
         values = check_rewards(self.cfg.reward.name, self.reward_fn(images, item_prompts), len(unique))
+        # combined rewards expose each component's values of the last call: log their means
+        parts = getattr(self.reward_fn, "last_components", None) or {}
+        self._component_means.append({k: float(v.float().mean()) for k, v in parts.items()})
         return values.cpu()[inverse].reshape(steps.shape), time.perf_counter() - start
 
     def _sample_batch(self, prompts: list[str], gen: torch.Generator) -> tuple[dict, Future]:
@@ -187,6 +190,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1))
         prompt_rng = np.random.default_rng(_seed(cfg.seed, epoch, rank, 2))
         batches, futures, prompts_all = [], [], []
+        self._component_means: list[dict[str, float]] = []
         t0 = time.perf_counter()
         for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
                       disable=not self.acc.is_local_main_process, leave=False):
@@ -201,6 +205,8 @@ class Trainer:
         t_wait = time.perf_counter() - t0 - t_sample
         stats = {"time/sampling": t_sample, "time/reward_wait": t_wait,
                  "time/reward": sum(r[1] for r in results)}
+        for name in self._component_means[0] if self._component_means else {}:
+            stats[f"reward_component/{name}"] = float(np.mean([c[name] for c in self._component_means]))
         return self._assemble(batches, [r[0] for r in results], prompts_all, stats)
 
     # ------------------------------------------------------------------ advantages
