@@ -24,10 +24,10 @@ BAD_INPUT = 2
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from sdpo_core.checkpoint import ResumeError
     from sdpo_core.config import ConfigError
     from sdpo_core.models import ModelLoadError
     from sdpo_core.rewards import RewardError
-    from sdpo_core.checkpoint import ResumeError
 
     errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError]
     try:

@@ -36,8 +36,8 @@ from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from sdpo_core import checkpoint as ckpt
-from sdpo_core.checkpoint import ResumeError
 from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise, discounted_returns
+from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml
 from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
 from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
