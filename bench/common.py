@@ -1,0 +1,215 @@
+"""Shared harness of the training benchmarks (``alignment.py``, ``ablations.py``).
+
+One training run = ``sdpo_core.trainer.Trainer`` as ``sdpo train`` runs it, plus, after every
+``light_every`` epochs, a light evaluation (mean reward of the eval prompts at each
+``evaluate.steps`` count, fixed seeds, with the model being trained) and optional snapshots of the
+weights in the ``sdpo evaluate`` format. Final numbers come from ``sdpo_core.evaluate.evaluate``
+(the ``sdpo evaluate`` stage: base vs trained on the held-out prompts, fixed seeds).
+
+Runs are cached under ``runs/bench/<name>-<hash>/record.json`` (``runs/`` is git-ignored): the
+hash covers the pipeline, the overrides, the seed, the epochs and the harness settings, so a
+benchmark re-run, or another benchmark asking for the same run, reuses it. Pass ``fresh=True``
+(``--fresh``) to retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ROOT = ROOT / "runs" / "bench"
+HARNESS_VERSION = 1  # bump when a change here invalidates cached runs
+log = logging.getLogger("bench")
+
+
+@dataclass
+class RunSpec:
+    """One training run: a pipeline, config overrides, a seed and a number of epochs."""
+
+    name: str
+    pipeline: str
+    overrides: list[str]
+    seed: int
+    epochs: int
+    light_every: int = 1
+    light_samples_per_prompt: int = 2
+    snapshots: list[int] = field(default_factory=list)  # epoch counts (1-based) to save and evaluate
+
+    def key(self) -> str:
+        payload = json.dumps({
+            "v": HARNESS_VERSION, "pipeline": self.pipeline, "overrides": sorted(self.overrides), "seed": self.seed,
+            "epochs": self.epochs, "light": [self.light_every, self.light_samples_per_prompt],
+            "snapshots": sorted(self.snapshots),
+        }, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:10]
+
+    def config(self, extra: list[str] | None = None):
+        from sdpo_core.config import load_config
+
+        return load_config(self.pipeline, [
+            "tracking.backend=none", f"seed={self.seed}", f"train.epochs={self.epochs}",
+            f"train.checkpoint_every={self.epochs}", "train.keep_checkpoints=1", *self.overrides, *(extra or []),
+        ], ROOT / "pipelines.yaml")
+
+
+def eval_prompts(cfg) -> list[str]:
+    from sdpo_core.prompts import load_train_eval
+
+    return load_train_eval(cfg.prompts.source, cfg.prompts.eval_fraction, cfg.prompts.seed)[1]
+
+
+def _bench_trainer_class():
+    from sdpo_core.models import save_trained
+    from sdpo_core.trainer import Trainer
+
+    class BenchTrainer(Trainer):
+        """The trainer, plus a light evaluation and snapshots after epochs, and a reward-query count.
+
+        Everything added here runs after ``time/epoch`` is measured, so training time excludes it.
+        """
+
+        def setup_bench(self, spec: RunSpec, run_dir: Path) -> None:
+            self.spec, self.bench_dir = spec, run_dir
+            self.queries = 0
+            inner = self.reward_fn
+
+            def counted(images, prompts):
+                self.queries += len(images)
+                return inner(images, prompts)
+
+            self.reward_fn, self._eval_reward = counted, inner
+            prompts = eval_prompts(self.cfg)
+            s = spec.light_samples_per_prompt
+            self.light_prompts = [p for p in prompts for _ in range(s)]
+            self.light_seeds = [self.cfg.evaluate.seed + i for i in range(len(self.light_prompts))]
+            self.history: list[dict] = []
+
+        @torch.no_grad()
+        def light_eval(self) -> dict[str, float]:
+            """Mean reward of the eval prompts at each evaluate.steps count, with the current weights."""
+            from sdpo_core.evaluate import generate
+
+            unet = self.acc.unwrap_model(self.unet)
+            was_training = unet.training
+            unet.eval()
+            out = {}
+            for n in self.cfg.evaluate.steps:
+                images = generate(self.pipe, self.light_prompts, self.light_seeds, n, self.cfg)
+                out[str(n)] = float(self._eval_reward(images, self.light_prompts).float().mean())
+            unet.train(was_training)
+            return out
+
+        def _log_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+            done = epoch + 1
+            row = {k: v for k, v in stats.items() if isinstance(v, int | float)}
+            row["queries_cum"] = self.queries
+            if done % self.spec.light_every == 0 or done == self.cfg.train.epochs:
+                row["light"] = self.light_eval()
+            if done in self.spec.snapshots and done != self.cfg.train.epochs:
+                unet = self.acc.unwrap_model(self.unet)
+                save_trained(unet, self.bench_dir / f"epoch_{done}", self.cfg.model.finetune,
+                             base=self.cfg.model.pretrained)
+            self.history.append(row)
+            super()._log_epoch(epoch, stats)
+
+    return BenchTrainer
+
+
+def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> dict:
+    """Train ``spec`` (or reuse its cached record); returns the record (see module docstring)."""
+    import shutil
+
+    from sdpo_core.base import ensure_base
+
+    run_dir = run_root / f"{spec.name}-{spec.key()}"
+    record_path = run_dir / "record.json"
+    if record_path.is_file() and not fresh:
+        log.info("reusing %s", run_dir)
+        return json.loads(record_path.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = spec.config()
+    ensure_base(cfg)
+    start = time.perf_counter()
+    tr = _bench_trainer_class()(cfg, run_dir / "train")
+    tr.setup_bench(spec, run_dir)
+    light_base = tr.light_eval()
+    final = tr.run()
+    record = {
+        "name": spec.name, "key": spec.key(), "pipeline": spec.pipeline, "overrides": spec.overrides,
+        "seed": spec.seed, "epochs": spec.epochs, "method": cfg.train.method,
+        "trajectories_per_epoch": 2 * cfg.sample.batch_size * cfg.sample.num_batches_per_epoch,
+        "train_steps": cfg.sample.num_steps, "light_base": light_base, "history": tr.history,
+        "train_seconds": sum(r["time/epoch"] for r in tr.history), "queries": tr.queries,
+        "wall_seconds": time.perf_counter() - start, "final": str(final),
+        "snapshots": {str(e): str(run_dir / f"epoch_{e}") for e in spec.snapshots if e != spec.epochs},
+        "threads": torch.get_num_threads(),
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool = False) -> dict:
+    """``sdpo evaluate`` of a trained model directory (cached in ``out_dir/eval.json``)."""
+    from sdpo_core.evaluate import evaluate
+
+    path = out_dir / "eval.json"
+    if path.is_file() and not fresh:
+        return json.loads(path.read_text())
+    cfg = spec.config()
+    return evaluate(cfg, cfg.model.pretrained, str(model_dir), eval_prompts(cfg), out_dir)
+
+
+def seed_ci(values: list[float]) -> dict[str, float]:
+    """Mean over seeds with its 95% t-interval (``sdpo_core.evaluate.mean_ci``); needs >= 2 seeds."""
+    from sdpo_core.evaluate import mean_ci
+
+    mean, lo, hi = mean_ci(torch.tensor(values, dtype=torch.float64))
+    return {"mean": mean, "lo": lo, "hi": hi, "n": len(values), "values": values}
+
+
+def fmt_ci(s: dict[str, float], digits: int = 3, sign: bool = False) -> str:
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(s['mean'])} [{f.format(s['lo'])}, {f.format(s['hi'])}]"
+
+
+def machine_info() -> dict:
+    import platform
+
+    import diffusers
+
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "load_avg_1min": os.getloadavg()[0]}
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "accelerate", "sdpo_core.evaluate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass

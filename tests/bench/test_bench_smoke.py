@@ -1,0 +1,106 @@
+"""Each benchmark script runs end to end on a tiny budget (``--smoke``) and writes sane results.
+
+These check the code paths only; no number here is a timing assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / name), "--smoke", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_stat_tracker_smoke(tmp_path):
+    out = tmp_path / "st.json"
+    proc = run_script("stat_tracker.py", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["rows"], "no sizes measured"
+    for row in result["rows"]:
+        assert finite_positive(row["vectorised_s"]) and finite_positive(row["reference_s"])
+        assert row["max_abs_diff"] < 1e-4, "the vectorised tracker disagrees with the reference loop"
+        assert row["share_from_buffer_last_round"] > 0, "the buffer phase was never exercised"
+    assert "| samples x steps x prompts |" in proc.stdout
+
+
+def test_cost_smoke(tmp_path):
+    out = tmp_path / "cost.json"
+    run_script("cost.py", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["steps_sweep"] + result["batch_sweep"]
+    assert [r["steps"] for r in result["steps_sweep"]] == [1, 3]
+    for r in rows:
+        parts = r["parts"]
+        assert set(parts) >= {"sampling", "decode", "reward", "training", "checkpoint", "other", "epoch"}
+        assert finite_positive(parts["epoch"]) and finite_positive(r["floor"]["total"])
+        assert finite_positive(r["floor_ratio"])
+        split = sum(parts[k] for k in ("sampling", "decode", "reward", "training", "checkpoint", "other"))
+        assert split == pytest.approx(parts["epoch"], rel=1e-6)
+        assert 1 <= r["queries_per_trajectory"] <= 3, "SDPO queries 1 to 3 x0 per trajectory"
+        assert r["peak_rss_delta_mb"] >= 0
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run_script("gpu.py", "--peak-tflops", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["smoke"] and result["peak_tflops"] == 1
+    assert [r["steps"] for r in result["rows"]] == [1, 3]
+    for r in result["rows"]:
+        assert finite_positive(r["sampling_trajectories_per_s"]) and finite_positive(r["decode_images_per_s"])
+        assert finite_positive(r["unet_forward_flops_per_item"]) and finite_positive(r["sampling_mfu"])
+        for t in r["train"]:
+            assert finite_positive(t["steps_per_s"]) and finite_positive(t["flops_per_step"])
+            assert t["flops_per_step"] > 1.5 * t["unet_items"] * r["unet_forward_flops_per_item"], (
+                "a training step (forward + backward of 2b items) must count more than its forward"
+            )
+    assert "| T | sampling traj/s |" in proc.stdout
+
+
+def test_gpu_run_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_run.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_alignment_smoke(tmp_path):
+    run_script("alignment.py", "--out-dir", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "Equal reward-model queries" in (tmp_path / "alignment.md").read_text()
+    s = summary["summary"]
+    assert s["ddpo_equal_queries"]["epochs"] == 3 * s["sdpo"]["epochs"] == 3 * s["ddpo_equal_traj"]["epochs"]
+    assert s["sdpo"]["trajectories"] == s["ddpo_equal_traj"]["trajectories"]
+    for label in ("sdpo", "ddpo_equal_traj", "ddpo_equal_queries"):
+        for entry in s[label]["steps"].values():
+            assert entry["trained"]["n"] == 2 and entry["trained"]["lo"] <= entry["trained"]["mean"] <= entry["trained"]["hi"]
+    runs = summary["runs"]["ddpo_equal_queries"][0]
+    assert len(runs["history"]) == 3 and all("light" in h for h in runs["history"])
+
+
+@pytest.mark.slow
+def test_ablations_smoke(tmp_path):
+    run_script("ablations.py", "--out-dir", str(tmp_path))
+    results = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert set(results) == {"full", "no_dense", "no_clip"}
+    assert "delta" in results["no_clip"] and "delta" not in results["full"]
+    assert "| no clipping |" in (tmp_path / "ablations.md").read_text()
