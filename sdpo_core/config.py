@@ -115,6 +115,11 @@ class TrainConfig(_Strict):
     clip_range: float = Field(default=1e-4, ge=0)
     adv_clip_max: float = Field(default=5.0, gt=0)
     shuffle_timesteps: bool = True
+    recompute_log_probs: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="score sampled transitions again in the training batch layout before the first update "
+        "(auto: under mixed precision, where batch-dependent half-precision kernels shift log-probs)",
+    )
     shuffle_batch: bool = True
     dense_reward: bool = Field(default=True, description="ablation: false gives the final reward at every step")
     anchor: bool = Field(default=True, description="ablation: false predicts from first and last only")
@@ -274,6 +279,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` means "no"
     if isinstance(value, str) and _is_number(value):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string
     return key.split("."), value

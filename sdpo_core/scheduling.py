@@ -135,7 +135,9 @@ def ddim_step(
     mean = a_prev.sqrt() * x0 + direction
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            # drawn on the generator's device (a CPU generator keeps sampling identical across devices)
+            where = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, device=where, dtype=torch.float32).to(x.device)
         prev = mean + std * noise.float()
     else:
         prev = prev_sample.float()

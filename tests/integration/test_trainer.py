@@ -23,16 +23,17 @@ def test_recomputed_log_probs_equal_sampled_ones(tiny_cfg, tmp_path):
     tr = Trainer(tiny_cfg("sample.num_steps=3"), tmp_path)
     samples, _, _ = tr.sample_epoch(0)
     model = tr.acc.unwrap_model(tr.unet)
+    dev = tr.acc.device
     for j in range(3):
         # the same batch layout as sampling ([traj 1; traj 2]) gives bit-identical log-probs
-        x_t = torch.cat([lat[:, j] for lat in samples.latents])
-        prev = torch.cat([lat[:, j + 1] for lat in samples.latents])
-        e = torch.cat([samples.embeds, samples.embeds])
-        t = tr.timesteps[j].repeat(len(x_t))
+        x_t = torch.cat([lat[:, j] for lat in samples.latents]).to(dev)
+        prev = torch.cat([lat[:, j + 1] for lat in samples.latents]).to(dev)
+        e = torch.cat([samples.embeds, samples.embeds]).to(dev)
+        t = tr.timesteps[j].repeat(len(x_t)).to(dev)
         with torch.no_grad():
             out = tr._unet_fn(model)(x_t, t, e)
-        _, _, lp = ddim_step(tr.ddim, out, t, x_t, 1.0, prev_sample=prev)
-        old = torch.cat([p[:, j] for p in samples.log_probs])
+        _, _, lp = ddim_step(tr.ddim, out, t.cpu(), x_t, 1.0, prev_sample=prev)
+        old = torch.cat([p[:, j] for p in samples.log_probs]).to(dev)
         assert torch.equal(lp, old), f"step {j}: ratio != 1 before any update"
     # the two trajectories of a pair start from the same x_T and then differ
     assert torch.equal(samples.latents[0][:, 0], samples.latents[1][:, 0])
@@ -80,9 +81,17 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, request):
+    # bit-exact on the CPU (CUDA kernels may be non-deterministic): this test runs there
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a GPU machine may have made a CUDA one
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+
     cfg = tiny_cfg("train.epochs=3")
-    straight = Trainer(cfg, tmp_path / "a")
+    cpu = Accelerator(cpu=True)
+    straight = Trainer(cfg, tmp_path / "a", accelerator=cpu)
     straight.run()
     steps_per_epoch = straight.plan.optimizer_steps_per_epoch
 
@@ -91,11 +100,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        Trainer(cfg, tmp_path / "b", on_optimizer_step=crash_in_epoch_2).run()
+        Trainer(cfg, tmp_path / "b", accelerator=cpu, on_optimizer_step=crash_in_epoch_2).run()
     # a half-written checkpoint from a crash is ignored
     (tmp_path / "b" / "checkpoints" / "epoch_0002.tmp").mkdir()
     assert [d.name for d in checkpoint_dirs(tmp_path / "b")] == ["epoch_0000", "epoch_0001"]
-    resumed = Trainer(cfg, tmp_path / "b")
+    resumed = Trainer(cfg, tmp_path / "b", accelerator=cpu)
     resumed.run(resume=True)
     a, b = straight.trainable_state(), resumed.trainable_state()
     assert a.keys() == b.keys()

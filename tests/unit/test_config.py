@@ -41,6 +41,7 @@ def test_set_overrides_types_and_errors():
     assert parse_override("train.learning_rate=1e-4") == (["train", "learning_rate"], 1e-4)
     assert parse_override("evaluate.steps=[1, 4]") == (["evaluate", "steps"], [1, 4])
     assert parse_override("train.shuffle_timesteps=false")[1] is False
+    assert parse_override("model.mixed_precision=no")[1] == "no"
     cfg = load_config("tiny-random", ["train.epochs=5", "sample.num_steps=3"], ROOT / "pipelines.yaml")
     assert (cfg.train.epochs, cfg.sample.num_steps) == (5, 3)
     with pytest.raises(ConfigError, match="key=value"):
