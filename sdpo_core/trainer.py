@@ -248,24 +248,21 @@ class Trainer:
         return stats
 
     def _split_items(self, batches, adv: torch.Tensor, sdpo: bool) -> EpochSamples:
+        """Regroup per-batch [traj 1 of B; traj 2 of B] tensors into trajectory-1 / trajectory-2 arrays."""
         t = self.cfg.sample.num_steps
         adv = adv.expand(-1, t) if adv.shape[1] == 1 else adv
-        halves = [[], []]
-        lats, lps = [[], []], [[], []]
-        for bt in batches:
-            b = bt["embeds"].shape[0]
-            for h in range(2):
-                lats[h].append(bt["latents"][h * b:(h + 1) * b])
-                lps[h].append(bt["log_probs"][h * b:(h + 1) * b])
-            halves[0].append(bt["embeds"])
-        embeds = torch.cat(halves[0])
-        # advantages are ordered per batch as [traj 1 of B; traj 2 of B]
         sizes = [bt["embeds"].shape[0] for bt in batches]
-        chunks = torch.split(adv, [2 * s for s in sizes])
-        adv1 = torch.cat([c[: s] for c, s in zip(chunks, sizes, strict=True)])
-        adv2 = torch.cat([c[s:] for c, s in zip(chunks, sizes, strict=True)])
-        lat1, lat2 = torch.cat(lats[0]), torch.cat(lats[1])
-        lp1, lp2 = torch.cat(lps[0]), torch.cat(lps[1])
+        adv_chunks = torch.split(adv, [2 * b for b in sizes])
+
+        def halves(key_tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            first = torch.cat([x[:b] for x, b in zip(key_tensors, sizes, strict=True)])
+            second = torch.cat([x[b:] for x, b in zip(key_tensors, sizes, strict=True)])
+            return first, second
+
+        embeds = torch.cat([bt["embeds"] for bt in batches])
+        lat1, lat2 = halves([bt["latents"] for bt in batches])
+        lp1, lp2 = halves([bt["log_probs"] for bt in batches])
+        adv1, adv2 = halves(list(adv_chunks))
         if sdpo:
             return EpochSamples(embeds, [lat1, lat2], [lp1, lp2], [adv1, adv2])
         # DDPO: every trajectory is its own item
