@@ -266,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
+def _orchestration_commands(sub: argparse._SubParsersAction) -> None:
+    """register, version, export-metrics, stack, deploy (flows/commands.py), when flows/ is installed."""
+    try:
+        from flows.commands import add_commands
+    except ImportError:
+        return
+    add_commands(sub)
+
+
+_EXTRA_COMMANDS.append(_orchestration_commands)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)

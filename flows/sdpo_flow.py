@@ -1,0 +1,228 @@
+"""The `sdpo` Prefect flow: prepare -> (base) -> train -> evaluate -> version -> register.
+
+Each task is a thin wrapper over the ``sdpo_core`` function the CLI calls, passing paths and run
+ids only. One flow run = one MLflow parent run (a nested run per stage) = one ``dvc.lock`` state.
+Only the network steps (version: dvc push, register: MLflow) retry; a retried flow run resumes
+training from its last checkpoint. Run it directly::
+
+    python -c "from flows.sdpo_flow import sdpo; sdpo('tiny-random', ['train.epochs=1'])"
+
+or through the deployments (`sdpo stack up`, then `prefect deployment run sdpo/train`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows import versioning
+from flows.settings import load_settings
+from sdpo_core import pipeline as stages
+from sdpo_core.config import Config, ConfigError, load_config
+from sdpo_core.tracking import make_tracker
+
+
+class Job(BaseModel):
+    """What every task needs to find its inputs: the pipeline, its overrides, where things are."""
+
+    pipeline: str
+    overrides: list[str] = []
+    pipelines_file: str = "pipelines.yaml"
+
+    def config(self) -> Config:
+        return load_config(self.pipeline, self.overrides, Path(self.pipelines_file))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.pipeline
+
+
+def _tracker(cfg: Config, stage: str, parent_run_id: str | None):
+    kwargs = {"parent_run_id": parent_run_id} if cfg.tracking.backend == "mlflow" else {}
+    return make_tracker(
+        cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-{stage}", **kwargs
+    )
+
+
+def _tracked(tracker, fn):
+    status = "FAILED"
+    try:
+        value = fn()
+        status = "FINISHED"
+        return value
+    finally:
+        tracker.end(status)
+
+
+def _not_a_config_error(task, task_run, state) -> bool:
+    """Retry condition: a wrong config or an invalid evaluation fails the same way every time."""
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------- tasks
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(job: Job) -> str:
+    split = stages.prepare_stage(job.config(), job.run_dir)
+    get_run_logger().info("prompts: %d train / %d eval", len(split.train), len(split.eval))
+    return str(stages.prompts_dir(job.run_dir))
+
+
+@task(name="base", cache_policy=NO_CACHE)
+def base_task(job: Job) -> str:
+    return stages.base_stage(job.config())
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(job: Job, parent_run_id: str | None) -> str:
+    """Train; a retried flow run resumes from the last checkpoint, a new one starts afresh."""
+    from sdpo_core.checkpoint import latest_checkpoint
+
+    cfg, logger = job.config(), get_run_logger()
+    resume = flow_run.run_count > 1 and latest_checkpoint(job.run_dir) is not None
+    if resume:
+        logger.info(
+            "flow run attempt %d: resuming from %s", flow_run.run_count, latest_checkpoint(job.run_dir)
+        )
+    else:
+        stages.clear_train_outputs(job.run_dir)
+    tracker = _tracker(cfg, "train", parent_run_id)
+
+    def run() -> Path:
+        final = stages.train_stage(cfg, job.run_dir, resume=resume, tracker=tracker)
+        tracker.log_artifact(stages.export_train_metrics(job.run_dir))
+        return final
+
+    return str(_tracked(tracker, run))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(job: Job, final: str, parent_run_id: str | None) -> str:
+    from sdpo_core.evaluate import format_table
+
+    cfg = job.config()
+    tracker = _tracker(cfg, "evaluate", parent_run_id)
+    result = _tracked(tracker, lambda: stages.evaluate_stage(cfg, job.run_dir, final, tracker=tracker))
+    get_run_logger().info("evaluation of %s\n%s", job.pipeline, format_table(result))
+    create_table_artifact(
+        key=f"sdpo-eval-{_slug(job.pipeline)}",
+        table=eval_rows(result),
+        description=f"**{job.pipeline}**: reward `{result['reward']}`, base vs trained (95% CI)",
+    )
+    return str(stages.eval_dir(job.run_dir) / "eval.json")
+
+
+@task(name="version", cache_policy=NO_CACHE, retry_delay_seconds=5, retry_condition_fn=_not_a_config_error)
+def version_task(job: Job, executed: list[str]) -> dict[str, str]:
+    """dvc commit + push of the stages this run executed; returns the provenance tags."""
+    settings = load_settings()
+    if settings.dvc.enabled:
+        versioning.commit_and_push(job.pipeline, executed, settings)
+    return versioning.provenance_tags(job.pipeline)
+
+
+@task(name="register", cache_policy=NO_CACHE, retry_delay_seconds=5, retry_condition_fn=_not_a_config_error)
+def register_task(job: Job, parent_run_id: str | None, tags: dict[str, str]) -> dict[str, str]:
+    from sdpo_core.tracking_registry import register_model
+
+    reg = register_model(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=tags)
+    create_markdown_artifact(
+        key=f"sdpo-register-{_slug(job.pipeline)}",
+        markdown=f"`{reg.name}` version **{reg.version}** -> alias **{reg.alias}**\n\n{reg.reason}",
+        description="registration and promotion decision",
+    )
+    return {"name": reg.name, "version": reg.version, "alias": reg.alias, "reason": reg.reason}
+
+
+def eval_rows(result: dict) -> list[dict[str, str]]:
+    """eval.json -> one table row per step count (the CLI's table, as an artifact)."""
+
+    def pm(entry: dict | None) -> str:
+        return (
+            "-" if entry is None else f"{entry['mean']:.4f} ± {(entry['ci95'][1] - entry['ci95'][0]) / 2:.4f}"
+        )
+
+    rows = []
+    for key in sorted(result["steps"], key=int):
+        e = result["steps"][key]
+        rows.append(
+            {
+                "steps": key,
+                "base": pm(e.get("base")),
+                "trained": pm(e.get("trained")),
+                "gain [CI95]": f"{e['gain']:+.4f} [{e['gain_ci95'][0]:+.4f}, {e['gain_ci95'][1]:+.4f}]"
+                if "gain" in e
+                else "-",
+                "win rate": f"{e['win_rate']:.2f}" if "win_rate" in e else "-",
+            }
+        )
+    return rows
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+# ----------------------------------------------------------------------------------------- flow
+@flow(
+    name="sdpo",
+    flow_run_name="{pipeline}",
+    description="SDPO alignment: prepare, base, train, evaluate, version (DVC), register (MLflow)",
+)
+def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None) -> dict:
+    settings = load_settings()
+    if settings.mlflow.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow.tracking_uri
+    logging.getLogger("sdpo_core").setLevel(logging.INFO)  # Prefect's root level is WARNING
+    job = Job(pipeline=pipeline, overrides=overrides or [], pipelines_file=str(settings.pipelines_file))
+    cfg = job.config()  # a bad pipeline name or override fails the run here, with the reason
+    parent = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{pipeline}-flow")
+    parent.set_tags(
+        {
+            "prefect.flow_run_id": str(flow_run.id),
+            "prefect.flow_run_name": str(flow_run.name),
+            "sdpo.pipeline": pipeline,
+            "sdpo.overrides": " ".join(job.overrides),
+        }
+    )
+    parent.log_params(cfg.to_dict())
+    return _tracked(parent, lambda: _run_stages(job, cfg, parent))
+
+
+def _run_stages(job: Job, cfg: Config, parent) -> dict:
+    parent_run_id = parent.run_id
+    executed = ["prepare"]
+    prepare_task(job)
+    if cfg.model.build:
+        base_task(job)
+        executed.append("base")
+    final = train_task(job, parent_run_id)
+    eval_json = evaluate_task(job, final, parent_run_id)
+    executed += ["train", "evaluate"]
+    retries = load_settings().prefect.network_retries
+    tags = version_task.with_options(retries=retries)(job, executed)
+    parent.set_tags(tags)
+    summary = {
+        "pipeline": job.pipeline,
+        "final": final,
+        "eval_json": eval_json,
+        "parent_run_id": parent_run_id,
+        **tags,
+    }
+    if cfg.tracking.backend == "mlflow":
+        summary.update(register_task.with_options(retries=retries)(job, parent_run_id, tags))
+    else:
+        get_run_logger().warning("tracking.backend is 'none': the model is not registered")
+    return summary

@@ -1,0 +1,131 @@
+"""Data versioning with DVC and provenance for MLflow: `dvc commit` + `dvc push` of the stages a
+run executed, `dvc pull` in a fresh clone, and the git / dvc.lock identifiers that tag runs and
+model versions.
+
+DVC runs as a subprocess of this interpreter (``python -m dvc``): its CLI is the stable interface,
+and nothing in ``sdpo_core`` imports it. Remote credentials stay in the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from flows.settings import Settings
+
+log = logging.getLogger(__name__)
+STAGES = ("prepare", "base", "train", "evaluate")
+
+
+class VersioningError(RuntimeError):
+    """A dvc or git command failed; the message holds its output."""
+
+
+def _env(project: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    # DVC's site cache defaults to /var/tmp/dvc: keep it inside the checkout
+    env.setdefault("DVC_SITE_CACHE_DIR", str((project / ".dvc" / "tmp" / "site-cache").resolve()))
+    return env
+
+
+def run_cmd(args: list[str], project: str | Path = ".") -> str:
+    project = Path(project)
+    proc = subprocess.run(args, cwd=project, env=_env(project), capture_output=True, text=True)
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).strip()[-3000:]
+        raise VersioningError(
+            f"`{' '.join(args[2:] if args[0] == sys.executable else args)}` failed "
+            f"(exit {proc.returncode}):\n{out}"
+        )
+    return proc.stdout
+
+
+def dvc(*args: str, project: str | Path = ".") -> str:
+    return run_cmd([sys.executable, "-m", "dvc", *args], project)
+
+
+def stage_targets(pipeline: str, stages: list[str], project: str | Path = ".") -> list[str]:
+    """``stage@pipeline`` for those of ``stages`` that dvc.yaml defines for ``pipeline``."""
+    if not (Path(project) / "dvc.yaml").is_file():
+        return []
+    known = set(dvc("stage", "list", "--name-only", project=project).split())
+    return [f"{s}@{pipeline}" for s in stages if f"{s}@{pipeline}" in known]
+
+
+def configure_remote(settings: Settings, project: str | Path = ".") -> str | None:
+    """Write the S3 remote (URL and endpoint from settings) into .dvc/config.local; returns the
+    remote to use (None: the repo's default)."""
+    remote = settings.dvc_remote
+    if remote == "s3" and settings.s3.bucket:
+        dvc("remote", "add", "--local", "-f", "s3", settings.s3_url("dvc"), project=project)
+        if settings.s3.endpoint_url:
+            dvc("remote", "modify", "--local", "s3", "endpointurl", settings.s3.endpoint_url, project=project)
+        if settings.s3.region:
+            dvc("remote", "modify", "--local", "s3", "region", settings.s3.region, project=project)
+    return remote
+
+
+def commit_and_push(
+    pipeline: str, stages: list[str], settings: Settings, project: str | Path = "."
+) -> list[str]:
+    """Record the outputs of ``stages`` in dvc.lock and push them; returns the targets versioned."""
+    targets = stage_targets(pipeline, stages, project)
+    if not targets:
+        log.warning("dvc.yaml has no stages for pipeline %s: its outputs are not versioned", pipeline)
+        return []
+    dvc("commit", "--force", *targets, project=project)
+    log.info("dvc commit: %s", " ".join(targets))
+    if settings.dvc.push:
+        remote = configure_remote(settings, project)
+        dvc("push", *(["--remote", remote] if remote else []), *targets, project=project)
+        log.info("dvc push to %s: %s", remote or "the default remote", " ".join(targets))
+    if settings.dvc.git_commit:
+        git_commit_lock(pipeline, project)
+    return targets
+
+
+def pull(pipeline: str, settings: Settings, project: str | Path = ".") -> list[str]:
+    """``dvc pull`` every stage of ``pipeline`` (a fresh clone: model, prompts, eval)."""
+    targets = stage_targets(pipeline, list(STAGES), project)
+    remote = configure_remote(settings, project)
+    dvc("pull", *(["--remote", remote] if remote else []), *targets, project=project)
+    return targets
+
+
+def git_commit_lock(pipeline: str, project: str | Path = ".") -> None:
+    git = ["git", "-C", str(project)]
+    if not subprocess.run([*git, "status", "--porcelain", "dvc.lock"], capture_output=True, text=True).stdout:
+        return
+    run_cmd([*git, "add", "dvc.lock"], project)
+    run_cmd([*git, "commit", "-q", "-m", f"dvc.lock: outputs of {pipeline}", "dvc.lock"], project)
+
+
+def provenance_tags(pipeline: str, project: str | Path = ".") -> dict[str, str]:
+    """git commit (and whether tracked files differ from it), dvc.lock's md5 and the trained
+    model's DVC hash: the tags that tie an MLflow run or model version to code and data."""
+    project = Path(project)
+    tags: dict[str, str] = {}
+    head = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        tags["git.commit"] = head.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(project), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        tags["git.dirty"] = str(bool(dirty)).lower()
+    lock = project / "dvc.lock"
+    if lock.is_file():
+        tags["dvc.lock_md5"] = hashlib.md5(lock.read_bytes()).hexdigest()
+        stage = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(f"train@{pipeline}", {})
+        for out in stage.get("outs", []):
+            if out.get("path") == f"runs/{pipeline}/final":
+                tags["dvc.model_md5"] = str(out.get("md5"))
+    return tags

@@ -1,0 +1,185 @@
+"""Register a trained model in the MLflow model registry and move its aliases.
+
+The model is an MLflow pyfunc (``sdpo_core/tracking_pyfunc.py``, logged as code): its artifacts are
+the trained weights (``RUN_DIR/final``) and, when the base model is a local directory (the embedded
+default), the base model itself, so the registered model is self-contained; a hub base is referenced
+by id. The version is tagged with the evaluation numbers (``eval.*``, see ``sdpo_core.promotion``)
+plus whatever provenance the caller passes (git commit, ``dvc.lock`` hashes, the parent run).
+
+Alias ``champion`` moves to the new version only when it beats the current champion by
+``register.rule`` (docs/orchestration.md); otherwise the new version gets ``challenger``. An
+invalid or missing ``eval.json`` stops everything before MLflow is touched.
+
+Usage::
+
+    reg = register_model(cfg, "runs/digits-tiny", parent_run_id=run_id, tags={"git.commit": sha})
+    print(reg.version, reg.alias, reg.reason)
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from sdpo_core import promotion
+from sdpo_core.config import Config, ConfigError
+from sdpo_core.models import read_model_meta
+from sdpo_core.pipeline import eval_dir
+from sdpo_core.tracking import MlflowTracker
+
+log = logging.getLogger(__name__)
+MODEL_CODE = Path(__file__).with_name("tracking_pyfunc.py")
+# what the pyfunc imports when it loads (sdpo_core itself travels as code with the model)
+REQUIREMENTS = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "safetensors",
+    "accelerate",
+    "pillow",
+    "numpy",
+    "pandas",
+    "pyyaml",
+    "pydantic",
+    "mlflow",
+)
+
+
+class RegistrationError(ConfigError):
+    """The run cannot be registered (no valid evaluation or no trained model); nothing was registered.
+    A ConfigError so that the CLI reports it as bad input."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    alias: str
+    reason: str
+    run_id: str
+    model_uri: str
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for name in REQUIREMENTS:
+        try:  # a local version suffix (+cpu) is not installable from an index: pin the release only
+            reqs.append(f"{name}=={metadata.version(name).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def _signature(cfg: Config):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    params = ParamSchema(
+        [
+            ParamSpec("num_steps", "integer", cfg.sample.num_steps),
+            ParamSpec("seed", "integer", 0),
+            ParamSpec("eta", "double", cfg.sample.eta),
+            ParamSpec("guidance_scale", "double", cfg.sample.guidance_scale),
+        ]
+    )
+    return ModelSignature(Schema([ColSpec("string", "prompt")]), Schema([ColSpec("string", "image")]), params)
+
+
+def log_pyfunc(cfg: Config, trained_dir: Path, run_id: str):
+    """Log the pyfunc model into run ``run_id``; returns MLflow's ModelInfo."""
+    base = cfg.model.pretrained
+    artifacts = {"trained": str(trained_dir)}
+    if Path(base).is_dir():  # a local base (the embedded default) travels with the model
+        artifacts["base"] = str(base)
+    model_config = {
+        "base_model": base,
+        "timestep_spacing": cfg.model.timestep_spacing,
+        "num_steps": cfg.sample.num_steps,
+        "seed": 0,
+        "eta": cfg.sample.eta,
+        "guidance_scale": cfg.sample.guidance_scale,
+    }
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the signature is explicit; an input example would load the model and generate at logging time
+        warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts=artifacts,
+            model_config=model_config,
+            signature=_signature(cfg),
+            pip_requirements=_requirements(),
+            code_paths=[str(Path(__file__).parent)],
+        )
+
+
+def current_champion(client, name: str) -> tuple[str | None, dict | None]:
+    """(version, eval dict from its tags) of ``name@champion``; (None, None) when there is none."""
+    try:
+        mv = client.get_model_version_by_alias(name, promotion.CHAMPION)
+    except MlflowException:  # no such model, or no champion alias yet
+        return None, None
+    return mv.version, promotion.eval_from_tags(mv.tags)
+
+
+def register_model(
+    cfg: Config,
+    run_dir: str | Path,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Registration:
+    """Log, register, tag and alias the model of ``run_dir`` under ``register.model_name``."""
+    # 1. Refuse before touching MLflow: a valid evaluation and a trained model must exist.
+    try:
+        new_eval = promotion.load_eval(eval_dir(run_dir) / "eval.json")
+    except promotion.PromotionError as exc:
+        raise RegistrationError(f"not registered: {exc}") from None
+    trained = Path(run_dir) / "final"
+    if not (trained / "sdpo_model.json").is_file():
+        raise RegistrationError(f"not registered: no trained model in {trained}")
+    read_model_meta(trained)
+    name, rule = cfg.register.model_name, cfg.register.rule
+    tracker = MlflowTracker(
+        cfg.tracking.experiment, run_name=f"{cfg.pipeline}-register", parent_run_id=parent_run_id
+    )
+    client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri)
+    status = "FAILED"
+    try:
+        # 2. Decide against the champion as it is before this version exists.
+        champ_version, champ_eval = current_champion(client, name)
+        decision = promotion.decide(rule, new_eval, champ_eval)
+        # 3. Log and register the model; tag the version; move one alias.
+        info = log_pyfunc(cfg, trained, tracker.run_id)
+        all_tags = {
+            **promotion.eval_tags(new_eval),
+            **(tags or {}),
+            "sdpo.pipeline": cfg.pipeline,
+            "sdpo.rule": rule,
+            "sdpo.decision": decision.reason,
+            "sdpo.previous_champion": str(champ_version),
+        }
+        if parent_run_id:
+            all_tags["sdpo.parent_run_id"] = parent_run_id
+        mv = mlflow.register_model(info.model_uri, name, tags=all_tags)
+        client.set_registered_model_alias(name, decision.alias, mv.version)
+        tracker.set_tags(
+            {
+                "sdpo.registered_model": name,
+                "sdpo.model_version": str(mv.version),
+                "sdpo.alias": decision.alias,
+            }
+        )
+        log.info("registered %s version %s as %s: %s", name, mv.version, decision.alias, decision.reason)
+        status = "FINISHED"
+        return Registration(
+            name, str(mv.version), decision.alias, decision.reason, tracker.run_id, info.model_uri
+        )
+    finally:
+        tracker.end(status)

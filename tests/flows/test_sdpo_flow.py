@@ -1,0 +1,169 @@
+"""The `sdpo` flow on tiny-random: a full run registers a champion (MLflow runs, metrics, artifacts,
+DVC lock and remote, Prefect logs and artifact); an equal second run becomes challenger; a broken
+reward fails the run with its cause and leaves the registry alone; a retried run resumes training.
+
+The tests of this module share one checkout and registry and run in order (about 2 min).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from orchestration_testing import TINY
+
+pytestmark = pytest.mark.services
+MODEL = "sdpo-tiny-random"
+
+
+def _run(overrides: list[str], retries: int = 0):
+    from flows.sdpo_flow import sdpo
+
+    return sdpo.with_options(retries=retries, retry_delay_seconds=0)(
+        "tiny-random", overrides, return_state=True
+    )
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def _flow_run_logs(state) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        return "\n".join(log.message for log in client.read_logs(log_filter=flt, limit=200))
+
+
+def _versions() -> list:
+    return _client().search_model_versions(f"name='{MODEL}'")
+
+
+def test_flow_registers_a_champion_with_runs_metrics_artifacts_and_dvc(in_project: Path):
+    state = _run(TINY)
+    assert state.is_completed(), state.message
+    result = state.result()
+    client = _client()
+
+    # MLflow: one parent run (params = resolved config) with nested runs per stage
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["train.epochs"] == "1"
+    assert parent.data.tags["git.commit"] == result["git.commit"] and "dvc.lock_md5" in parent.data.tags
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {r.data.tags["mlflow.runName"].rsplit("-", 1)[1]: r for r in children}
+    assert set(by_stage) == {"train", "evaluate", "register"}
+    train_run = by_stage["train"]
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "reward/last")] == [0]
+    assert {a.path for a in client.list_artifacts(train_run.info.run_id)} >= {
+        "config.yaml",
+        "train_metrics.csv",
+    }
+    eval_files = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)}
+    assert eval_files >= {"eval.json", "reward_vs_steps.png", "grid.png"}
+
+    # registry: version 1 is champion, tagged with the evaluation and the provenance
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == result["version"] == "1" and result["alias"] == "champion"
+    eval_json = json.loads((in_project / "runs/tiny-random/eval/eval.json").read_text())
+    assert float(champion.tags["eval.1.trained_mean"]) == eval_json["steps"]["1"]["trained"]["mean"]
+    assert champion.tags["git.commit"] == result["git.commit"]
+    assert champion.tags["dvc.model_md5"] == result["dvc.model_md5"]
+    assert champion.run_id == by_stage["register"].info.run_id
+
+    # DVC: the executed stages are locked and their outputs are in the local remote
+    lock = (in_project / "dvc.lock").read_text()
+    for stage in ("prepare", "base", "train", "evaluate"):
+        assert f"{stage}@tiny-random:" in lock
+    assert any((in_project / ".dvc" / "remote").rglob("*")), "dvc push wrote nothing to the remote"
+
+    # Prefect: progress and the table in the flow-run logs, the evaluation as an artifact
+    logs = _flow_run_logs(state)
+    assert "epoch 0:" in logs and "trained mean ± CI95" in logs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sdpo-eval-tiny-random"]))
+        )
+    assert arts and arts[0].type == "table"
+
+
+def test_second_run_that_does_not_beat_the_champion_is_challenger(in_project: Path):
+    state = _run(TINY)  # same seed, same data: equal scores, no margin over the CI
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert (result["version"], result["alias"]) == ("2", "challenger")
+    client = _client()
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
+    assert "does not beat" in client.get_model_version(MODEL, "2").tags["sdpo.decision"]
+    # a new flow run retrains from scratch in the stable run dir (one epoch, not a resumed tail)
+    lines = (in_project / "runs/tiny-random/train_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0]
+
+
+def test_failing_stage_fails_the_flow_with_its_cause_and_leaves_the_registry(in_project: Path):
+    before = len(_versions())
+    state = _run([*TINY, "reward.name=flow_rewards:nan_reward"])
+    assert state.is_failed()
+    assert "RewardError" in state.message and "non-finite" in state.message
+    assert len(_versions()) == before
+    parents = _client().search_runs(
+        [_client().get_experiment_by_name("sdpo").experiment_id],
+        "attributes.run_name = 'tiny-random-flow'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert parents[0].info.status == "FAILED"
+
+
+def test_retried_flow_run_resumes_training_from_its_checkpoint(in_project: Path):
+    overrides = [*TINY, "train.epochs=2", "reward.name=flow_rewards:flaky_reward"]
+    state = _run(overrides, retries=1)
+    assert state.is_completed(), state.message
+    logs = _flow_run_logs(state)
+    assert "simulated failure" in logs and "attempt 2: resuming from" in logs
+    assert "resumed from" in logs and "starting at epoch 1" in logs  # the trainer's own message
+    lines = (in_project / "runs/tiny-random/train_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_register_refuses_a_run_without_valid_evaluation(in_project: Path, tmp_path: Path, capsys):
+    from sdpo_core.cli import main
+
+    before = len(_versions())
+    run_dir = tmp_path / "run"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "eval.json").write_text('{"pipeline": "tiny-random", "reward": "r", "steps": {}}')
+    assert main(["register", "--pipeline", "tiny-random", "--run-dir", str(run_dir)]) == 2
+    assert "not registered" in capsys.readouterr().err
+    assert len(_versions()) == before
+
+
+def test_deployments_on_a_work_pool_take_the_schedule_from_settings(in_project: Path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.serve import deploy_to_pool
+    from flows.settings import load_settings
+
+    monkeypatch.setenv("SDPO_SCHEDULE__CRON", "*/30 * * * *")  # environment beats orchestration.yaml
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="gpu", type="process"))
+    deploy_to_pool(load_settings(), "gpu")
+    with get_client(sync_client=True) as client:
+        train = client.read_deployment_by_name("sdpo/train")
+        retrain = client.read_deployment_by_name("sdpo/retrain")
+    assert train.work_pool_name == retrain.work_pool_name == "gpu"
+    assert [s.schedule.cron for s in retrain.schedules] == ["*/30 * * * *"]
+    assert retrain.parameters == {"pipeline": "digits-tiny", "overrides": []}

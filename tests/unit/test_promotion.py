@@ -1,0 +1,117 @@
+"""Promotion rules on hand-built eval dicts: champion vs challenger, invalid evaluations, tag round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sdpo_core.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    PromotionError,
+    decide,
+    eval_from_tags,
+    eval_tags,
+    load_eval,
+)
+
+
+def _eval(means: dict[int, float], half: float = 0.1, reward: str = "r") -> dict:
+    steps = {
+        str(n): {
+            "base": {"mean": 0.0, "ci95": [-half, half], "n": 8},
+            "trained": {"mean": m, "ci95": [m - half, m + half], "n": 8},
+            "gain": m,
+            "gain_ci95": [m - half, m + half],
+            "win_rate": 0.5,
+        }
+        for n, m in means.items()
+    }
+    return {"pipeline": "p", "reward": reward, "steps": steps}
+
+
+def test_no_champion_promotes():
+    assert decide("all_steps_ci", _eval({1: 0.5}), None).alias == CHAMPION
+
+
+@pytest.mark.parametrize(
+    ("new", "alias"),
+    [
+        # champion 0.5 +- 0.1 at both steps; needed margin sqrt(0.1^2 + 0.1^2) = 0.14142
+        ({1: 0.65, 2: 0.65}, CHAMPION),  # +0.15 > 0.14142 at both
+        ({1: 0.65, 2: 0.64}, CHALLENGER),  # +0.14 at 2 steps is inside the CI
+        ({1: 0.9, 2: 0.5}, CHALLENGER),  # a tie at one step count is not a win
+    ],
+)
+def test_all_steps_ci(new, alias):
+    assert decide("all_steps_ci", _eval(new), _eval({1: 0.5, 2: 0.5})).alias == alias
+
+
+def test_all_steps_ci_combines_half_widths_in_quadrature():
+    # half-widths 0.3 and 0.4 -> needed margin 0.5 exactly; 0.49 loses, 0.51 wins
+    champ = _eval({1: 0.0}, half=0.4)
+    assert decide("all_steps_ci", _eval({1: 0.49}, half=0.3), champ).alias == CHALLENGER
+    decision = decide("all_steps_ci", _eval({1: 0.51}, half=0.3), champ)
+    assert decision.alias == CHAMPION and decision.margins == {1: pytest.approx(0.51)}
+
+
+def test_all_steps_mean_and_mean_over_steps():
+    champ = _eval({1: 0.5, 2: 0.5})
+    mixed = _eval({1: 0.8, 2: 0.4})  # better on average (+0.1), worse at 2 steps
+    assert decide("all_steps_mean", mixed, champ).alias == CHALLENGER
+    assert decide("mean_over_steps", mixed, champ).alias == CHAMPION
+    assert decide("all_steps_mean", _eval({1: 0.51, 2: 0.5001}), champ).alias == CHAMPION
+    assert decide("mean_over_steps", _eval({1: 0.5, 2: 0.5}), champ).alias == CHALLENGER  # equal is no win
+
+
+def test_not_comparable_becomes_challenger():
+    champ = _eval({1: 0.0})
+    other_reward = decide("all_steps_mean", _eval({1: 9.0}, reward="other"), champ)
+    assert other_reward.alias == CHALLENGER and "not comparable" in other_reward.reason
+    more_steps = decide("all_steps_mean", _eval({1: 9.0, 4: 9.0}), champ)
+    assert more_steps.alias == CHALLENGER and "[4]" in more_steps.reason
+
+
+def test_unknown_rule():
+    with pytest.raises(PromotionError, match="unknown register.rule"):
+        decide("best", _eval({1: 0.0}), None)
+
+
+def test_tags_round_trip_exactly():
+    ev = _eval({1: 1 / 3, 8: math.pi})
+    tags = eval_tags(ev)
+    assert all(isinstance(v, str) for v in tags.values())
+    back = eval_from_tags(tags)
+    assert back["reward"] == "r"
+    assert back["steps"]["8"]["trained"]["mean"] == math.pi
+    assert back["steps"]["1"]["trained"]["ci95"] == ev["steps"]["1"]["trained"]["ci95"]
+    assert eval_from_tags({"eval.reward": "r"}) is None  # a version without eval tags
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no evaluation"),
+        ("{not json", "not valid JSON"),
+        (json.dumps({"reward": "r", "steps": {}}), "missing or empty"),
+        (
+            json.dumps({"reward": "r", "steps": {"1": {"base": {"mean": 0, "ci95": [0, 0]}}}}),
+            "no trained model",
+        ),
+        (json.dumps(_eval({1: float("nan")})), "finite number"),
+    ],
+)
+def test_invalid_evaluations_raise(tmp_path, content, message):
+    path = tmp_path / "eval.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(PromotionError, match=message):
+        load_eval(path)
+
+
+def test_valid_evaluation_loads(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(_eval({1: 0.2, 2: 0.3})))
+    assert load_eval(path)["steps"]["2"]["trained"]["mean"] == 0.3
