@@ -149,6 +149,7 @@ def _load_builtins() -> None:
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
         from sdpo_core.rewards import builtin  # noqa: F401  (registers on import)
+        from sdpo_core.tiny import digits  # noqa: F401  (digit_alignment rewards)
 
 
 def available_rewards() -> dict[str, RewardSpec]:

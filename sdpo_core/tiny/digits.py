@@ -1,0 +1,384 @@
+"""The digits-tiny world: real handwritten digits, prompts that name them, a classifier, rewards.
+
+Data are scikit-learn's 1,797 real 8x8 digits (shipped inside the package, no download),
+upsampled to 32x32 RGB in [0, 1] (ink bright, three identical channels). A fixed-seed split
+gives 70% to the diffusion model (``"diffusion"``) and 30% held out (``"heldout"``), which only
+the classifier sees: 80% of it trains the classifier, 20% measures it.
+
+Importing this module registers the rewards ``digit_alignment`` and ``digit_alignment_bold``
+and the evaluation metrics ``digit_accuracy``, ``diversity`` and ``boldness``.
+
+``digit_alignment_bold`` is the one to train digits-tiny on: the base model already scores
+~0.97 on ``digit_alignment`` at every step count (no room to grow), but ~0.78 on the bold one.
+
+Usage::
+
+    from sdpo_core.rewards import build_reward
+    reward = build_reward("digit_alignment")  # trains + caches the classifier if it is missing
+    scores = reward(images, ["a handwritten digit 7"] * len(images))  # (N,) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from functools import cache, lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sdpo_core.metrics import register_metric
+from sdpo_core.rewards import RewardError, register_reward
+
+IMAGE_SIZE = 32
+SPLIT_SEED = 1234
+CLASSIFIER_SEED = 0
+DIFFUSION_FRACTION = 0.7
+CLASSIFIER_TRAIN_FRACTION = 0.8
+DEFAULT_CLASSIFIER_DIR = Path("runs/digits-tiny/base/classifier")  # beside the default base model
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# {n} numeral, {w} word, {a} its article; numerals and words both appear so the text encoder
+# learns that "7" and "seven" mean the same image.
+TEMPLATES = [
+    "a handwritten digit {n}",
+    "the number {w}",
+    "{a} {w}",
+    "digit {w}",
+    "a drawing of the number {n}",
+    "the digit {n}",
+    "a handwritten {w}",
+    "number {n}",
+    "a sketch of the digit {w}",
+    "the numeral {n}",
+    "{a} {w} written by hand",
+    "a picture of the number {w}",
+]
+
+
+# ----------------------------------------------------------------------------- data
+@cache
+def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits  # local: sklearn is slow to import
+
+    data = load_digits()
+    small = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    big = F.interpolate(small, size=IMAGE_SIZE, mode="bilinear", align_corners=False).clamp(0, 1)
+    return big.expand(-1, 3, -1, -1).contiguous(), torch.tensor(data.target, dtype=torch.long)
+
+
+def load_digit_images(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real digits of ``split``: ``"diffusion"`` (70%), ``"heldout"`` (30%), or its
+    ``"classifier_train"`` (80%) / ``"classifier_test"`` (20%) parts.
+
+    Returns images (N, 3, 32, 32) float32 in [0, 1] and labels (N,) long.
+    """
+    images, labels = _all_digits()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_diff = round(DIFFUSION_FRACTION * len(labels))
+    held = order[n_diff:]
+    n_cls = round(CLASSIFIER_TRAIN_FRACTION * len(held))
+    parts = {
+        "diffusion": order[:n_diff],
+        "heldout": held,
+        "classifier_train": held[:n_cls],
+        "classifier_test": held[n_cls:],
+    }
+    if split not in parts:
+        raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(parts)}")
+    idx = parts[split]
+    return images[idx], labels[idx]
+
+
+# -------------------------------------------------------------------------- prompts
+class DigitPromptError(ValueError):
+    """A prompt names no digit, or more than one, so no digit reward can be computed."""
+
+
+def digit_prompts(digit: int) -> list[str]:
+    """The 12 phrasings of ``digit`` (0-9) used to train and prompt digits-tiny."""
+    if digit not in range(10):
+        raise ValueError(f"digit must be 0-9, got {digit!r}")
+    word = DIGIT_WORDS[digit]
+    article = "an" if word[0] in "aeiou" else "a"
+    return [t.format(n=digit, w=word, a=article) for t in TEMPLATES]
+
+
+def all_digit_prompts() -> list[tuple[str, int]]:
+    """Every (prompt, digit) pair: 10 digits x 12 phrasings."""
+    return [(p, d) for d in range(10) for p in digit_prompts(d)]
+
+
+def digit_vocabulary() -> list[str]:
+    """Every word of every phrasing (for the tokenizer: each becomes one token)."""
+    return sorted({w for p, _ in all_digit_prompts() for w in p.split()} | set(DIGIT_WORDS))
+
+
+def parse_digit(prompt: str) -> int:
+    """The digit a prompt names, as a numeral ("7") or a word ("seven"); DigitPromptError if none
+    or several different ones."""
+    found = set()
+    for token in re.findall(r"[a-z]+|\d+", prompt.lower()):
+        if token in DIGIT_WORDS:
+            found.add(DIGIT_WORDS.index(token))
+        elif token.isdigit():
+            if len(token) > 1:
+                raise DigitPromptError(f"prompt {prompt!r} names the number {token}, not a single digit 0-9")
+            found.add(int(token))
+    if len(found) != 1:
+        what = "no digit" if not found else f"several digits {sorted(found)}"
+        raise DigitPromptError(
+            f"cannot read the digit from prompt {prompt!r}: it names {what}; a digits prompt names "
+            "exactly one digit as a numeral or a word, e.g. 'a handwritten digit 7' or 'the number seven'"
+        )
+    return found.pop()
+
+
+# ----------------------------------------------------------------------- classifier
+class DigitClassifier(nn.Module):
+    """A small CNN on 8x8 pooled images: (N, 1, 8, 8) in [0, 1] -> (N, 10) logits (~60k params)."""
+
+    def __init__(self, width: int = 32, hidden: int = 40):
+        super().__init__()
+        self.width, self.hidden = width, hidden
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.fc1 = nn.Linear(2 * width * 16, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)  # (N, 2w, 4, 4)
+        return self.fc2(self.drop(F.relu(self.fc1(h.flatten(1)))))
+
+
+def classifier_input(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) images in [0, 1] -> (N, 1, 8, 8) grey, average-pooled to the data's native
+    resolution (pooling removes the texture a VAE adds but keeps the stroke shape)."""
+    return F.adaptive_avg_pool2d(images.float().mean(dim=1, keepdim=True), 8)
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random shift (up to 2 px), rotation (up to 10 degrees), scale (0.9-1.1) and contrast
+    (0.7-1.2): (N, 3, 32, 32) -> same shape.
+
+    Generated digits are less centred and less crisp than the data; this keeps the classifier
+    from reading those differences as a different digit.
+    """
+    n = images.shape[0]
+    u = torch.rand(5, n, generator=gen) * 2 - 1  # uniform in [-1, 1]
+    angle, scale = u[0] * torch.pi / 18, 1 + 0.1 * u[1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift = u[2:4] * 4 / IMAGE_SIZE  # 2 px in grid units (the image spans 2)
+    theta = torch.stack([torch.stack([cos, -sin, shift[0]], 1), torch.stack([sin, cos, shift[1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, align_corners=False)
+    return (out * (0.95 + 0.25 * u[4]).view(n, 1, 1, 1)).clamp(0, 1)
+
+
+@torch.no_grad()
+def classifier_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of (N, 3, H, W) images whose argmax class equals labels (N,)."""
+    model.eval()
+    return (model(classifier_input(images)).argmax(1) == labels).float().mean().item()
+
+
+def train_classifier(
+    seed: int = CLASSIFIER_SEED, epochs: int = 120, batch_size: int = 64
+) -> tuple[DigitClassifier, float]:
+    """Train on the held-out split's training part (deterministic for ``seed``); return the model
+    and its accuracy on the held-out split's test part, which it never saw."""
+    images, labels = load_digit_images("classifier_train")
+    torch.manual_seed(seed)  # initial weights and dropout
+    gen = torch.Generator().manual_seed(seed)  # batches and augmentation
+    model = DigitClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=3e-3, total_steps=epochs * -(-len(labels) // batch_size)
+    )
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(labels), generator=gen).split(batch_size):
+            logits = model(classifier_input(_augment(images[idx], gen)))
+            loss = F.cross_entropy(logits, labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return model, classifier_accuracy(model, *load_digit_images("classifier_test"))
+
+
+def save_classifier(model: DigitClassifier, path: str | Path, info: dict) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``path`` atomically (temp dir, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the model beside it
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    config = {"width": model.width, "hidden": model.hidden, **info}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process saved the same (deterministic) classifier first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_classifier(path: str | Path) -> tuple[DigitClassifier, dict]:
+    """Load a classifier saved by :func:`save_classifier`; returns (model in eval mode, config)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model = DigitClassifier(config["width"], config["hidden"])
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return model.eval().requires_grad_(False), config
+
+
+def load_or_train_classifier(
+    path: str | Path | None = None, seed: int = CLASSIFIER_SEED
+) -> tuple[DigitClassifier, dict]:
+    """The classifier cached at ``path`` (default :data:`DEFAULT_CLASSIFIER_DIR`), trained and
+    saved there first if it is missing."""
+    path = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR
+    if not (path / "model.safetensors").is_file():
+        model, acc = train_classifier(seed)
+        info = {
+            "seed": seed,
+            "split_seed": SPLIT_SEED,
+            "test_accuracy": acc,
+            "diffusion_split_accuracy": classifier_accuracy(model, *load_digit_images("diffusion")),
+        }
+        save_classifier(model, path, info)
+    return load_classifier(path)
+
+
+@lru_cache(maxsize=8)
+def _cached_classifier(path: str) -> DigitClassifier:
+    return load_or_train_classifier(path)[0]
+
+
+def get_classifier(path: str | Path | None = None) -> DigitClassifier:
+    """The classifier at ``path`` (default dir if None), loaded once per process."""
+    return _cached_classifier(str(Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR).rstrip("/"))
+
+
+# -------------------------------------------------------------------------- rewards
+def digit_probability(model: DigitClassifier, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """(N, 3, H, W) images in [0, 1] and N prompts -> (N,) float32 probability of each prompt's digit."""
+    if len(prompts) != images.shape[0]:
+        raise RewardError(f"digit reward got {images.shape[0]} images but {len(prompts)} prompts")
+    digits = torch.tensor([parse_digit(p) for p in prompts], device=images.device)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        probs = model(classifier_input(images.to(device))).float().softmax(dim=1)
+    return probs.gather(1, digits.to(device)[:, None]).squeeze(1).to(images.device)
+
+
+def stroke_boldness(images: torch.Tensor, target_area: float = 0.45) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N,) in [0, 1]: the fraction of pixels whose grey value exceeds
+    0.5 (the stroke area), over ``target_area``, capped at 1.
+
+    Real digits cover 0.30 (boldness 0.67) and the base model draws 0.32-0.36; strokes about
+    one pixel wider (at 32 px) reach 0.45 while the classifier still reads them (p ~0.99). A
+    faint haze below 0.5 does not count, so only brighter, wider strokes raise it.
+    """
+    area = (images.detach().float().mean(dim=1) > 0.5).flatten(1).float().mean(dim=1)
+    return (area / target_area).clamp(0, 1)
+
+
+def _reject_options(name: str, opts: dict) -> None:
+    if opts:
+        raise RewardError(
+            f"reward '{name}' takes no option(s) {sorted(opts)}; remove them from reward.options"
+        )
+
+
+@register_reward(
+    "digit_alignment",
+    "probability the digits classifier gives to the digit the prompt names (prompt must name one digit)",
+    "[0, 1]",
+)
+def digit_alignment(device=None, dtype=None, classifier_path: str | None = None, **opts):
+    _reject_options("digit_alignment", opts)
+    model = get_classifier(classifier_path).to(device or "cpu")
+    return lambda images, prompts: digit_probability(model, images, prompts)
+
+
+@register_reward(
+    "digit_alignment_bold",
+    "digit_alignment x (1 - weight + weight x boldness), boldness = min(1, fraction of pixels brighter "
+    "than 0.5 / target_area): the prompted digit, drawn with bold strokes (defaults weight 1, target_area "
+    "0.45; real digits score ~0.66, a bolder real digit ~0.99)",
+    "[0, 1]",
+)
+def digit_alignment_bold(
+    device=None,
+    dtype=None,
+    classifier_path: str | None = None,
+    weight: float = 1.0,
+    target_area: float = 0.45,
+    **opts,
+):
+    _reject_options("digit_alignment_bold", opts)
+    if not 0 <= weight <= 1 or not 0 < target_area <= 1:
+        raise RewardError(
+            f"digit_alignment_bold: need 0 <= weight <= 1 and 0 < target_area <= 1, "
+            f"got weight={weight}, target_area={target_area}"
+        )
+    model = get_classifier(classifier_path).to(device or "cpu")
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        # the digit probability stays a factor: a bold blob that is no digit scores ~0
+        bold = stroke_boldness(images, target_area).to(images.device)
+        return digit_probability(model, images, prompts) * (1 - weight + weight * bold)
+
+    return reward
+
+
+# -------------------------------------------------------------------------- metrics
+@register_metric("digit_accuracy", "fraction of images the digits classifier reads as the prompted digit")
+def digit_accuracy(images: torch.Tensor, prompts: list[str], group: torch.Tensor | None = None) -> float:
+    """(N, 3, H, W) in [0, 1], N prompts -> fraction whose argmax class is the prompted digit."""
+    model = get_classifier()
+    digits = torch.tensor([parse_digit(p) for p in prompts])
+    with torch.no_grad():
+        pred = model(classifier_input(images.cpu())).argmax(dim=1)
+    return (pred == digits).float().mean().item()
+
+
+@register_metric("diversity", "mean pairwise RMS pixel distance between samples of the same prompt group")
+def diversity(images: torch.Tensor, prompts: list[str] | None, group: torch.Tensor) -> float:
+    """(N, 3, H, W) images, (N,) group ids -> mean over groups with >= 2 samples of the mean
+    pairwise L2 distance / sqrt(3 H W) (an RMS pixel difference, 0 for identical images).
+    NaN when no group has two samples (diversity is undefined there)."""
+    flat = images.detach().float().cpu().flatten(1)
+    per_group = []
+    for g in torch.unique(group.cpu()):
+        x = flat[group.cpu() == g]
+        if len(x) >= 2:
+            # exact differences: the matmul shortcut leaves ~1e-3 between identical images
+            dist = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+            iu = torch.triu_indices(len(x), len(x), offset=1)
+            per_group.append(dist[iu[0], iu[1]].mean() / flat.shape[1] ** 0.5)
+    return torch.stack(per_group).mean().item() if per_group else float("nan")
+
+
+@register_metric(
+    "boldness", "mean stroke boldness (digit_alignment_bold's preference term, target area 0.45)"
+)
+def boldness(
+    images: torch.Tensor, prompts: list[str] | None = None, group: torch.Tensor | None = None
+) -> float:
+    """(N, 3, H, W) in [0, 1] -> mean :func:`stroke_boldness` (to see what a bold reward bought)."""
+    return stroke_boldness(images).mean().item()
+
+
+def real_data_diversity(split: str = "heldout") -> float:
+    """:func:`diversity` of real digits of ``split`` grouped by class (the reference for a model's)."""
+    images, labels = load_digit_images(split)
+    return diversity(images, None, labels)
