@@ -54,9 +54,9 @@ def ensure_base(cfg: Config, force: bool = False) -> str:
         shutil.rmtree(target)
     log.info("base model: building '%s' into %s", cfg.model.build, target)
     if cfg.model.build == "random-tiny":
-        build_random_tiny(target, seed=cfg.seed)
+        build_random_tiny(target, seed=cfg.model.build_seed)
     else:
         from sdpo_core.tiny.train_base import build_digits_base
 
-        build_digits_base(target, seed=cfg.seed)
+        build_digits_base(target, seed=cfg.model.build_seed)
     return target

@@ -40,6 +40,7 @@ class ModelConfig(_Strict):
     build: Literal["digits-tiny", "random-tiny"] | None = Field(
         default=None, description="embedded builder that `sdpo base` runs when `pretrained` does not exist"
     )
+    build_seed: int = Field(default=0, description="seed of the embedded builder (independent of `seed`)")
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = Field(default=4, ge=1, le=1024)
     lora_alpha: float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
