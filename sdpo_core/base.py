@@ -58,5 +58,7 @@ def ensure_base(cfg: Config, force: bool = False) -> str:
     else:
         from sdpo_core.tiny.train_base import build_digits_base
 
-        build_digits_base(target, seed=cfg.model.build_seed)
+        build_digits_base(
+            target, steps=cfg.model.build_steps, vae_steps=cfg.model.build_vae_steps, seed=cfg.model.build_seed
+        )
     return target

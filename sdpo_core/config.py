@@ -41,6 +41,8 @@ class ModelConfig(_Strict):
         default=None, description="embedded builder that `sdpo base` runs when `pretrained` does not exist"
     )
     build_seed: int = Field(default=0, description="seed of the embedded builder (independent of `seed`)")
+    build_steps: int = Field(default=2000, ge=1, description="optimizer steps of the embedded builder's UNet")
+    build_vae_steps: int = Field(default=300, ge=1, description="optimizer steps of the embedded builder's VAE")
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = Field(default=4, ge=1, le=1024)
     lora_alpha: float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
