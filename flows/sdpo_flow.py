@@ -52,13 +52,8 @@ def _tracker(cfg: Config, stage: str, parent_run_id: str | None):
 
 
 def _tracked(tracker, fn):
-    status = "FAILED"
-    try:
-        value = fn()
-        status = "FINISHED"
-        return value
-    finally:
-        tracker.end(status)
+    """fn() inside tracker's run, which ends FINISHED or FAILED (sdpo_core's own helper)."""
+    return stages._tracked(fn, tracker)
 
 
 def _not_a_config_error(task, task_run, state) -> bool:
@@ -74,15 +69,32 @@ def _not_a_config_error(task, task_run, state) -> bool:
 
 # ---------------------------------------------------------------------------------------- tasks
 @task(name="prepare", cache_policy=NO_CACHE)
-def prepare_task(job: Job) -> str:
-    split = stages.prepare_stage(job.config(), job.run_dir)
+def prepare_task(job: Job, parent_run_id: str | None) -> str:
+    cfg = job.config()
+    tracker = _tracker(cfg, "prepare", parent_run_id)
+
+    def run():
+        split = stages.prepare_stage(cfg, job.run_dir)
+        tracker.log_metrics({"prompts/train": len(split.train), "prompts/eval": len(split.eval)})
+        tracker.log_artifact(stages.prompts_dir(job.run_dir) / "manifest.json")
+        return split
+
+    split = _tracked(tracker, run)
     get_run_logger().info("prompts: %d train / %d eval", len(split.train), len(split.eval))
     return str(stages.prompts_dir(job.run_dir))
 
 
 @task(name="base", cache_policy=NO_CACHE)
-def base_task(job: Job) -> str:
-    return stages.base_stage(job.config())
+def base_task(job: Job, parent_run_id: str | None) -> str:
+    cfg = job.config()
+    tracker = _tracker(cfg, "base", parent_run_id)
+
+    def run() -> str:
+        base = stages.base_stage(cfg)
+        tracker.set_tags({"sdpo.base_model": base})
+        return base
+
+    return _tracked(tracker, run)
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -204,9 +216,9 @@ def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None) -> d
 def _run_stages(job: Job, cfg: Config, parent) -> dict:
     parent_run_id = parent.run_id
     executed = ["prepare"]
-    prepare_task(job)
+    prepare_task(job, parent_run_id)
     if cfg.model.build:
-        base_task(job)
+        base_task(job, parent_run_id)
         executed.append("base")
     final = train_task(job, parent_run_id)
     eval_json = evaluate_task(job, final, parent_run_id)

@@ -54,6 +54,7 @@ class MlflowSettings(_Section):
     server: bool = Field(default=True, description="`stack up` starts an `mlflow server` (UI + tracking)")
     host: str = "127.0.0.1"
     port: int = Field(default=5000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, description="server worker processes (mlflow's own default is 4)")
     backend_store_uri: str = Field(default="sqlite:///mlflow.db", description="the CLI's default store too")
     artifacts_destination: str | None = Field(
         default=None,

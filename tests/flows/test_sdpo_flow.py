@@ -60,7 +60,7 @@ def test_flow_registers_a_champion_with_runs_metrics_artifacts_and_dvc(in_projec
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     by_stage = {r.data.tags["mlflow.runName"].rsplit("-", 1)[1]: r for r in children}
-    assert set(by_stage) == {"train", "evaluate", "register"}
+    assert set(by_stage) == {"prepare", "base", "train", "evaluate", "register"}
     train_run = by_stage["train"]
     assert [m.step for m in client.get_metric_history(train_run.info.run_id, "reward/last")] == [0]
     assert {a.path for a in client.list_artifacts(train_run.info.run_id)} >= {
