@@ -56,6 +56,17 @@ def _tracked(tracker, fn):
     return stages._tracked(fn, tracker)
 
 
+def _route_sdpo_core_logs() -> None:
+    """sdpo_core's records into the run logs. PREFECT_LOGGING_EXTRA_LOGGERS does this when it is set
+    before prefect is first imported (flows/__init__.py); this covers a process that imported prefect
+    earlier. INFO, since Prefect's root logger stays at WARNING."""
+    target = logging.getLogger("sdpo_core")
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in target.handlers:
+            target.addHandler(handler)
+    target.setLevel(logging.INFO)
+
+
 def _not_a_config_error(task, task_run, state) -> bool:
     """Retry condition: a wrong config or an invalid evaluation fails the same way every time."""
     try:
@@ -197,7 +208,7 @@ def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None) -> d
     settings = load_settings()
     if settings.mlflow.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow.tracking_uri
-    logging.getLogger("sdpo_core").setLevel(logging.INFO)  # Prefect's root level is WARNING
+    _route_sdpo_core_logs()
     job = Job(pipeline=pipeline, overrides=overrides or [], pipelines_file=str(settings.pipelines_file))
     cfg = job.config()  # a bad pipeline name or override fails the run here, with the reason
     parent = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{pipeline}-flow")

@@ -16,7 +16,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from orchestration_testing import BIN, OFFLINE_ENV, TINY, free_port, git, make_project, start, stop, wait_http
+from orchestration_testing import (
+    BIN,
+    GIT_IDENTITY,
+    OFFLINE_ENV,
+    TINY,
+    free_port,
+    git,
+    make_project,
+    start,
+    stop,
+    wait_http,
+)
 
 pytestmark = pytest.mark.services
 MODEL = "sdpo-tiny-random"
@@ -69,6 +80,7 @@ def user_env(s3_endpoint, tmp_path_factory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDPO_", "PREFECT_", "MLFLOW_"))}
     env.update(OFFLINE_ENV)
     env.update(AWS_ENV)
+    env.update(GIT_IDENTITY)  # the version task commits dvc.lock
     env.update(
         {
             "SDPO_PREFECT__PORT": str(free_port()),
