@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
@@ -138,11 +138,12 @@ def evaluate_task(job: Job, final: str, parent_run_id: str | None) -> str:
     cfg = job.config()
     tracker = _tracker(cfg, "evaluate", parent_run_id)
     result = _tracked(tracker, lambda: stages.evaluate_stage(cfg, job.run_dir, final, tracker=tracker))
-    get_run_logger().info("evaluation of %s\n%s", job.pipeline, format_table(result))
-    create_table_artifact(
+    table = format_table(result)  # the CLI's table, in the run logs and as the run's artifact
+    get_run_logger().info("evaluation of %s\n%s", job.pipeline, table)
+    create_markdown_artifact(
         key=f"sdpo-eval-{_slug(job.pipeline)}",
-        table=eval_rows(result),
-        description=f"**{job.pipeline}**: reward `{result['reward']}`, base vs trained (95% CI)",
+        markdown=f"```\n{table}\n```",
+        description=f"{job.pipeline}: mean reward per step count, base vs trained (95% CI)",
     )
     return str(stages.eval_dir(job.run_dir) / "eval.json")
 
@@ -167,31 +168,6 @@ def register_task(job: Job, parent_run_id: str | None, tags: dict[str, str]) -> 
         description="registration and promotion decision",
     )
     return {"name": reg.name, "version": reg.version, "alias": reg.alias, "reason": reg.reason}
-
-
-def eval_rows(result: dict) -> list[dict[str, str]]:
-    """eval.json -> one table row per step count (the CLI's table, as an artifact)."""
-
-    def pm(entry: dict | None) -> str:
-        return (
-            "-" if entry is None else f"{entry['mean']:.4f} ± {(entry['ci95'][1] - entry['ci95'][0]) / 2:.4f}"
-        )
-
-    rows = []
-    for key in sorted(result["steps"], key=int):
-        e = result["steps"][key]
-        rows.append(
-            {
-                "steps": key,
-                "base": pm(e.get("base")),
-                "trained": pm(e.get("trained")),
-                "gain [CI95]": f"{e['gain']:+.4f} [{e['gain_ci95'][0]:+.4f}, {e['gain_ci95'][1]:+.4f}]"
-                if "gain" in e
-                else "-",
-                "win rate": f"{e['win_rate']:.2f}" if "win_rate" in e else "-",
-            }
-        )
-    return rows
 
 
 def _slug(name: str) -> str:

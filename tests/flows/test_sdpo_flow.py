@@ -95,7 +95,7 @@ def test_flow_registers_a_champion_with_runs_metrics_artifacts_and_dvc(in_projec
         arts = pc.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sdpo-eval-tiny-random"]))
         )
-    assert arts and arts[0].type == "table"
+    assert arts and "trained mean ± CI95" in arts[0].data
 
 
 def test_second_run_that_does_not_beat_the_champion_is_challenger(in_project: Path):
