@@ -16,9 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_sdpo_run_digits_tiny_reduced_budget(tmp_path):
+    from sdpo_core.tiny.train_base import build_digits_base
+
     base, run_dir = tmp_path / "base", tmp_path / "run"
-    sets = [f"model.pretrained={base}", "model.build_steps=60", "model.build_vae_steps=20",
-            "train.epochs=2", "evaluate.steps=[1, 2]", "evaluate.num_prompts=10", "tracking.backend=none"]
+    # a small real build (its own tests cover the builder); `sdpo run` must reuse it, not rebuild
+    build_digits_base(base, steps=60, vae_steps=20, eval_per_digit=1, progress=False)
+    mtime = (base / "model_index.json").stat().st_mtime
+    sets = [f"model.pretrained={base}", "train.epochs=2", "evaluate.steps=[1, 2]", "evaluate.num_prompts=10", "tracking.backend=none"]
     cmd = [sys.executable, "-m", "sdpo_core.cli", "run", "--pipeline", "digits-tiny", "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
@@ -27,7 +31,7 @@ def test_sdpo_run_digits_tiny_reduced_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the table and the paths are printed at the end
     assert "steps | base mean" in proc.stdout and "grid:" in proc.stdout
-    assert (base / "model_index.json").is_file() and (base / "classifier").is_dir()
+    assert (base / "model_index.json").stat().st_mtime == mtime
     manifest = json.loads((run_dir / "prompts" / "manifest.json").read_text())
     result = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert result["reward"] == "digit_alignment_bold" and set(result["steps"]) == {"1", "2"}
@@ -41,8 +45,7 @@ def test_sdpo_run_digits_tiny_reduced_budget(tmp_path):
     assert not train & set(result["prompts"]) and manifest["counts"]["eval"] > 0
     assert len((run_dir / "train_metrics.jsonl").read_text().splitlines()) == 2
     assert Image.open(run_dir / "eval" / "grid.png").format == "PNG"
-    # a second run reuses the cached base model (not rebuilt) and refuses to overwrite training
-    mtime = (base / "model_index.json").stat().st_mtime
+    # a second run refuses to overwrite the finished training
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 2 and "--resume" in again.stderr
     assert (base / "model_index.json").stat().st_mtime == mtime
