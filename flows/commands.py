@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _cfg_and_run_dir(args: argparse.Namespace):
-    from sdpo_core.config import load_config
+    from sdpo_core.cli import _load_cfg, _run_dir  # the core commands' own resolution
 
-    cfg = load_config(args.pipeline, args.set, Path(args.pipelines))
-    return cfg, Path(args.run_dir) if args.run_dir else Path("runs") / cfg.pipeline
+    cfg = _load_cfg(args)
+    return cfg, _run_dir(args, cfg)
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -74,16 +73,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", required=True, help="pipeline name in the pipelines file")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)"
-    )
-    p.add_argument("--pipelines", default="pipelines.yaml", help="pipelines file (default: %(default)s)")
-    p.add_argument("--run-dir", help="run folder (default: runs/<pipeline>)")
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from sdpo_core.cli import _add_common as _common  # --pipeline, --set, --pipelines, --run-dir
+
     p = sub.add_parser(
         "register", help="register RUN_DIR's model in MLflow; champion only if it beats the current one"
     )
