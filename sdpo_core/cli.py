@@ -21,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger("sdpo")
 
 BAD_INPUT = 2
+MODEL_COMMANDS = {"run", "base", "train", "evaluate", "generate"}
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -47,13 +48,10 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
+    # the libraries read these when first imported (commands that load no model import neither)
+    for var, value in (("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(var, value)
 
 
 def _load_cfg(args: argparse.Namespace):
@@ -288,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.command in MODEL_COMMANDS:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars on every load
     try:
         return int(args.func(args) or 0)
     except _bad_input_errors() as exc:
