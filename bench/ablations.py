@@ -33,7 +33,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from alignment import specs  # noqa: E402
-from common import RUN_ROOT, RunSpec, final_eval, fmt_ci, machine_info, seed_ci, setup_logging, train_run  # noqa: E402
+from common import (  # noqa: E402
+    RUN_ROOT,
+    RunSpec,
+    final_eval,
+    fmt_ci,
+    freeze_pipelines,
+    machine_info,
+    seed_ci,
+    setup_logging,
+    train_run,
+)
 
 VARIANTS = {
     "full": ("full SDPO", []),
@@ -55,8 +65,9 @@ def variant_spec(variant: str, pipeline: str, seed: int, epochs: int, extra: lis
 
 def markdown(results: dict, steps: list[int], meta: dict) -> str:
     head = "| variant | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in steps) + " | mean over steps |"
-    lines = [f"pipeline `{meta['pipeline']}`, seeds {meta['seeds']}, {meta['epochs']} epochs; eval reward, mean over "
-             "seeds [95% t-interval]; second line: change against full SDPO, paired by seed", "",
+    sets = " ".join(f"`{o}`" for o in meta["overrides"]) or "none"
+    lines = [f"pipeline `{meta['pipeline']}`, overrides {sets}; seeds {meta['seeds']}, {meta['epochs']} epochs; eval "
+             "reward, mean over seeds [95% t-interval]; second line: change against full SDPO, paired by seed", "",
              head, "|---|" + "---:|" * (len(steps) + 1)]
     base = results[next(iter(results))]["base"]
     lines.append("| base model | " + " | ".join(f"{base[str(n)]:.3f}" for n in steps) + " | "
@@ -67,6 +78,15 @@ def markdown(results: dict, steps: list[int], meta: dict) -> str:
         if variant != "full" and "delta" in r:
             lines.append("| &nbsp;&nbsp;vs full | " + " | ".join(fmt_ci(r['delta'][str(n)], sign=True) for n in steps)
                          + f" | {fmt_ci(r['delta_mean_over_steps'], sign=True)} |")
+    metrics = sorted(set.intersection(*(set(r.get("metrics_mean_over_steps", {})) for r in results.values())))
+    if metrics:
+        base_m = results[next(iter(results))]["base_metrics_mean_over_steps"]
+        lines += ["", "Evaluation metrics, mean over step counts (mean over seeds [95% t-interval]):", "",
+                  "| variant | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics),
+                  "| base model | " + " | ".join(f"{base_m[m]:.3f}" for m in metrics) + " |"]
+        for variant, r in results.items():
+            lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(fmt_ci(r["metrics_mean_over_steps"][m])
+                                                                      for m in metrics) + " |")
     return "\n".join(lines)
 
 
@@ -74,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", default="digits-tiny")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--light-every", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="config override for every variant, key=value")
@@ -93,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if "full" not in args.variants:
         args.variants = ["full", *args.variants]
     setup_logging()
+    freeze_pipelines(args.out_dir)
     evals: dict[str, list[dict]] = {}
     records: dict[str, list[dict]] = {}
     for seed in args.seeds:
@@ -118,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
              "mean_over_steps": seed_ci(mean_over(variant)),
              "train_minutes": sum(rec["train_seconds"] for rec in records[variant]) / len(records[variant]) / 60,
              "queries": sum(rec["queries"] for rec in records[variant]) / len(records[variant])}
+        names = set.intersection(*(set(e["steps"][str(steps[0])]["trained"].get("metrics", {})) for e in evals[variant]))
+        r["metrics_mean_over_steps"] = {
+            m: seed_ci([sum(e["steps"][str(n)]["trained"]["metrics"][m] for n in steps) / len(steps)
+                        for e in evals[variant]]) for m in sorted(names)}
+        r["base_metrics_mean_over_steps"] = {
+            m: sum(evals[variant][0]["steps"][str(n)]["base"]["metrics"][m] for n in steps) / len(steps)
+            for m in sorted(names)}
         if variant != "full":
             r["delta"] = {str(n): seed_ci([a - b for a, b in zip(trained(variant, n), trained("full", n), strict=True)])
                           for n in steps}

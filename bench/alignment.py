@@ -20,6 +20,7 @@ Run (in the background; ~25-40 min on 2 cores for the defaults)::
     nice -n 10 .venv/bin/python bench/alignment.py > bench/results/alignment.log 2>&1 &
     .venv/bin/python bench/alignment.py --smoke --out-dir /tmp/align   # tiny-random, 2 seeds, ~1 min
     .venv/bin/python bench/alignment.py --seeds 0 1 2 3 4 --epochs 12 --set train.learning_rate=1e-4
+    .venv/bin/python bench/alignment.py --sdpo-set train.batch_size=4   # per-method overrides
 
 Writes ``--out-dir`` (default bench/results/alignment): summary.json, alignment.md (tables),
 curves.png; per-run eval.json files under ``runs/bench/`` (cached, see bench/common.py).
@@ -39,6 +40,7 @@ from common import (  # noqa: E402
     RunSpec,
     final_eval,
     fmt_ci,
+    freeze_pipelines,
     machine_info,
     seed_ci,
     setup_logging,
@@ -48,12 +50,14 @@ from common import (  # noqa: E402
 QUERIES_PER_TRAJECTORY = {"sdpo": 3, "ddpo": 1}
 
 
-def specs(pipeline: str, seed: int, epochs: int, extra: list[str], light_every: int) -> dict[str, RunSpec]:
+def specs(pipeline: str, seed: int, epochs: int, extra: list[str], light_every: int,
+          sdpo_extra: list[str] | None = None, ddpo_extra: list[str] | None = None) -> dict[str, RunSpec]:
     ratio = QUERIES_PER_TRAJECTORY["sdpo"] // QUERIES_PER_TRAJECTORY["ddpo"]
     return {
-        "sdpo": RunSpec(f"sdpo-s{seed}", pipeline, ["train.method=sdpo", *extra], seed, epochs, light_every),
-        "ddpo": RunSpec(f"ddpo-s{seed}", pipeline, ["train.method=ddpo", *extra], seed, ratio * epochs,
-                        light_every, snapshots=[epochs]),
+        "sdpo": RunSpec(f"sdpo-s{seed}", pipeline, ["train.method=sdpo", *extra, *(sdpo_extra or [])], seed, epochs,
+                        light_every),
+        "ddpo": RunSpec(f"ddpo-s{seed}", pipeline, ["train.method=ddpo", *extra, *(ddpo_extra or [])], seed,
+                        ratio * epochs, light_every, snapshots=[epochs]),
     }
 
 
@@ -61,7 +65,7 @@ def run_all(args) -> dict:
     """Train and evaluate every (method, seed); returns {label: [per-seed result]}."""
     out: dict[str, list[dict]] = {"sdpo": [], "ddpo_equal_traj": [], "ddpo_equal_queries": []}
     for seed in args.seeds:
-        sp = specs(args.pipeline, seed, args.epochs, args.set, args.light_every)
+        sp = specs(args.pipeline, seed, args.epochs, args.set, args.light_every, args.sdpo_set, args.ddpo_set)
         for method, spec in sp.items():
             rec = train_run(spec, fresh=args.fresh, run_root=args.run_root)
             run_dir = Path(rec["final"]).parent.parent
@@ -93,6 +97,12 @@ def summarise(runs: dict, steps: list[int]) -> dict:
             base = [e["eval"]["steps"][key]["base"]["mean"] for e in entries]
             gain = [t - b for t, b in zip(trained, base, strict=True)]
             per_step[key] = {"base": base[0], "trained": seed_ci(trained), "gain": seed_ci(gain)}
+            names = set.intersection(*(set(e["eval"]["steps"][key]["trained"].get("metrics", {})) for e in entries))
+            per_step[key]["metrics"] = {
+                m: {"base": entries[0]["eval"]["steps"][key]["base"]["metrics"][m],
+                    "trained": seed_ci([e["eval"]["steps"][key]["trained"]["metrics"][m] for e in entries])}
+                for m in sorted(names)
+            }
         minutes = [e["record"]["train_seconds"] / 60 for e in entries]
         gains_mean = [sum(e["eval"]["steps"][str(n)]["gain"] for n in steps) / len(steps) for e in entries]
         t_key = str(entries[0]["record"]["train_steps"])
@@ -155,8 +165,11 @@ def curves_png(runs: dict, steps: list[int], path: Path) -> None:
 
 
 def markdown(summary: dict, steps: list[int], meta: dict) -> str:
-    lines = [f"pipeline `{meta['pipeline']}`, seeds {meta['seeds']}, SDPO {meta['epochs']} epochs; "
-             "mean over seeds [95% t-interval over seeds]", ""]
+    sets = " ".join(f"`{o}`" for o in meta["overrides"]) or "none"
+    per = "".join(f"; {m} only: " + " ".join(f"`{o}`" for o in meta[f"{m.lower()}_overrides"])
+                  for m in ("SDPO", "DDPO") if meta[f"{m.lower()}_overrides"])
+    lines = [f"pipeline `{meta['pipeline']}`, overrides {sets}{per}; seeds {meta['seeds']}, SDPO {meta['epochs']} "
+             "epochs; eval reward, mean over seeds [95% t-interval over seeds]", ""]
     for title, ddpo, diff in (
         ("Equal sampled trajectories", "ddpo_equal_traj", "sdpo_minus_ddpo_equal_traj"),
         ("Equal reward-model queries", "ddpo_equal_queries", "sdpo_minus_ddpo_equal_queries"),
@@ -169,6 +182,20 @@ def markdown(summary: dict, steps: list[int], meta: dict) -> str:
             k = str(n)
             lines.append(f"| {n} | {s['steps'][k]['base']:.3f} | {fmt_ci(s['steps'][k]['trained'])} | "
                          f"{fmt_ci(d['steps'][k]['trained'])} | {fmt_ci(summary[diff][k], sign=True)} |")
+        lines.append("")
+    metrics = sorted(summary["sdpo"]["steps"][str(steps[0])]["metrics"])
+    if metrics:
+        lines += ["### Evaluation metrics (base -> trained, mean over seeds)", "",
+                  "| steps | metric | base | SDPO | DDPO, equal trajectories | DDPO, equal queries |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for n in steps:
+            for m in metrics:
+                row = [summary[label]["steps"][str(n)]["metrics"].get(m) for label in
+                       ("sdpo", "ddpo_equal_traj", "ddpo_equal_queries")]
+                if any(r is None for r in row):
+                    continue
+                lines.append(f"| {n} | {m} | {row[0]['base']:.3f} | " + " | ".join(fmt_ci(r["trained"]) for r in row)
+                             + " |")
         lines.append("")
     lines += ["### Reward per wall-clock minute of training", "",
               "| run | epochs | train min | mean gain over steps | gain / min (mean over steps) | "
@@ -187,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", default="digits-tiny")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=10, help="SDPO epochs (DDPO: the same, and 3x for equal queries)")
+    ap.add_argument("--epochs", type=int, default=20, help="SDPO epochs (DDPO: the same, and 3x for equal queries)")
     ap.add_argument("--light-every", type=int, default=1, help="epochs between light evaluations")
     ap.add_argument("--set", action="append", default=[], help="config override for both methods, key=value")
+    ap.add_argument("--sdpo-set", action="append", default=[], help="config override for SDPO only")
+    ap.add_argument("--ddpo-set", action="append", default=[], help="config override for DDPO only")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results/alignment"))
     ap.add_argument("--run-root", type=Path, default=RUN_ROOT)
     ap.add_argument("--fresh", action="store_true", help="retrain even if a cached run exists")
@@ -202,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         args.run_root = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))
         args.set = [f"model.pretrained={args.run_root / 'base'}", "evaluate.num_prompts=2", *args.set]
     setup_logging()
+    freeze_pipelines(args.out_dir)
     runs = run_all(args)
     steps = sorted(int(k) for k in runs["sdpo"][0]["eval"]["steps"])
     summary = summarise(runs, steps)
     meta = {"pipeline": args.pipeline, "seeds": args.seeds, "epochs": args.epochs, "overrides": args.set,
+            "sdpo_overrides": args.sdpo_set, "ddpo_overrides": args.ddpo_set,
             "smoke": args.smoke, "argv": sys.argv[1:], "machine": machine_info()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     curves_png(runs, steps, args.out_dir / "curves.png")

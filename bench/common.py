@@ -7,8 +7,9 @@ weights in the ``sdpo evaluate`` format. Final numbers come from ``sdpo_core.eva
 (the ``sdpo evaluate`` stage: base vs trained on the held-out prompts, fixed seeds).
 
 Runs are cached under ``runs/bench/<name>-<hash>/record.json`` (``runs/`` is git-ignored): the
-hash covers the pipeline, the overrides, the seed, the epochs and the harness settings, so a
-benchmark re-run, or another benchmark asking for the same run, reuses it. Pass ``fresh=True``
+hash covers the resolved config (pipelines.yaml defaults + overrides, seed, epochs) and the
+harness settings, so a benchmark re-run, or another benchmark asking for the same run, reuses
+it, and a change of the pipeline's defaults retrains. Pass ``fresh=True``
 (``--fresh``) to retrain.
 """
 
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ROOT = ROOT / "runs" / "bench"
+PIPELINES = {"file": ROOT / "pipelines.yaml"}  # frozen per benchmark process by freeze_pipelines()
 HARNESS_VERSION = 1  # bump when a change here invalidates cached runs
 log = logging.getLogger("bench")
 
@@ -43,13 +45,18 @@ class RunSpec:
     seed: int
     epochs: int
     light_every: int = 1
-    light_samples_per_prompt: int = 2
+    light_samples_per_prompt: int = 1
     snapshots: list[int] = field(default_factory=list)  # epoch counts (1-based) to save and evaluate
 
     def key(self) -> str:
+        """Hash of the RESOLVED training config (so a change of pipelines.yaml defaults is a new run)
+        and of the harness settings; final-evaluation settings are checked by ``final_eval``."""
+        resolved = self.config().to_dict()
+        resolved["evaluate"] = {k: resolved["evaluate"][k] for k in ("steps", "seed")}  # the light eval's
+        for section in ("tracking", "register"):
+            resolved.pop(section)
         payload = json.dumps({
-            "v": HARNESS_VERSION, "pipeline": self.pipeline, "overrides": sorted(self.overrides), "seed": self.seed,
-            "epochs": self.epochs, "light": [self.light_every, self.light_samples_per_prompt],
+            "v": HARNESS_VERSION, "config": resolved, "light": [self.light_every, self.light_samples_per_prompt],
             "snapshots": sorted(self.snapshots),
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:10]
@@ -60,7 +67,19 @@ class RunSpec:
         return load_config(self.pipeline, [
             "tracking.backend=none", f"seed={self.seed}", f"train.epochs={self.epochs}",
             f"train.checkpoint_every={self.epochs}", "train.keep_checkpoints=1", *self.overrides, *(extra or []),
-        ], ROOT / "pipelines.yaml")
+        ], PIPELINES["file"])
+
+
+def freeze_pipelines(out_dir: Path) -> Path:
+    """Copy pipelines.yaml into ``out_dir`` and read every config of this process from the copy:
+    other people edit the defaults while a long benchmark runs, and its runs must not mix them."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frozen = out_dir / "pipelines.snapshot.yaml"
+    shutil.copyfile(ROOT / "pipelines.yaml", frozen)
+    PIPELINES["file"] = frozen
+    return frozen
 
 
 def eval_prompts(cfg) -> list[str]:
@@ -153,7 +172,7 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
         "train_seconds": sum(r["time/epoch"] for r in tr.history), "queries": tr.queries,
         "wall_seconds": time.perf_counter() - start, "final": str(final),
         "snapshots": {str(e): str(run_dir / f"epoch_{e}") for e in spec.snapshots if e != spec.epochs},
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "config": cfg.to_dict(),
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -164,9 +183,13 @@ def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool 
     from sdpo_core.evaluate import evaluate
 
     path = out_dir / "eval.json"
-    if path.is_file() and not fresh:
-        return json.loads(path.read_text())
     cfg = spec.config()
+    if path.is_file() and not fresh:
+        cached = json.loads(path.read_text())
+        have = set(next(iter(cached["steps"].values()))["trained"].get("metrics", {}))
+        same = all(cached[k] == getattr(cfg.evaluate, k) for k in ("num_prompts", "samples_per_prompt", "seed"))
+        if same and set(cfg.evaluate.metrics) <= have:  # else the eval config changed: evaluate again
+            return cached
     return evaluate(cfg, cfg.model.pretrained, str(model_dir), eval_prompts(cfg), out_dir)
 
 

@@ -9,7 +9,8 @@ projections (``sdpo_core.models.add_lora``), bf16 autocast, 512x512 images (64x6
 Measured with OUR code, at 1, 4 and 50 denoising steps:
   * sampling: ``sdpo_core.sampling.sample_pairs`` (paired trajectories, stochastic DDIM with
     log-probs) -> trajectories per second, peak GPU memory, MFU;
-  * reward queries: VAE decode of 3 x0 per trajectory (the dense-reward queries) -> images/s;
+  * reward queries: VAE decode of the x0 SDPO scores (first, anchor, last step; each distinct
+    step once, so 1 / 2 / 3 per trajectory at T = 1 / 2 / >= 3) -> images/s;
   * training: one SDPO optimizer step on b pairs exactly as ``Trainer._batch_loss`` builds it
     (UNet forward of 2b items, ``ddim_step`` log-probs, ``sdpo_loss``, backward, clip, AdamW)
     -> steps per second, peak GPU memory, MFU.
@@ -22,6 +23,9 @@ Run (GPU, under 6 minutes on an H100)::
     python3 bench/gpu.py --out bench/results/gpu.json
     bash bench/gpu_run.sh                 # the same, after installing wheels from .whl/ if present
     python bench/gpu.py --smoke --out /tmp/gpu_smoke.json     # CPU, tiny shrunken config, seconds
+
+Also profiles one sampling call and one training step at T=4 (``<out stem>_profile.txt``: op
+tables, GPU-busy share, kernel launches, host syncs; ``--no-profile`` skips it).
 
 Imports only torch, diffusers, transformers, peft, safetensors, numpy and light sdpo_core
 modules (no pydantic, accelerate or config), so it runs on a bare GPU image.
@@ -247,12 +251,13 @@ class Bench:
             "sampling_tflops_per_s": steps * flops_fwd / t_sample / 1e12, "sampling_peak_mem_gb": mem_sample,
         }
         row["sampling_mfu"] = row["sampling_tflops_per_s"] / peak if peak else None
-        # 2. reward queries: decode 3 x0 per trajectory (first, anchor, last)
-        queried = traj.x0[:, [0, steps // 2, steps - 1]].flatten(0, 1)
+        # 2. reward queries: decode x0 at first, anchor (here: the middle step) and last step, each
+        # distinct step once, as Trainer._reward_job does (T=1: one decode per trajectory, T=2: two)
+        queried = traj.x0[:, sorted({0, steps // 2, steps - 1})].flatten(0, 1)
         reset_peak(dev)
         t_dec = timed(lambda: self.decode(queried), dev, max(1, rep // 2), 1)
-        row.update({"decode_images": len(queried), "decode_images_per_s": len(queried) / t_dec,
-                    "decode_peak_mem_gb": peak_gb(dev)})
+        row.update({"decode_images": len(queried), "decode_images_per_s": len(queried) / t_dec, "decode_s": t_dec,
+                    "decode_over_sampling": t_dec / t_sample, "decode_peak_mem_gb": peak_gb(dev)})
         # 3. training: one optimizer step on b pairs (UNet forward of 2b + backward)
         row["train"] = []
         for pairs in a.train_batches:
@@ -269,6 +274,57 @@ class Bench:
         return row
 
 
+def profile(bench: Bench, steps: int, pairs: int, path: Path) -> dict:
+    """torch.profiler tables of one sampling call and one training step, the GPU-busy share of
+    each (kernel time / wall time: well below 1 means the host, not the GPU, sets the pace) and
+    the number of host-device synchronisations each makes (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dev = bench.device
+    cuda = dev.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    traj = bench.sample(steps)
+    gen = torch.Generator().manual_seed(2)
+    jobs = {"sampling": lambda: bench.sample(steps), "training": lambda: bench.train_step(traj, steps, pairs, gen)}
+    out, text = {}, []
+    for name, fn in jobs.items():
+        fn()
+        sync(dev)
+        with torch_profile(activities=activities) as prof:
+            start = time.perf_counter()
+            fn()
+            sync(dev)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        kernel_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        syncs = None
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    fn()
+                    sync(dev)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
+        out[name] = {"wall_s": wall, "gpu_kernel_s": kernel_us / 1e6, "gpu_busy": kernel_us / 1e6 / wall,
+                     "kernel_launches": launches, "host_syncs": syncs}
+        text.append(f"# {name}: T={steps}, {pairs if name == 'training' else bench.args.sample_batch} "
+                    f"{'pairs' if name == 'training' else 'prompts'}; wall {wall * 1e3:.1f} ms, GPU kernels "
+                    f"{kernel_us / 1e3:.1f} ms ({100 * kernel_us / 1e6 / wall:.0f}% busy), {launches} kernel "
+                    f"launches, {syncs} host syncs\n")
+        if cuda:
+            text.append(events.table(sort_by="self_device_time_total", row_limit=25))
+        text.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    path.write_text("\n".join(text))
+    return out
+
+
 def markdown(result: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
@@ -281,19 +337,20 @@ def markdown(result: dict) -> str:
         f"UNet {result['unet_params'] / 1e6:.0f}M params, LoRA {result['lora_params'] / 1e6:.2f}M; "
         f"{result['resolution']} px, {result['dtype']}",
         "",
-        "| T | sampling traj/s | sampling MFU | sampling peak GB | decode img/s | train pairs | train steps/s | "
-        "train MFU | train peak GB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| T | sampling traj/s | sampling MFU | sampling peak GB | decode img/s | decode / sampling time | "
+        "train pairs | train steps/s | train MFU | train peak GB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         for i, tr in enumerate(r["train"]):
             first = i == 0
             lines.append(
                 f"| {r['steps'] if first else ''} | {r['sampling_trajectories_per_s']:.2f} | {pct(r['sampling_mfu'])} | "
-                f"{gb(r['sampling_peak_mem_gb'])} | {r['decode_images_per_s']:.1f} | {tr['pairs']} | "
+                f"{gb(r['sampling_peak_mem_gb'])} | {r['decode_images_per_s']:.1f} | "
+                f"{r.get('decode_over_sampling', float('nan')):.2f} | {tr['pairs']} | "
                 f"{tr['steps_per_s']:.2f} | {pct(tr['mfu'])} | {gb(tr['peak_mem_gb'])} |"
                 if first else
-                f"| | | | | | {tr['pairs']} | {tr['steps_per_s']:.2f} | {pct(tr['mfu'])} | {gb(tr['peak_mem_gb'])} |"
+                f"| | | | | | | {tr['pairs']} | {tr['steps_per_s']:.2f} | {pct(tr['mfu'])} | {gb(tr['peak_mem_gb'])} |"
             )
     return "\n".join(lines)
 
@@ -311,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of the device's dtype")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the torch.profiler pass (one sampling call and one training step at T=4)")
     ap.add_argument("--out", default="bench/results/gpu.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shrunken config (CI)")
     args = ap.parse_args(argv)
@@ -329,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"T={steps}: {r['sampling_trajectories_per_s']:.2f} traj/s, train {r['train'][0]['steps_per_s']:.2f} "
               f"steps/s ({time.perf_counter() - start:.0f}s so far)", flush=True)
+    prof = None
+    if not args.no_profile:
+        prof = profile(bench, min(4, max(args.steps)), args.train_batches[0], Path(args.out).with_name(Path(args.out).stem + "_profile.txt"))
+        print("profile:", json.dumps(prof), flush=True)
     import diffusers
     import transformers
 
@@ -338,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "unet_params": sum(p.numel() for p in bench.unet.parameters()),
         "lora_params": sum(p.numel() for p in bench.trainable),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "args": vars(args), "rows": rows,
+        "python": platform.python_version(), "args": vars(args), "rows": rows, "profile": prof,
         "wall_s": time.perf_counter() - start,
     }
     out = Path(args.out)

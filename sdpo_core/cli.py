@@ -171,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = [f"seed {args.seed + i}" for i in range(args.num_images)] if args.num_images > 1 else [args.prompt]
-    save_image_grid({args.prompt: images.unsqueeze(0)}, [f"{args.steps} steps"], labels, out)
+    save_image_grid({args.prompt: images.unsqueeze(0)}, [f"{args.steps} step{'s' if args.steps > 1 else ''}"], labels, out)
     print(out)
     return 0
 

@@ -74,6 +74,11 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
             assert t["flops_per_step"] > 1.5 * t["unet_items"] * r["unet_forward_flops_per_item"], (
                 "a training step (forward + backward of 2b items) must count more than its forward"
             )
+    first, third = result["rows"]
+    assert first["decode_images"] == first["trajectories_per_call"], "T=1: one distinct x0 to decode per trajectory"
+    assert third["decode_images"] == 3 * third["trajectories_per_call"], "T=3: first, anchor and last"
+    assert finite_positive(result["profile"]["training"]["wall_s"])
+    assert (tmp_path / "gpu_profile.txt").stat().st_size > 0
     assert "| T | sampling traj/s |" in proc.stdout
 
 
