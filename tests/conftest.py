@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# OpenMP threads that spin while waiting collapse throughput when servers and subprocesses share
+# the 2 cores of a CI machine; set before torch is imported (here and in every subprocess)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:////tmp/sdpo-tests-mlflow.db")
 
