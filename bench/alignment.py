@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,21 +52,27 @@ QUERIES_PER_TRAJECTORY = {"sdpo": 3, "ddpo": 1}
 
 
 def specs(pipeline: str, seed: int, epochs: int, extra: list[str], light_every: int,
-          sdpo_extra: list[str] | None = None, ddpo_extra: list[str] | None = None) -> dict[str, RunSpec]:
-    ratio = QUERIES_PER_TRAJECTORY["sdpo"] // QUERIES_PER_TRAJECTORY["ddpo"]
+          sdpo_extra: list[str] | None = None, ddpo_extra: list[str] | None = None,
+          equal_queries: bool = True) -> dict[str, RunSpec]:
+    """SDPO for ``epochs``; DDPO for 3x as many (equal queries) with a snapshot at ``epochs``
+    (equal trajectories), or for ``epochs`` only when ``equal_queries`` is False."""
+    ratio = QUERIES_PER_TRAJECTORY["sdpo"] // QUERIES_PER_TRAJECTORY["ddpo"] if equal_queries else 1
     return {
         "sdpo": RunSpec(f"sdpo-s{seed}", pipeline, ["train.method=sdpo", *extra, *(sdpo_extra or [])], seed, epochs,
                         light_every),
         "ddpo": RunSpec(f"ddpo-s{seed}", pipeline, ["train.method=ddpo", *extra, *(ddpo_extra or [])], seed,
-                        ratio * epochs, light_every, snapshots=[epochs]),
+                        ratio * epochs, light_every, snapshots=[epochs] if equal_queries else []),
     }
 
 
 def run_all(args) -> dict:
     """Train and evaluate every (method, seed); returns {label: [per-seed result]}."""
-    out: dict[str, list[dict]] = {"sdpo": [], "ddpo_equal_traj": [], "ddpo_equal_queries": []}
+    equal_queries = args.budgets == "both"
+    out: dict[str, list[dict]] = {"sdpo": [], "ddpo_equal_traj": [], **({"ddpo_equal_queries": []} if equal_queries
+                                                                        else {})}
     for seed in args.seeds:
-        sp = specs(args.pipeline, seed, args.epochs, args.set, args.light_every, args.sdpo_set, args.ddpo_set)
+        sp = specs(args.pipeline, seed, args.epochs, args.set, args.light_every, args.sdpo_set, args.ddpo_set,
+                   equal_queries)
         for method, spec in sp.items():
             rec = train_run(spec, fresh=args.fresh, run_root=args.run_root)
             run_dir = Path(rec["final"]).parent.parent
@@ -73,6 +80,9 @@ def run_all(args) -> dict:
             entry = {"record": rec, "eval": ev, "epochs": spec.epochs}
             if method == "sdpo":
                 out["sdpo"].append(entry)
+                continue
+            if not equal_queries:
+                out["ddpo_equal_traj"].append(entry)
                 continue
             out["ddpo_equal_queries"].append(entry)
             snap = rec["snapshots"][str(args.epochs)]
@@ -104,6 +114,9 @@ def summarise(runs: dict, steps: list[int]) -> dict:
                 for m in sorted(names)
             }
         minutes = [e["record"]["train_seconds"] / 60 for e in entries]
+        # the machine is shared: the median epoch time x epochs is less sensitive to load spikes
+        median_epoch = [statistics.median(h["time/epoch"] for h in e["record"]["history"]) for e in entries]
+        robust_minutes = [m * e["epochs"] / 60 for m, e in zip(median_epoch, entries, strict=True)]
         gains_mean = [sum(e["eval"]["steps"][str(n)]["gain"] for n in steps) / len(steps) for e in entries]
         t_key = str(entries[0]["record"]["train_steps"])
         gains_t = [e["eval"]["steps"][t_key]["gain"] for e in entries] if t_key in per_step else gains_mean
@@ -115,8 +128,13 @@ def summarise(runs: dict, steps: list[int]) -> dict:
             "gain_mean_over_steps": seed_ci(gains_mean),
             "gain_per_minute_mean_over_steps": seed_ci([g / m for g, m in zip(gains_mean, minutes, strict=True)]),
             "gain_per_minute_at_train_steps": seed_ci([g / m for g, m in zip(gains_t, minutes, strict=True)]),
+            "median_epoch_seconds": median_epoch,
+            "gain_per_robust_minute_mean_over_steps": seed_ci([g / m for g, m in zip(gains_mean, robust_minutes,
+                                                                                      strict=True)]),
         }
     for budget, ddpo in (("equal_traj", "ddpo_equal_traj"), ("equal_queries", "ddpo_equal_queries")):
+        if ddpo not in runs:
+            continue
         summary[f"sdpo_minus_ddpo_{budget}"] = {
             str(n): seed_ci([s["eval"]["steps"][str(n)]["trained"]["mean"] - d["eval"]["steps"][str(n)]["trained"]["mean"]
                              for s, d in zip(runs["sdpo"], runs[ddpo], strict=True)])
@@ -134,7 +152,8 @@ def curves_png(runs: dict, steps: list[int], path: Path) -> None:
     fig = Figure(figsize=(4 * len(steps), 7), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, len(steps), squeeze=False)
-    colours = {"sdpo": "tab:blue", "ddpo_equal_queries": "tab:orange"}
+    ddpo = "ddpo_equal_queries" if "ddpo_equal_queries" in runs else "ddpo_equal_traj"
+    colours = {"sdpo": "tab:blue", ddpo: "tab:orange"}
     for col, n in enumerate(steps):
         for label, colour in colours.items():
             entries = runs[label]
@@ -174,6 +193,8 @@ def markdown(summary: dict, steps: list[int], meta: dict) -> str:
         ("Equal sampled trajectories", "ddpo_equal_traj", "sdpo_minus_ddpo_equal_traj"),
         ("Equal reward-model queries", "ddpo_equal_queries", "sdpo_minus_ddpo_equal_queries"),
     ):
+        if ddpo not in summary:
+            continue
         s, d = summary["sdpo"], summary[ddpo]
         lines += [f"### {title} (SDPO {s['epochs']} epochs, {s['trajectories']} trajectories, {s['queries']:.0f} "
                   f"queries; DDPO {d['epochs']} epochs, {d['trajectories']} trajectories, {d['queries']:.0f} queries)",
@@ -190,23 +211,28 @@ def markdown(summary: dict, steps: list[int], meta: dict) -> str:
                   "|---:|---|---:|---:|---:|---:|"]
         for n in steps:
             for m in metrics:
-                row = [summary[label]["steps"][str(n)]["metrics"].get(m) for label in
-                       ("sdpo", "ddpo_equal_traj", "ddpo_equal_queries")]
-                if any(r is None for r in row):
+                row = [summary[label]["steps"][str(n)]["metrics"].get(m) if label in summary else None
+                       for label in ("sdpo", "ddpo_equal_traj", "ddpo_equal_queries")]
+                if row[0] is None:
                     continue
-                lines.append(f"| {n} | {m} | {row[0]['base']:.3f} | " + " | ".join(fmt_ci(r["trained"]) for r in row)
-                             + " |")
+                lines.append(f"| {n} | {m} | {row[0]['base']:.3f} | "
+                             + " | ".join(fmt_ci(r["trained"]) if r else "-" for r in row) + " |")
         lines.append("")
     lines += ["### Reward per wall-clock minute of training", "",
-              "| run | epochs | train min | mean gain over steps | gain / min (mean over steps) | "
-              "gain / min (at the training step count) |", "|---|---:|---:|---:|---:|---:|"]
+              "| run | epochs | train min | median s / epoch | mean gain over steps | gain / min (mean over steps) | "
+              "gain / min (at the training step count) | gain / (epochs x median epoch) min |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, name in (("sdpo", "SDPO"), ("ddpo_equal_traj", "DDPO, equal trajectories"),
                         ("ddpo_equal_queries", "DDPO, equal queries")):
+        if label not in summary:
+            continue
         s = summary[label]
         lines.append(f"| {name} | {s['epochs']} | {s['train_minutes']['mean']:.2f} | "
+                     f"{statistics.median(s['median_epoch_seconds']):.2f} | "
                      f"{fmt_ci(s['gain_mean_over_steps'], sign=True)} | "
                      f"{fmt_ci(s['gain_per_minute_mean_over_steps'], sign=True)} | "
-                     f"{fmt_ci(s['gain_per_minute_at_train_steps'], sign=True)} |")
+                     f"{fmt_ci(s['gain_per_minute_at_train_steps'], sign=True)} | "
+                     f"{fmt_ci(s['gain_per_robust_minute_mean_over_steps'], sign=True)} |")
     return "\n".join(lines)
 
 
@@ -216,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=20, help="SDPO epochs (DDPO: the same, and 3x for equal queries)")
     ap.add_argument("--light-every", type=int, default=1, help="epochs between light evaluations")
+    ap.add_argument("--budgets", choices=["both", "traj"], default="both",
+                    help="traj: equal trajectories only (DDPO trains --epochs, no 3x run)")
     ap.add_argument("--set", action="append", default=[], help="config override for both methods, key=value")
     ap.add_argument("--sdpo-set", action="append", default=[], help="config override for SDPO only")
     ap.add_argument("--ddpo-set", action="append", default=[], help="config override for DDPO only")

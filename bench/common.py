@@ -48,13 +48,18 @@ class RunSpec:
     light_samples_per_prompt: int = 1
     snapshots: list[int] = field(default_factory=list)  # epoch counts (1-based) to save and evaluate
 
-    def key(self) -> str:
-        """Hash of the RESOLVED training config (so a change of pipelines.yaml defaults is a new run)
-        and of the harness settings; final-evaluation settings are checked by ``final_eval``."""
+    def training_config(self) -> dict:
+        """The resolved config minus what does not change training or the light eval."""
         resolved = self.config().to_dict()
         resolved["evaluate"] = {k: resolved["evaluate"][k] for k in ("steps", "seed")}  # the light eval's
         for section in ("tracking", "register"):
             resolved.pop(section)
+        return resolved
+
+    def key(self) -> str:
+        """Hash of the RESOLVED training config (so a change of pipelines.yaml defaults is a new run)
+        and of the harness settings; final-evaluation settings are checked by ``final_eval``."""
+        resolved = self.training_config()
         payload = json.dumps({
             "v": HARNESS_VERSION, "config": resolved, "light": [self.light_every, self.light_samples_per_prompt],
             "snapshots": sorted(self.snapshots),
@@ -156,6 +161,8 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
     if record_path.is_file() and not fresh:
         log.info("reusing %s", run_dir)
         return json.loads(record_path.read_text())
+    if not fresh and (found := _compatible_run(spec, run_root)) is not None:
+        return found
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = spec.config()
     ensure_base(cfg)
@@ -173,9 +180,31 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
         "wall_seconds": time.perf_counter() - start, "final": str(final),
         "snapshots": {str(e): str(run_dir / f"epoch_{e}") for e in spec.snapshots if e != spec.epochs},
         "threads": torch.get_num_threads(), "config": cfg.to_dict(),
+        "light": [spec.light_every, spec.light_samples_per_prompt],
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _compatible_run(spec: RunSpec, run_root: Path) -> dict | None:
+    """A cached run of the same training config and light eval that saved (at least) the
+    snapshots ``spec`` asks for: e.g. a DDPO run saved with a snapshot serves a request without."""
+    wanted = {str(e) for e in spec.snapshots if e != spec.epochs}
+    config = spec.training_config()
+    for path in sorted(run_root.glob(f"{spec.name}-*/record.json")):
+        rec = json.loads(path.read_text())
+        light = rec.get("light", [spec.light_every, spec.light_samples_per_prompt])
+        cached = dict(rec.get("config", {}))
+        if not cached:
+            continue
+        cached["evaluate"] = {k: cached["evaluate"][k] for k in ("steps", "seed")}
+        for section in ("tracking", "register"):
+            cached.pop(section, None)
+        if (cached == config and light == [spec.light_every, spec.light_samples_per_prompt]
+                and wanted <= set(rec["snapshots"])):
+            log.info("reusing %s (same training config)", path.parent)
+            return rec
+    return None
 
 
 def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool = False) -> dict:

@@ -25,7 +25,9 @@ Run (GPU, under 6 minutes on an H100)::
     python bench/gpu.py --smoke --out /tmp/gpu_smoke.json     # CPU, tiny shrunken config, seconds
 
 Also profiles one sampling call and one training step at T=4 (``<out stem>_profile.txt``: op
-tables, GPU-busy share, kernel launches, host syncs; ``--no-profile`` skips it).
+tables, GPU-busy share, kernel launches, host syncs; ``--no-profile`` skips it), and measures the
+host-side dispatch cost of one UNet call (the SD topology at tiny widths on one CPU thread:
+aten ops and ms, plain / autocast / LoRA / both; ``--no-dispatch`` skips it).
 
 Imports only torch, diffusers, transformers, peft, safetensors, numpy and light sdpo_core
 modules (no pydantic, accelerate or config), so it runs on a bare GPU image.
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # sdpo_core from t
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
@@ -325,6 +328,62 @@ def profile(bench: Bench, steps: int, pairs: int, path: Path) -> dict:
     return out
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts aten operations (on a GPU: at least one kernel launch each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatch_overhead(repeats: int = 5) -> list[dict]:
+    """Host-side cost of one SD-Turbo UNet call: the SD 2.1 topology (same blocks, layers and
+    attention modules, so the same operations) with tiny widths at 8x8 latents on one CPU thread,
+    where compute is negligible and the wall time is framework dispatch. Plain, + autocast,
+    + LoRA, + both (as the trainer runs it); aten ops and milliseconds per forward and per
+    forward+backward. On a GPU this host time is a floor under every UNet call."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: no OpenMP hand-offs in the measurement
+    cfg = dict(SD_TURBO_UNET, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
+               cross_attention_dim=32, sample_size=8, norm_num_groups=8)
+    x, e, t = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor(999)
+    rows = []
+    try:
+        for lora in (False, True):
+            for autocast in (False, True):
+                torch.manual_seed(0)
+                unet = UNet2DConditionModel(**cfg).eval()
+                if lora:
+                    add_lora(unet, 4, None, LORA_TARGETS)
+
+                def fwd(u=unet, ac=autocast):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+                        return u(x, t, encoder_hidden_states=e).sample
+
+                def fwd_bwd(f=fwd):
+                    f().float().square().mean().backward()
+
+                row = {"lora": lora, "autocast": autocast}
+                for name, fn, grad in (("forward", fwd, False), ("forward_backward", fwd_bwd, True)):
+                    if grad and not lora:
+                        continue  # nothing trainable without LoRA
+                    with torch.set_grad_enabled(grad):
+                        fn()
+                        counter = _CountOps()
+                        with counter:
+                            fn()
+                        row[f"{name}_ops"] = counter.n
+                        row[f"{name}_ms"] = 1e3 * timed(fn, torch.device("cpu"), repeats, 1)
+                rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def markdown(result: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
@@ -352,6 +411,13 @@ def markdown(result: dict) -> str:
                 if first else
                 f"| | | | | | | {tr['pairs']} | {tr['steps_per_s']:.2f} | {pct(tr['mfu'])} | {gb(tr['peak_mem_gb'])} |"
             )
+    if result.get("dispatch"):
+        lines += ["", "Host-side dispatch of one UNet call (SD 2.1 topology, tiny widths, 1 CPU thread):", "",
+                  "| LoRA | autocast | forward ops | forward ms | fwd+bwd ops | fwd+bwd ms |", "|---|---|---:|---:|---:|---:|"]
+        for d in result["dispatch"]:
+            fb = (f"{d['forward_backward_ops']} | {d['forward_backward_ms']:.1f}" if "forward_backward_ops" in d
+                  else "- | -")
+            lines.append(f"| {d['lora']} | {d['autocast']} | {d['forward_ops']} | {d['forward_ms']:.1f} | {fb} |")
     return "\n".join(lines)
 
 
@@ -370,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the torch.profiler pass (one sampling call and one training step at T=4)")
+    ap.add_argument("--no-dispatch", action="store_true",
+                    help="skip the host-dispatch measurement (SD topology at tiny widths on one CPU thread, ~10 s)")
     ap.add_argument("--out", default="bench/results/gpu.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shrunken config (CI)")
     args = ap.parse_args(argv)
@@ -388,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"T={steps}: {r['sampling_trajectories_per_s']:.2f} traj/s, train {r['train'][0]['steps_per_s']:.2f} "
               f"steps/s ({time.perf_counter() - start:.0f}s so far)", flush=True)
+    dispatch = None if args.no_dispatch else dispatch_overhead(2 if args.smoke else 5)
     prof = None
     if not args.no_profile:
         prof = profile(bench, min(4, max(args.steps)), args.train_batches[0], Path(args.out).with_name(Path(args.out).stem + "_profile.txt"))
@@ -402,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "lora_params": sum(p.numel() for p in bench.trainable),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "args": vars(args), "rows": rows, "profile": prof,
+        "dispatch": dispatch,
         "wall_s": time.perf_counter() - start,
     }
     out = Path(args.out)

@@ -79,6 +79,10 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert third["decode_images"] == 3 * third["trajectories_per_call"], "T=3: first, anchor and last"
     assert finite_positive(result["profile"]["training"]["wall_s"])
     assert (tmp_path / "gpu_profile.txt").stat().st_size > 0
+    dispatch = {(d["lora"], d["autocast"]): d for d in result["dispatch"]}
+    assert len(dispatch) == 4
+    assert dispatch[(True, True)]["forward_ops"] > dispatch[(False, False)]["forward_ops"], "LoRA adds operations"
+    assert dispatch[(True, True)]["forward_backward_ops"] > dispatch[(True, True)]["forward_ops"]
     assert "| T | sampling traj/s |" in proc.stdout
 
 
@@ -109,3 +113,13 @@ def test_ablations_smoke(tmp_path):
     assert set(results) == {"full", "no_dense", "no_clip"}
     assert "delta" in results["no_clip"] and "delta" not in results["full"]
     assert "| no clipping |" in (tmp_path / "ablations.md").read_text()
+
+
+def test_dense_check_smoke(tmp_path):
+    out = tmp_path / "dense.json"
+    run_script("dense_check.py", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["steps"] == 4 and len(result["rows"]) == 4
+    last = result["rows"][-1]
+    assert last["corr_with_final"] == pytest.approx(1.0)  # the final x0 is the final image
+    assert sum(r["anchor_share"] for r in result["rows"]) == pytest.approx(1.0)
