@@ -55,7 +55,9 @@ VARIANTS = {
 }
 
 
-def variant_spec(variant: str, pipeline: str, seed: int, epochs: int, extra: list[str], light_every: int) -> RunSpec:
+def variant_spec(
+    variant: str, pipeline: str, seed: int, epochs: int, extra: list[str], light_every: int
+) -> RunSpec:
     full = specs(pipeline, seed, epochs, extra, light_every)["sdpo"]
     if variant == "full":
         return full  # the same run (and cache entry) as alignment.py's SDPO
@@ -64,29 +66,51 @@ def variant_spec(variant: str, pipeline: str, seed: int, epochs: int, extra: lis
 
 
 def markdown(results: dict, steps: list[int], meta: dict) -> str:
-    head = "| variant | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in steps) + " | mean over steps |"
+    head = (
+        "| variant | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in steps) + " | mean over steps |"
+    )
     sets = " ".join(f"`{o}`" for o in meta["overrides"]) or "none"
-    lines = [f"pipeline `{meta['pipeline']}`, overrides {sets}; seeds {meta['seeds']}, {meta['epochs']} epochs; eval "
-             "reward, mean over seeds [95% t-interval]; second line: change against full SDPO, paired by seed", "",
-             head, "|---|" + "---:|" * (len(steps) + 1)]
+    lines = [
+        f"pipeline `{meta['pipeline']}`, overrides {sets}; seeds {meta['seeds']}, {meta['epochs']} epochs; eval "
+        "reward, mean over seeds [95% t-interval]; second line: change against full SDPO, paired by seed",
+        "",
+        head,
+        "|---|" + "---:|" * (len(steps) + 1),
+    ]
     base = results[next(iter(results))]["base"]
-    lines.append("| base model | " + " | ".join(f"{base[str(n)]:.3f}" for n in steps) + " | "
-                 f"{sum(base[str(n)] for n in steps) / len(steps):.3f} |")
+    lines.append(
+        "| base model | " + " | ".join(f"{base[str(n)]:.3f}" for n in steps) + " | "
+        f"{sum(base[str(n)] for n in steps) / len(steps):.3f} |"
+    )
     for variant, r in results.items():
-        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(fmt_ci(r['trained'][str(n)]) for n in steps)
-                     + f" | {fmt_ci(r['mean_over_steps'])} |")
+        lines.append(
+            f"| {VARIANTS[variant][0]} | "
+            + " | ".join(fmt_ci(r["trained"][str(n)]) for n in steps)
+            + f" | {fmt_ci(r['mean_over_steps'])} |"
+        )
         if variant != "full" and "delta" in r:
-            lines.append("| &nbsp;&nbsp;vs full | " + " | ".join(fmt_ci(r['delta'][str(n)], sign=True) for n in steps)
-                         + f" | {fmt_ci(r['delta_mean_over_steps'], sign=True)} |")
+            lines.append(
+                "| &nbsp;&nbsp;vs full | "
+                + " | ".join(fmt_ci(r["delta"][str(n)], sign=True) for n in steps)
+                + f" | {fmt_ci(r['delta_mean_over_steps'], sign=True)} |"
+            )
     metrics = sorted(set.intersection(*(set(r.get("metrics_mean_over_steps", {})) for r in results.values())))
     if metrics:
         base_m = results[next(iter(results))]["base_metrics_mean_over_steps"]
-        lines += ["", "Evaluation metrics, mean over step counts (mean over seeds [95% t-interval]):", "",
-                  "| variant | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics),
-                  "| base model | " + " | ".join(f"{base_m[m]:.3f}" for m in metrics) + " |"]
+        lines += [
+            "",
+            "Evaluation metrics, mean over step counts (mean over seeds [95% t-interval]):",
+            "",
+            "| variant | " + " | ".join(metrics) + " |",
+            "|---|" + "---:|" * len(metrics),
+            "| base model | " + " | ".join(f"{base_m[m]:.3f}" for m in metrics) + " |",
+        ]
         for variant, r in results.items():
-            lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(fmt_ci(r["metrics_mean_over_steps"][m])
-                                                                      for m in metrics) + " |")
+            lines.append(
+                f"| {VARIANTS[variant][0]} | "
+                + " | ".join(fmt_ci(r["metrics_mean_over_steps"][m]) for m in metrics)
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -133,29 +157,55 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for variant in args.variants:
-        r = {"label": VARIANTS[variant][0], "overrides": VARIANTS[variant][1],
-             "base": {str(n): evals[variant][0]["steps"][str(n)]["base"]["mean"] for n in steps},
-             "trained": {str(n): seed_ci(trained(variant, n)) for n in steps},
-             "mean_over_steps": seed_ci(mean_over(variant)),
-             "train_minutes": sum(rec["train_seconds"] for rec in records[variant]) / len(records[variant]) / 60,
-             "queries": sum(rec["queries"] for rec in records[variant]) / len(records[variant])}
-        names = set.intersection(*(set(e["steps"][str(steps[0])]["trained"].get("metrics", {})) for e in evals[variant]))
+        r = {
+            "label": VARIANTS[variant][0],
+            "overrides": VARIANTS[variant][1],
+            "base": {str(n): evals[variant][0]["steps"][str(n)]["base"]["mean"] for n in steps},
+            "trained": {str(n): seed_ci(trained(variant, n)) for n in steps},
+            "mean_over_steps": seed_ci(mean_over(variant)),
+            "train_minutes": sum(rec["train_seconds"] for rec in records[variant])
+            / len(records[variant])
+            / 60,
+            "queries": sum(rec["queries"] for rec in records[variant]) / len(records[variant]),
+        }
+        names = set.intersection(
+            *(set(e["steps"][str(steps[0])]["trained"].get("metrics", {})) for e in evals[variant])
+        )
         r["metrics_mean_over_steps"] = {
-            m: seed_ci([sum(e["steps"][str(n)]["trained"]["metrics"][m] for n in steps) / len(steps)
-                        for e in evals[variant]]) for m in sorted(names)}
+            m: seed_ci(
+                [
+                    sum(e["steps"][str(n)]["trained"]["metrics"][m] for n in steps) / len(steps)
+                    for e in evals[variant]
+                ]
+            )
+            for m in sorted(names)
+        }
         r["base_metrics_mean_over_steps"] = {
             m: sum(evals[variant][0]["steps"][str(n)]["base"]["metrics"][m] for n in steps) / len(steps)
-            for m in sorted(names)}
+            for m in sorted(names)
+        }
         if variant != "full":
-            r["delta"] = {str(n): seed_ci([a - b for a, b in zip(trained(variant, n), trained("full", n), strict=True)])
-                          for n in steps}
-            r["delta_mean_over_steps"] = seed_ci([a - b for a, b in zip(mean_over(variant), mean_over("full"),
-                                                                         strict=True)])
+            r["delta"] = {
+                str(n): seed_ci([a - b for a, b in zip(trained(variant, n), trained("full", n), strict=True)])
+                for n in steps
+            }
+            r["delta_mean_over_steps"] = seed_ci(
+                [a - b for a, b in zip(mean_over(variant), mean_over("full"), strict=True)]
+            )
         results[variant] = r
-    meta = {"pipeline": args.pipeline, "seeds": args.seeds, "epochs": args.epochs, "overrides": args.set,
-            "smoke": args.smoke, "argv": sys.argv[1:], "machine": machine_info()}
+    meta = {
+        "pipeline": args.pipeline,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "overrides": args.set,
+        "smoke": args.smoke,
+        "argv": sys.argv[1:],
+        "machine": machine_info(),
+    }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "summary.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    (args.out_dir / "summary.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
+    )
     text = markdown(results, steps, meta)
     (args.out_dir / "ablations.md").write_text(text + "\n")
     print(text)

@@ -51,28 +51,59 @@ from common import (  # noqa: E402
 QUERIES_PER_TRAJECTORY = {"sdpo": 3, "ddpo": 1}
 
 
-def specs(pipeline: str, seed: int, epochs: int, extra: list[str], light_every: int,
-          sdpo_extra: list[str] | None = None, ddpo_extra: list[str] | None = None,
-          equal_queries: bool = True) -> dict[str, RunSpec]:
+def specs(
+    pipeline: str,
+    seed: int,
+    epochs: int,
+    extra: list[str],
+    light_every: int,
+    sdpo_extra: list[str] | None = None,
+    ddpo_extra: list[str] | None = None,
+    equal_queries: bool = True,
+) -> dict[str, RunSpec]:
     """SDPO for ``epochs``; DDPO for 3x as many (equal queries) with a snapshot at ``epochs``
     (equal trajectories), or for ``epochs`` only when ``equal_queries`` is False."""
     ratio = QUERIES_PER_TRAJECTORY["sdpo"] // QUERIES_PER_TRAJECTORY["ddpo"] if equal_queries else 1
     return {
-        "sdpo": RunSpec(f"sdpo-s{seed}", pipeline, ["train.method=sdpo", *extra, *(sdpo_extra or [])], seed, epochs,
-                        light_every),
-        "ddpo": RunSpec(f"ddpo-s{seed}", pipeline, ["train.method=ddpo", *extra, *(ddpo_extra or [])], seed,
-                        ratio * epochs, light_every, snapshots=[epochs] if equal_queries else []),
+        "sdpo": RunSpec(
+            f"sdpo-s{seed}",
+            pipeline,
+            ["train.method=sdpo", *extra, *(sdpo_extra or [])],
+            seed,
+            epochs,
+            light_every,
+        ),
+        "ddpo": RunSpec(
+            f"ddpo-s{seed}",
+            pipeline,
+            ["train.method=ddpo", *extra, *(ddpo_extra or [])],
+            seed,
+            ratio * epochs,
+            light_every,
+            snapshots=[epochs] if equal_queries else [],
+        ),
     }
 
 
 def run_all(args) -> dict:
     """Train and evaluate every (method, seed); returns {label: [per-seed result]}."""
     equal_queries = args.budgets == "both"
-    out: dict[str, list[dict]] = {"sdpo": [], "ddpo_equal_traj": [], **({"ddpo_equal_queries": []} if equal_queries
-                                                                        else {})}
+    out: dict[str, list[dict]] = {
+        "sdpo": [],
+        "ddpo_equal_traj": [],
+        **({"ddpo_equal_queries": []} if equal_queries else {}),
+    }
     for seed in args.seeds:
-        sp = specs(args.pipeline, seed, args.epochs, args.set, args.light_every, args.sdpo_set, args.ddpo_set,
-                   equal_queries)
+        sp = specs(
+            args.pipeline,
+            seed,
+            args.epochs,
+            args.set,
+            args.light_every,
+            args.sdpo_set,
+            args.ddpo_set,
+            equal_queries,
+        )
         for method, spec in sp.items():
             rec = train_run(spec, fresh=args.fresh, run_root=args.run_root)
             run_dir = Path(rec["final"]).parent.parent
@@ -88,11 +119,18 @@ def run_all(args) -> dict:
             snap = rec["snapshots"][str(args.epochs)]
             ev_e = final_eval(spec, snap, run_dir / f"eval_epoch_{args.epochs}", fresh=args.fresh)
             hist = rec["history"][: args.epochs]
-            out["ddpo_equal_traj"].append({
-                "record": {**rec, "history": hist, "train_seconds": sum(r["time/epoch"] for r in hist),
-                           "queries": hist[-1]["queries_cum"]},
-                "eval": ev_e, "epochs": args.epochs,
-            })
+            out["ddpo_equal_traj"].append(
+                {
+                    "record": {
+                        **rec,
+                        "history": hist,
+                        "train_seconds": sum(r["time/epoch"] for r in hist),
+                        "queries": hist[-1]["queries_cum"],
+                    },
+                    "eval": ev_e,
+                    "epochs": args.epochs,
+                }
+            )
     return out
 
 
@@ -107,10 +145,14 @@ def summarise(runs: dict, steps: list[int]) -> dict:
             base = [e["eval"]["steps"][key]["base"]["mean"] for e in entries]
             gain = [t - b for t, b in zip(trained, base, strict=True)]
             per_step[key] = {"base": base[0], "trained": seed_ci(trained), "gain": seed_ci(gain)}
-            names = set.intersection(*(set(e["eval"]["steps"][key]["trained"].get("metrics", {})) for e in entries))
+            names = set.intersection(
+                *(set(e["eval"]["steps"][key]["trained"].get("metrics", {})) for e in entries)
+            )
             per_step[key]["metrics"] = {
-                m: {"base": entries[0]["eval"]["steps"][key]["base"]["metrics"][m],
-                    "trained": seed_ci([e["eval"]["steps"][key]["trained"]["metrics"][m] for e in entries])}
+                m: {
+                    "base": entries[0]["eval"]["steps"][key]["base"]["metrics"][m],
+                    "trained": seed_ci([e["eval"]["steps"][key]["trained"]["metrics"][m] for e in entries]),
+                }
                 for m in sorted(names)
             }
         minutes = [e["record"]["train_seconds"] / 60 for e in entries]
@@ -121,23 +163,32 @@ def summarise(runs: dict, steps: list[int]) -> dict:
         t_key = str(entries[0]["record"]["train_steps"])
         gains_t = [e["eval"]["steps"][t_key]["gain"] for e in entries] if t_key in per_step else gains_mean
         summary[label] = {
-            "epochs": entries[0]["epochs"], "steps": per_step,
+            "epochs": entries[0]["epochs"],
+            "steps": per_step,
             "train_minutes": seed_ci(minutes) if len(minutes) > 1 else {"mean": minutes[0]},
             "queries": sum(e["record"]["queries"] for e in entries) / len(entries),
             "trajectories": entries[0]["epochs"] * entries[0]["record"]["trajectories_per_epoch"],
             "gain_mean_over_steps": seed_ci(gains_mean),
-            "gain_per_minute_mean_over_steps": seed_ci([g / m for g, m in zip(gains_mean, minutes, strict=True)]),
+            "gain_per_minute_mean_over_steps": seed_ci(
+                [g / m for g, m in zip(gains_mean, minutes, strict=True)]
+            ),
             "gain_per_minute_at_train_steps": seed_ci([g / m for g, m in zip(gains_t, minutes, strict=True)]),
             "median_epoch_seconds": median_epoch,
-            "gain_per_robust_minute_mean_over_steps": seed_ci([g / m for g, m in zip(gains_mean, robust_minutes,
-                                                                                      strict=True)]),
+            "gain_per_robust_minute_mean_over_steps": seed_ci(
+                [g / m for g, m in zip(gains_mean, robust_minutes, strict=True)]
+            ),
         }
     for budget, ddpo in (("equal_traj", "ddpo_equal_traj"), ("equal_queries", "ddpo_equal_queries")):
         if ddpo not in runs:
             continue
         summary[f"sdpo_minus_ddpo_{budget}"] = {
-            str(n): seed_ci([s["eval"]["steps"][str(n)]["trained"]["mean"] - d["eval"]["steps"][str(n)]["trained"]["mean"]
-                             for s, d in zip(runs["sdpo"], runs[ddpo], strict=True)])
+            str(n): seed_ci(
+                [
+                    s["eval"]["steps"][str(n)]["trained"]["mean"]
+                    - d["eval"]["steps"][str(n)]["trained"]["mean"]
+                    for s, d in zip(runs["sdpo"], runs[ddpo], strict=True)
+                ]
+            )
             for n in steps
         }
     return summary
@@ -157,8 +208,12 @@ def curves_png(runs: dict, steps: list[int], path: Path) -> None:
     for col, n in enumerate(steps):
         for label, colour in colours.items():
             entries = runs[label]
-            curves = np.array([[e["record"]["light_base"][str(n)]] + [h["light"][str(n)] for h in e["record"]["history"]]
-                               for e in entries])
+            curves = np.array(
+                [
+                    [e["record"]["light_base"][str(n)]] + [h["light"][str(n)] for h in e["record"]["history"]]
+                    for e in entries
+                ]
+            )
             queries = np.array([0] + [h["queries_cum"] for h in entries[0]["record"]["history"]])
             epochs = np.arange(curves.shape[1])
             mean, lo, hi = curves.mean(0), curves.min(0), curves.max(0)
@@ -185,10 +240,16 @@ def curves_png(runs: dict, steps: list[int], path: Path) -> None:
 
 def markdown(summary: dict, steps: list[int], meta: dict) -> str:
     sets = " ".join(f"`{o}`" for o in meta["overrides"]) or "none"
-    per = "".join(f"; {m} only: " + " ".join(f"`{o}`" for o in meta[f"{m.lower()}_overrides"])
-                  for m in ("SDPO", "DDPO") if meta[f"{m.lower()}_overrides"])
-    lines = [f"pipeline `{meta['pipeline']}`, overrides {sets}{per}; seeds {meta['seeds']}, SDPO {meta['epochs']} "
-             "epochs; eval reward, mean over seeds [95% t-interval over seeds]", ""]
+    per = "".join(
+        f"; {m} only: " + " ".join(f"`{o}`" for o in meta[f"{m.lower()}_overrides"])
+        for m in ("SDPO", "DDPO")
+        if meta[f"{m.lower()}_overrides"]
+    )
+    lines = [
+        f"pipeline `{meta['pipeline']}`, overrides {sets}{per}; seeds {meta['seeds']}, SDPO {meta['epochs']} "
+        "epochs; eval reward, mean over seeds [95% t-interval over seeds]",
+        "",
+    ]
     for title, ddpo, diff in (
         ("Equal sampled trajectories", "ddpo_equal_traj", "sdpo_minus_ddpo_equal_traj"),
         ("Equal reward-model queries", "ddpo_equal_queries", "sdpo_minus_ddpo_equal_queries"),
@@ -196,43 +257,65 @@ def markdown(summary: dict, steps: list[int], meta: dict) -> str:
         if ddpo not in summary:
             continue
         s, d = summary["sdpo"], summary[ddpo]
-        lines += [f"### {title} (SDPO {s['epochs']} epochs, {s['trajectories']} trajectories, {s['queries']:.0f} "
-                  f"queries; DDPO {d['epochs']} epochs, {d['trajectories']} trajectories, {d['queries']:.0f} queries)",
-                  "", "| steps | base | SDPO | DDPO | SDPO - DDPO |", "|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"### {title} (SDPO {s['epochs']} epochs, {s['trajectories']} trajectories, {s['queries']:.0f} "
+            f"queries; DDPO {d['epochs']} epochs, {d['trajectories']} trajectories, {d['queries']:.0f} queries)",
+            "",
+            "| steps | base | SDPO | DDPO | SDPO - DDPO |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for n in steps:
             k = str(n)
-            lines.append(f"| {n} | {s['steps'][k]['base']:.3f} | {fmt_ci(s['steps'][k]['trained'])} | "
-                         f"{fmt_ci(d['steps'][k]['trained'])} | {fmt_ci(summary[diff][k], sign=True)} |")
+            lines.append(
+                f"| {n} | {s['steps'][k]['base']:.3f} | {fmt_ci(s['steps'][k]['trained'])} | "
+                f"{fmt_ci(d['steps'][k]['trained'])} | {fmt_ci(summary[diff][k], sign=True)} |"
+            )
         lines.append("")
     metrics = sorted(summary["sdpo"]["steps"][str(steps[0])]["metrics"])
     if metrics:
-        lines += ["### Evaluation metrics (base -> trained, mean over seeds)", "",
-                  "| steps | metric | base | SDPO | DDPO, equal trajectories | DDPO, equal queries |",
-                  "|---:|---|---:|---:|---:|---:|"]
+        lines += [
+            "### Evaluation metrics (base -> trained, mean over seeds)",
+            "",
+            "| steps | metric | base | SDPO | DDPO, equal trajectories | DDPO, equal queries |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
         for n in steps:
             for m in metrics:
-                row = [summary[label]["steps"][str(n)]["metrics"].get(m) if label in summary else None
-                       for label in ("sdpo", "ddpo_equal_traj", "ddpo_equal_queries")]
+                row = [
+                    summary[label]["steps"][str(n)]["metrics"].get(m) if label in summary else None
+                    for label in ("sdpo", "ddpo_equal_traj", "ddpo_equal_queries")
+                ]
                 if row[0] is None:
                     continue
-                lines.append(f"| {n} | {m} | {row[0]['base']:.3f} | "
-                             + " | ".join(fmt_ci(r["trained"]) if r else "-" for r in row) + " |")
+                lines.append(
+                    f"| {n} | {m} | {row[0]['base']:.3f} | "
+                    + " | ".join(fmt_ci(r["trained"]) if r else "-" for r in row)
+                    + " |"
+                )
         lines.append("")
-    lines += ["### Reward per wall-clock minute of training", "",
-              "| run | epochs | train min | median s / epoch | mean gain over steps | gain / min (mean over steps) | "
-              "gain / min (at the training step count) | gain / (epochs x median epoch) min |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, name in (("sdpo", "SDPO"), ("ddpo_equal_traj", "DDPO, equal trajectories"),
-                        ("ddpo_equal_queries", "DDPO, equal queries")):
+    lines += [
+        "### Reward per wall-clock minute of training",
+        "",
+        "| run | epochs | train min | median s / epoch | mean gain over steps | gain / min (mean over steps) | "
+        "gain / min (at the training step count) | gain / (epochs x median epoch) min |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, name in (
+        ("sdpo", "SDPO"),
+        ("ddpo_equal_traj", "DDPO, equal trajectories"),
+        ("ddpo_equal_queries", "DDPO, equal queries"),
+    ):
         if label not in summary:
             continue
         s = summary[label]
-        lines.append(f"| {name} | {s['epochs']} | {s['train_minutes']['mean']:.2f} | "
-                     f"{statistics.median(s['median_epoch_seconds']):.2f} | "
-                     f"{fmt_ci(s['gain_mean_over_steps'], sign=True)} | "
-                     f"{fmt_ci(s['gain_per_minute_mean_over_steps'], sign=True)} | "
-                     f"{fmt_ci(s['gain_per_minute_at_train_steps'], sign=True)} | "
-                     f"{fmt_ci(s['gain_per_robust_minute_mean_over_steps'], sign=True)} |")
+        lines.append(
+            f"| {name} | {s['epochs']} | {s['train_minutes']['mean']:.2f} | "
+            f"{statistics.median(s['median_epoch_seconds']):.2f} | "
+            f"{fmt_ci(s['gain_mean_over_steps'], sign=True)} | "
+            f"{fmt_ci(s['gain_per_minute_mean_over_steps'], sign=True)} | "
+            f"{fmt_ci(s['gain_per_minute_at_train_steps'], sign=True)} | "
+            f"{fmt_ci(s['gain_per_robust_minute_mean_over_steps'], sign=True)} |"
+        )
     return "\n".join(lines)
 
 
@@ -240,10 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", default="digits-tiny")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=20, help="SDPO epochs (DDPO: the same, and 3x for equal queries)")
+    ap.add_argument(
+        "--epochs", type=int, default=20, help="SDPO epochs (DDPO: the same, and 3x for equal queries)"
+    )
     ap.add_argument("--light-every", type=int, default=1, help="epochs between light evaluations")
-    ap.add_argument("--budgets", choices=["both", "traj"], default="both",
-                    help="traj: equal trajectories only (DDPO trains --epochs, no 3x run)")
+    ap.add_argument(
+        "--budgets",
+        choices=["both", "traj"],
+        default="both",
+        help="traj: equal trajectories only (DDPO trains --epochs, no 3x run)",
+    )
     ap.add_argument("--set", action="append", default=[], help="config override for both methods, key=value")
     ap.add_argument("--sdpo-set", action="append", default=[], help="config override for SDPO only")
     ap.add_argument("--ddpo-set", action="append", default=[], help="config override for DDPO only")
@@ -263,19 +352,40 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_all(args)
     steps = sorted(int(k) for k in runs["sdpo"][0]["eval"]["steps"])
     summary = summarise(runs, steps)
-    meta = {"pipeline": args.pipeline, "seeds": args.seeds, "epochs": args.epochs, "overrides": args.set,
-            "sdpo_overrides": args.sdpo_set, "ddpo_overrides": args.ddpo_set,
-            "smoke": args.smoke, "argv": sys.argv[1:], "machine": machine_info()}
+    meta = {
+        "pipeline": args.pipeline,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "overrides": args.set,
+        "sdpo_overrides": args.sdpo_set,
+        "ddpo_overrides": args.ddpo_set,
+        "smoke": args.smoke,
+        "argv": sys.argv[1:],
+        "machine": machine_info(),
+    }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     curves_png(runs, steps, args.out_dir / "curves.png")
-    per_run = {label: [{"seed": e["record"]["seed"], "epochs": e["epochs"], "train_seconds": e["record"]["train_seconds"],
-                        "queries": e["record"]["queries"], "light_base": e["record"]["light_base"],
-                        "history": e["record"]["history"],
-                        "eval": {k: {m: v[m]["mean"] for m in ("base", "trained")} | {"gain": v["gain"]}
-                                 for k, v in e["eval"]["steps"].items()}}
-                       for e in entries] for label, entries in runs.items()}
-    (args.out_dir / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": per_run},
-                                                          indent=2) + "\n")
+    per_run = {
+        label: [
+            {
+                "seed": e["record"]["seed"],
+                "epochs": e["epochs"],
+                "train_seconds": e["record"]["train_seconds"],
+                "queries": e["record"]["queries"],
+                "light_base": e["record"]["light_base"],
+                "history": e["record"]["history"],
+                "eval": {
+                    k: {m: v[m]["mean"] for m in ("base", "trained")} | {"gain": v["gain"]}
+                    for k, v in e["eval"]["steps"].items()
+                },
+            }
+            for e in entries
+        ]
+        for label, entries in runs.items()
+    }
+    (args.out_dir / "summary.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "runs": per_run}, indent=2) + "\n"
+    )
     text = markdown(summary, steps, meta)
     (args.out_dir / "alignment.md").write_text(text + "\n")
     print(text)

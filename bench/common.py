@@ -60,19 +60,33 @@ class RunSpec:
         """Hash of the RESOLVED training config (so a change of pipelines.yaml defaults is a new run)
         and of the harness settings; final-evaluation settings are checked by ``final_eval``."""
         resolved = self.training_config()
-        payload = json.dumps({
-            "v": HARNESS_VERSION, "config": resolved, "light": [self.light_every, self.light_samples_per_prompt],
-            "snapshots": sorted(self.snapshots),
-        }, sort_keys=True)
+        payload = json.dumps(
+            {
+                "v": HARNESS_VERSION,
+                "config": resolved,
+                "light": [self.light_every, self.light_samples_per_prompt],
+                "snapshots": sorted(self.snapshots),
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
     def config(self, extra: list[str] | None = None):
         from sdpo_core.config import load_config
 
-        return load_config(self.pipeline, [
-            "tracking.backend=none", f"seed={self.seed}", f"train.epochs={self.epochs}",
-            f"train.checkpoint_every={self.epochs}", "train.keep_checkpoints=1", *self.overrides, *(extra or []),
-        ], PIPELINES["file"])
+        return load_config(
+            self.pipeline,
+            [
+                "tracking.backend=none",
+                f"seed={self.seed}",
+                f"train.epochs={self.epochs}",
+                f"train.checkpoint_every={self.epochs}",
+                "train.keep_checkpoints=1",
+                *self.overrides,
+                *(extra or []),
+            ],
+            PIPELINES["file"],
+        )
 
 
 def freeze_pipelines(out_dir: Path) -> Path:
@@ -142,8 +156,12 @@ def _bench_trainer_class():
                 row["light"] = self.light_eval()
             if done in self.spec.snapshots and done != self.cfg.train.epochs:
                 unet = self.acc.unwrap_model(self.unet)
-                save_trained(unet, self.bench_dir / f"epoch_{done}", self.cfg.model.finetune,
-                             base=self.cfg.model.pretrained)
+                save_trained(
+                    unet,
+                    self.bench_dir / f"epoch_{done}",
+                    self.cfg.model.finetune,
+                    base=self.cfg.model.pretrained,
+                )
             self.history.append(row)
             super()._log_epoch(epoch, stats)
 
@@ -172,14 +190,24 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
     light_base = tr.light_eval()
     final = tr.run()
     record = {
-        "name": spec.name, "key": spec.key(), "pipeline": spec.pipeline, "overrides": spec.overrides,
-        "seed": spec.seed, "epochs": spec.epochs, "method": cfg.train.method,
+        "name": spec.name,
+        "key": spec.key(),
+        "pipeline": spec.pipeline,
+        "overrides": spec.overrides,
+        "seed": spec.seed,
+        "epochs": spec.epochs,
+        "method": cfg.train.method,
         "trajectories_per_epoch": 2 * cfg.sample.batch_size * cfg.sample.num_batches_per_epoch,
-        "train_steps": cfg.sample.num_steps, "light_base": light_base, "history": tr.history,
-        "train_seconds": sum(r["time/epoch"] for r in tr.history), "queries": tr.queries,
-        "wall_seconds": time.perf_counter() - start, "final": str(final),
+        "train_steps": cfg.sample.num_steps,
+        "light_base": light_base,
+        "history": tr.history,
+        "train_seconds": sum(r["time/epoch"] for r in tr.history),
+        "queries": tr.queries,
+        "wall_seconds": time.perf_counter() - start,
+        "final": str(final),
         "snapshots": {str(e): str(run_dir / f"epoch_{e}") for e in spec.snapshots if e != spec.epochs},
-        "threads": torch.get_num_threads(), "config": cfg.to_dict(),
+        "threads": torch.get_num_threads(),
+        "config": cfg.to_dict(),
         "light": [spec.light_every, spec.light_samples_per_prompt],
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -200,8 +228,11 @@ def _compatible_run(spec: RunSpec, run_root: Path) -> dict | None:
         cached["evaluate"] = {k: cached["evaluate"][k] for k in ("steps", "seed")}
         for section in ("tracking", "register"):
             cached.pop(section, None)
-        if (cached == config and light == [spec.light_every, spec.light_samples_per_prompt]
-                and wanted <= set(rec["snapshots"])):
+        if (
+            cached == config
+            and light == [spec.light_every, spec.light_samples_per_prompt]
+            and wanted <= set(rec["snapshots"])
+        ):
             log.info("reusing %s (same training config)", path.parent)
             return rec
     return None
@@ -216,7 +247,9 @@ def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool 
     if path.is_file() and not fresh:
         cached = json.loads(path.read_text())
         have = set(next(iter(cached["steps"].values()))["trained"].get("metrics", {}))
-        same = all(cached[k] == getattr(cfg.evaluate, k) for k in ("num_prompts", "samples_per_prompt", "seed"))
+        same = all(
+            cached[k] == getattr(cfg.evaluate, k) for k in ("num_prompts", "samples_per_prompt", "seed")
+        )
         if same and set(cfg.evaluate.metrics) <= have:  # else the eval config changed: evaluate again
             return cached
     return evaluate(cfg, cfg.model.pretrained, str(model_dir), eval_prompts(cfg), out_dir)
@@ -248,9 +281,15 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "load_avg_1min": os.getloadavg()[0]}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
 
 
 def setup_logging() -> None:

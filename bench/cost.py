@@ -115,11 +115,20 @@ def make_trainer(base: str, batch: int, steps: int, train_batch: int, run_dir: P
     from sdpo_core.config import load_config
     from sdpo_core.trainer import Trainer
 
-    cfg = load_config("tiny-random", [
-        f"model.pretrained={base}", "tracking.backend=none", f"sample.num_steps={steps}",
-        f"sample.batch_size={batch}", "sample.num_batches_per_epoch=1",
-        f"train.batch_size={min(train_batch, batch)}", "train.keep_checkpoints=1", *extra,
-    ], ROOT / "pipelines.yaml")
+    cfg = load_config(
+        "tiny-random",
+        [
+            f"model.pretrained={base}",
+            "tracking.backend=none",
+            f"sample.num_steps={steps}",
+            f"sample.batch_size={batch}",
+            "sample.num_batches_per_epoch=1",
+            f"train.batch_size={min(train_batch, batch)}",
+            "train.keep_checkpoints=1",
+            *extra,
+        ],
+        ROOT / "pipelines.yaml",
+    )
     tr = Trainer(cfg, run_dir)
     tr.run_dir.mkdir(parents=True, exist_ok=True)
     return tr
@@ -137,8 +146,11 @@ def epoch_once(tr, epoch: int, decode: Timed, reward: Timed) -> dict[str, float]
     tr.save_checkpoint(epoch)
     end = time.perf_counter()
     parts = {
-        "sampling": stats["time/sampling"], "decode": decode.seconds, "reward": reward.seconds,
-        "training": stats["time/training"], "checkpoint": end - t_trained,
+        "sampling": stats["time/sampling"],
+        "decode": decode.seconds,
+        "reward": reward.seconds,
+        "training": stats["time/training"],
+        "checkpoint": end - t_trained,
     }
     parts["other"] = (end - start) - sum(parts.values())
     parts["epoch"] = end - start
@@ -185,8 +197,10 @@ class Floor:
                 p.grad = None
 
         self.calls = {
-            "unet_forward_2B": sample_call, "unet_fwd_bwd_2b": train_call,
-            "decode": lambda: decode_latents(tr.pipe, lat), "reward": lambda: tr.reward_fn(images, prompts),
+            "unet_forward_2B": sample_call,
+            "unet_fwd_bwd_2b": train_call,
+            "decode": lambda: decode_latents(tr.pipe, lat),
+            "reward": lambda: tr.reward_fn(images, prompts),
         }
 
     def _time(self, name: str, count: int = 1) -> float:
@@ -207,7 +221,9 @@ class Floor:
         floor = {
             "sampling_unet": self._time("unet_forward_2B", self.t),
             "training_unet": self._time("unet_fwd_bwd_2b", self.n_train),
-            "decode": self._time("decode"), "reward": self._time("reward"), "train_calls": self.n_train,
+            "decode": self._time("decode"),
+            "reward": self._time("reward"),
+            "train_calls": self.n_train,
         }
         floor["unet_forward_2B"] = floor["sampling_unet"] / self.t
         floor["unet_fwd_bwd_2b"] = floor["training_unet"] / self.n_train
@@ -215,8 +231,9 @@ class Floor:
         return floor
 
 
-def run_size(base: str, batch: int, steps: int, train_batch: int, repeats: int, work: Path,
-             extra: list[str]) -> dict:
+def run_size(
+    base: str, batch: int, steps: int, train_batch: int, repeats: int, work: Path, extra: list[str]
+) -> dict:
     tr = make_trainer(base, batch, steps, train_batch, work / f"b{batch}_t{steps}", extra)
     decode, reward = Timed(tr.pipe.vae.decode), Timed(tr.reward_fn)
     tr.pipe.vae.decode, tr.reward_fn = decode, reward  # instance attributes: the trainer calls these
@@ -236,18 +253,26 @@ def run_size(base: str, batch: int, steps: int, train_batch: int, repeats: int, 
     fl = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     tr.executor.shutdown()
     row = {
-        "batch": batch, "steps": steps, "trajectories": 2 * batch, "train_batch": tr.cfg.train.batch_size,
-        "parts": parts, "floor": fl, "peak_rss_delta_mb": max(mems),
+        "batch": batch,
+        "steps": steps,
+        "trajectories": 2 * batch,
+        "train_batch": tr.cfg.train.batch_size,
+        "parts": parts,
+        "floor": fl,
+        "peak_rss_delta_mb": max(mems),
         "floor_ratio": parts["epoch"] / fl["total"],
         "floor_ratio_no_checkpoint": parts["epoch_no_checkpoint"] / fl["total"],
         "sampling_ratio": parts["sampling"] / fl["sampling_unet"],
         "training_ratio": parts["training"] / fl["training_unet"],
         "queries_per_trajectory": parts["queries"] / (2 * batch),
     }
-    print(f"B={batch:3d} T={steps:3d}: epoch {parts['epoch']:.3f}s floor {fl['total']:.3f}s "
-          f"ratio {row['floor_ratio']:.2f} (sampling x{row['sampling_ratio']:.2f}, training "
-          f"x{row['training_ratio']:.2f}) queries/traj {row['queries_per_trajectory']:.2f} "
-          f"peak +{row['peak_rss_delta_mb']:.0f} MB", flush=True)
+    print(
+        f"B={batch:3d} T={steps:3d}: epoch {parts['epoch']:.3f}s floor {fl['total']:.3f}s "
+        f"ratio {row['floor_ratio']:.2f} (sampling x{row['sampling_ratio']:.2f}, training "
+        f"x{row['training_ratio']:.2f}) queries/traj {row['queries_per_trajectory']:.2f} "
+        f"peak +{row['peak_rss_delta_mb']:.0f} MB",
+        flush=True,
+    )
     return row
 
 
@@ -279,8 +304,10 @@ def profile_epoch(base: str, batch: int, steps: int, train_batch: int, work: Pat
 
 # ----------------------------------------------------------------------------- report
 def markdown(rows: list[dict]) -> str:
-    head = ("| B (prompts) | T | trajectories | queries/traj | epoch s | sampling | decode | reward | training | "
-            "checkpoint | other | floor s | floor ratio | sampling / UNet fwd | training / fwd+bwd | peak RSS +MB |")
+    head = (
+        "| B (prompts) | T | trajectories | queries/traj | epoch s | sampling | decode | reward | training | "
+        "checkpoint | other | floor s | floor ratio | sampling / UNet fwd | training / fwd+bwd | peak RSS +MB |"
+    )
     lines = [head, "|" + "---:|" * 16]
     for r in rows:
         p, f = r["parts"], r["floor"]
@@ -297,7 +324,9 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS, help="T sweep (at --sweep-batch)")
-    ap.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES, help="B sweep (at --sweep-steps)")
+    ap.add_argument(
+        "--batches", type=int, nargs="+", default=DEFAULT_BATCHES, help="B sweep (at --sweep-steps)"
+    )
     ap.add_argument("--sweep-batch", type=int, default=4, help="B of the T sweep")
     ap.add_argument("--sweep-steps", type=int, default=4, help="T of the B sweep")
     ap.add_argument("--train-batch", type=int, default=4, help="pairs per backward (train.batch_size)")
@@ -305,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-size", default="4x50", help="BxT of the profiled epoch; 'none' to skip")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--set", action="append", default=[], help="extra config override key=value")
-    ap.add_argument("--base", default=None, help="tiny pipeline dir (default: a random tiny one built in a temp dir)")
+    ap.add_argument(
+        "--base", default=None, help="tiny pipeline dir (default: a random tiny one built in a temp dir)"
+    )
     ap.add_argument("--out", default="bench/results/cost.json")
     ap.add_argument("--smoke", action="store_true", help="two tiny sizes, one repeat, no profile (CI)")
     args = ap.parse_args(argv)
@@ -324,18 +355,29 @@ def main(argv: list[str] | None = None) -> int:
 
             base = str(build_random_tiny(work / "base", seed=0))
         load = os.getloadavg()[0]
-        t_rows = [run_size(base, args.sweep_batch, t, args.train_batch, args.repeats, work, args.set)
-                  for t in args.steps]
-        b_rows = [run_size(base, b, args.sweep_steps, args.train_batch, args.repeats, work, args.set)
-                  for b in args.batches]
+        t_rows = [
+            run_size(base, args.sweep_batch, t, args.train_batch, args.repeats, work, args.set)
+            for t in args.steps
+        ]
+        b_rows = [
+            run_size(base, b, args.sweep_steps, args.train_batch, args.repeats, work, args.set)
+            for b in args.batches
+        ]
         profile_text = None
         if args.profile_size != "none":
             pb, pt = (int(v) for v in args.profile_size.lower().split("x"))
             profile_text = profile_epoch(base, pb, pt, args.train_batch, work, args.set)
     result = {
-        "benchmark": "cost", "smoke": args.smoke, "pipeline": "tiny-random (the digits-tiny shapes)",
-        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "load_avg_1min_before": load, "argv": sys.argv[1:], "steps_sweep": t_rows, "batch_sweep": b_rows,
+        "benchmark": "cost",
+        "smoke": args.smoke,
+        "pipeline": "tiny-random (the digits-tiny shapes)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min_before": load,
+        "argv": sys.argv[1:],
+        "steps_sweep": t_rows,
+        "batch_sweep": b_rows,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     if profile_text is not None:

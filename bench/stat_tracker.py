@@ -62,9 +62,15 @@ def run_size(n: int, t: int, p: int, rounds: int, buffer_size: int, min_count: i
         used_buffer.append(float((tracker.count[tracker._rows(prompts)] >= min_count).double().mean()))
     vec, ref = statistics.median(t_vec), statistics.median(t_ref)
     return {
-        "samples": n, "steps": t, "prompts": p, "rounds": rounds,
-        "vectorised_s": vec, "reference_s": ref, "speedup": ref / vec,
-        "max_abs_diff": max_diff, "share_from_buffer_last_round": used_buffer[-1],
+        "samples": n,
+        "steps": t,
+        "prompts": p,
+        "rounds": rounds,
+        "vectorised_s": vec,
+        "reference_s": ref,
+        "speedup": ref / vec,
+        "max_abs_diff": max_diff,
+        "share_from_buffer_last_round": used_buffer[-1],
     }
 
 
@@ -90,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buffer-size", type=int, default=32)
     ap.add_argument("--min-count", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (1: the reference loop is single-threaded numpy, and on a busy "
-                         "2-core machine two OpenMP threads wait on each other for ~20 ms per small update)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: the reference loop is single-threaded numpy, and on a busy "
+        "2-core machine two OpenMP threads wait on each other for ~20 ms per small update)",
+    )
     ap.add_argument("--out", default="bench/results/stat_tracker.json")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     args = ap.parse_args(argv)
@@ -104,12 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     for text in sizes:
         row = run_size(*parse_size(text), args.rounds, args.buffer_size, min_count, args.seed)
         rows.append(row)
-        print(f"{text}: vectorised {1e3 * row['vectorised_s']:.2f} ms, reference {1e3 * row['reference_s']:.1f} ms, "
-              f"x{row['speedup']:.0f}, max diff {row['max_abs_diff']:.1e}", flush=True)
+        print(
+            f"{text}: vectorised {1e3 * row['vectorised_s']:.2f} ms, reference {1e3 * row['reference_s']:.1f} ms, "
+            f"x{row['speedup']:.0f}, max diff {row['max_abs_diff']:.1e}",
+            flush=True,
+        )
     result = {
-        "benchmark": "stat_tracker", "smoke": args.smoke, "buffer_size": args.buffer_size, "min_count": min_count,
-        "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "load_avg_1min_before": load_before, "rows": rows,
+        "benchmark": "stat_tracker",
+        "smoke": args.smoke,
+        "buffer_size": args.buffer_size,
+        "min_count": min_count,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min_before": load_before,
+        "rows": rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,11 @@ def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / name), "--smoke", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, f"{name} --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -75,13 +79,17 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
                 "a training step (forward + backward of 2b items) must count more than its forward"
             )
     first, third = result["rows"]
-    assert first["decode_images"] == first["trajectories_per_call"], "T=1: one distinct x0 to decode per trajectory"
+    assert first["decode_images"] == first["trajectories_per_call"], (
+        "T=1: one distinct x0 to decode per trajectory"
+    )
     assert third["decode_images"] == 3 * third["trajectories_per_call"], "T=3: first, anchor and last"
     assert finite_positive(result["profile"]["training"]["wall_s"])
     assert (tmp_path / "gpu_profile.txt").stat().st_size > 0
     dispatch = {(d["lora"], d["autocast"]): d for d in result["dispatch"]}
     assert len(dispatch) == 4
-    assert dispatch[(True, True)]["forward_ops"] > dispatch[(False, False)]["forward_ops"], "LoRA adds operations"
+    assert dispatch[(True, True)]["forward_ops"] > dispatch[(False, False)]["forward_ops"], (
+        "LoRA adds operations"
+    )
     assert dispatch[(True, True)]["forward_backward_ops"] > dispatch[(True, True)]["forward_ops"]
     assert "| T | sampling traj/s |" in proc.stdout
 
@@ -101,7 +109,10 @@ def test_alignment_smoke(tmp_path):
     assert s["sdpo"]["trajectories"] == s["ddpo_equal_traj"]["trajectories"]
     for label in ("sdpo", "ddpo_equal_traj", "ddpo_equal_queries"):
         for entry in s[label]["steps"].values():
-            assert entry["trained"]["n"] == 2 and entry["trained"]["lo"] <= entry["trained"]["mean"] <= entry["trained"]["hi"]
+            assert (
+                entry["trained"]["n"] == 2
+                and entry["trained"]["lo"] <= entry["trained"]["mean"] <= entry["trained"]["hi"]
+            )
     runs = summary["runs"]["ddpo_equal_queries"][0]
     assert len(runs["history"]) == 3 and all("light" in h for h in runs["history"])
 
