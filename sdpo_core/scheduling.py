@@ -126,7 +126,9 @@ def ddim_step(
     # DDIM paper eq. 16: sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.clamp(min=0).sqrt()
-    if bool((std == 0).any()):
+    # checked on the CPU schedule values (sigma_t = 0 iff a_prev = 1 or a_prev = a_t), so the step
+    # never waits on the GPU
+    if bool(((alpha_prev >= 1) | (alpha_prev == alpha_t)).any()):
         raise ValueError(
             "a DDIM step with zero variance has no log-probability (final_alpha_cumprod is 1 at the "
             "last step); use last_step='clamp' (sample.last_step: clamp), as the SDPO paper does"
