@@ -317,7 +317,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, acc.process_index, 3))
         m, t = s.embeds.shape[0], cfg.sample.num_steps
         n_steps = max(1, math.ceil(t * cfg.train.timestep_fraction))
-        info: dict[str, list[float]] = defaultdict(list)
+        info: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.unet.train()
         start = time.perf_counter()
         for inner in range(cfg.train.num_inner_epochs):
@@ -336,10 +336,10 @@ class Trainer:
                     self._train_step(s, rows, step_perm[rows, j], info)
                     bar.update()
             bar.close()
-        metrics = {k: float(np.mean(v)) for k, v in info.items()}
+        metrics = {k: float(torch.stack([x.to("cpu") for x in v]).mean()) for k, v in info.items()}
         # before the first update the ratio must be 1: a non-zero value means sampling and training
         # score transitions differently (see train.recompute_log_probs)
-        metrics["check/first_batch_kl"] = info["approx_kl"][0]
+        metrics["check/first_batch_kl"] = float(info["approx_kl"][0])
         metrics["time/training"] = time.perf_counter() - start
         return metrics
 
@@ -350,12 +350,13 @@ class Trainer:
             acc.backward(loss)
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
-                info["grad_norm"].append(float(norm))
+                info["grad_norm"].append(torch.as_tensor(norm).detach().float())
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        info["loss"].append(float(loss.detach()))
+        # kept as tensors and averaged once per epoch: a float() here would wait on the GPU every step
+        info["loss"].append(loss.detach().float())
         for k, v in diag.items():
-            info[k].append(float(v))
+            info[k].append(v.float())
         if acc.sync_gradients:
             self.global_step += 1
             if self.on_optimizer_step is not None:
