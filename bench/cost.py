@@ -2,7 +2,9 @@
 
 For each size (B prompts per epoch, T denoising steps) it builds a ``Trainer`` and times whole
 epochs exactly as ``Trainer.run`` does them (``sample_epoch`` + ``train_epoch`` + checkpoint),
-split into sampling, VAE decode, reward, training, checkpoint and everything else. In the same
+split into sampling, VAE decode, reward, training, checkpoint and everything else. Each measured
+epoch follows an unmeasured one, so that it bears the previous epoch's checkpoint write as
+``Trainer.run`` does (in a background thread with ``train.async_checkpoint``, the default). In the same
 process, on the same shapes and the same (LoRA-adapted) UNet, it times the bare model calls the
 epoch needs: T UNet forwards at 2B for sampling, the training forward+backward passes (one per
 train batch and step position, 2b items each), one VAE decode of the queried x0 and one reward
@@ -238,20 +240,26 @@ def run_size(
     decode, reward = Timed(tr.pipe.vae.decode), Timed(tr.reward_fn)
     tr.pipe.vae.decode, tr.reward_fn = decode, reward  # instance attributes: the trainer calls these
     warm = epoch_once(tr, 0, decode, reward)  # warm-up: first-call allocations, thread start
+    tr.wait_checkpoints()
     tr.pipe.vae.decode, tr.reward_fn = decode.fn, reward.fn
     floor = Floor(tr, int(warm["queries"]))
     floor.warm()
     runs, floors, mems = [], [], []
-    for e in range(1, 1 + repeats):
+    for e in range(repeats):
         tr.pipe.vae.decode, tr.reward_fn = decode, reward
+        # steady state: the measured epoch runs while the previous epoch's checkpoint is written
+        # (in the background with train.async_checkpoint, as in Trainer.run)
+        epoch_once(tr, 2 * e + 1, decode, reward)
         with PeakRSS() as mem:
-            runs.append(epoch_once(tr, e, decode, reward))
+            runs.append(epoch_once(tr, 2 * e + 2, decode, reward))
         mems.append(mem.delta_mb)
+        tr.wait_checkpoints()  # nothing of the epoch's own runs into the floor measurement
         tr.pipe.vae.decode, tr.reward_fn = decode.fn, reward.fn
         floors.append(floor.measure())
     parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     fl = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
     tr.executor.shutdown()
+    tr.checkpoints.close()
     row = {
         "batch": batch,
         "steps": steps,
@@ -282,6 +290,7 @@ def profile_epoch(base: str, batch: int, steps: int, train_batch: int, work: Pat
     tr = make_trainer(base, batch, steps, train_batch, work / f"profile_b{batch}_t{steps}", extra)
     decode, reward = Timed(tr.pipe.vae.decode), Timed(tr.reward_fn)
     epoch_once(tr, 0, decode, reward)
+    tr.wait_checkpoints()
     prof = cProfile.Profile()
     prof.enable()
     epoch_once(tr, 1, decode, reward)
@@ -296,9 +305,11 @@ def profile_epoch(base: str, batch: int, steps: int, train_batch: int, work: Pat
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as tprof:
         epoch_once(tr, 2, decode, reward)
+    tr.wait_checkpoints()
     buf.write(f"\n# torch.profiler, one warm epoch, B={batch} T={steps} (sorted by self CPU time)\n")
     buf.write(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     tr.executor.shutdown()
+    tr.checkpoints.close()
     return buf.getvalue()
 
 

@@ -5,6 +5,11 @@ trainable weights (safetensors), optimizer state, stat-tracker buffers, RNG stat
 the resolved config. It is written to ``epoch_0003.tmp`` and renamed when complete, so a crash
 never leaves a half checkpoint that resume would pick up. Nothing is unpickled: tensors load with
 safetensors and the optimizer / RNG state with ``torch.load(weights_only=True)``.
+
+``CheckpointWriter`` writes in a background thread (``train.async_checkpoint``): the trainer hands
+it a ``CheckpointState`` whose tensors are copies, and goes on with the next epoch while the
+files are written. A failed write is raised at the next ``submit`` or ``wait``; a process killed
+mid-write leaves only a ``.tmp`` directory, so resume starts from the checkpoint before.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +82,37 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class CheckpointWriter:
+    """One checkpoint write at a time, in a background thread (or inline with ``background=False``)."""
+
+    def __init__(self, background: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        self._pending: Future | None = None
+
+    def submit(self, run_dir: str | Path, state: CheckpointState, keep: int) -> Path:
+        """Write ``state`` (its tensors must not change afterwards); returns the final directory."""
+        self.wait()
+        final = Path(run_dir) / "checkpoints" / f"{PREFIX}{state.epoch:04d}"
+        if self._pool is None:
+            save_checkpoint(run_dir, state, keep)
+        else:
+            self._pending = self._pool.submit(save_checkpoint, run_dir, state, keep)
+        return final
+
+    def wait(self) -> None:
+        """Block until the pending write is on disk; re-raise its error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
 
 
 def load_checkpoint(path: str | Path) -> CheckpointState:

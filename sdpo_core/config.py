@@ -129,6 +129,9 @@ class TrainConfig(_Strict):
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: int = Field(default=2, ge=1)
+    async_checkpoint: bool = Field(
+        default=True, description="write checkpoints in a background thread while the next epoch runs"
+    )
 
 
 class EvaluateConfig(_Strict):

@@ -81,6 +81,22 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
 
 
+def lora_param_keys(unet: UNet2DConditionModel) -> dict[str, torch.nn.Parameter]:
+    """peft's checkpoint key of every adapter weight -> the live parameter holding it.
+
+    Resolved once by storage (``get_peft_model_state_dict`` returns views of the parameters), so
+    that a checkpoint can copy the adapter without walking the whole model's state dict again.
+    """
+    params = {(p.data_ptr(), tuple(p.shape)): p for p in unet.parameters() if p.requires_grad}
+    keys = {}
+    for k, v in get_peft_model_state_dict(unet).items():
+        p = params.get((v.data_ptr(), tuple(v.shape)))
+        if p is None:
+            raise RuntimeError(f"LoRA weight {k!r} is not a trainable parameter of the UNet")
+        keys[k] = p
+    return keys
+
+
 def save_trained(unet: UNet2DConditionModel, out_dir: str | Path, finetune: str, base: str) -> Path:
     """Save final weights: LoRA in diffusers format (``load_lora_weights``) or the full UNet."""
     out = Path(out_dir)

@@ -41,7 +41,7 @@ from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml
 from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
 from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
-from sdpo_core.models import DTYPES, add_lora, decode_latents, encode_prompts, load_pipeline, lora_state_dict
+from sdpo_core.models import DTYPES, add_lora, decode_latents, encode_prompts, load_pipeline, lora_param_keys
 from sdpo_core.models import save_trained as save_trained_model
 from sdpo_core.rewards import build_reward, check_rewards
 from sdpo_core.sampling import guided_output, sample_pairs
@@ -49,6 +49,17 @@ from sdpo_core.scheduling import DDIMParams, ddim_step
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
+
+
+def _to_cpu_copy(obj):
+    """A copy of ``obj`` (nested dicts / lists / tuples of tensors) that owns CPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_copy(v) for v in obj)
+    return obj
 
 
 def _seed(*parts: int) -> int:
@@ -105,6 +116,8 @@ class Trainer:
         self.recompute_log_probs = rc == "always" or (rc == "auto" and self.acc.mixed_precision != "no")
         self.weights = temporal_weights(cfg.sample.num_steps, cfg.train.lam, cfg.train.log_scale)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.checkpoints = ckpt.CheckpointWriter(background=cfg.train.async_checkpoint)
+        self.config_yaml = dump_yaml(cfg)
 
     # ------------------------------------------------------------------ set-up
     def _setup_model(self) -> None:
@@ -127,10 +140,14 @@ class Trainer:
         self.ddim = DDIMParams.from_scheduler(self.pipe.scheduler, cfg.sample.num_steps, cfg.sample.last_step)
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         t = cfg.train
+        # foreach: one multi-tensor kernel per update instead of a Python loop over the LoRA tensors
+        # (torch picks it by itself only on CUDA); the same update rule
         optimizer = torch.optim.AdamW(
             self.trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon, foreach=True,
         )
+        # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call)
+        self.lora_params = lora_param_keys(unet) if cfg.model.finetune == "lora" else None
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         size = cfg.sample.resolution or unet.config.sample_size * self.pipe.vae_scale_factor
         self.latent_shape = (unet.config.in_channels, size // self.pipe.vae_scale_factor,
@@ -364,22 +381,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        unet = self.acc.unwrap_model(self.unet)
-        if self.cfg.model.finetune == "lora":
-            return lora_state_dict(unet)
-        return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+        """A CPU copy of the trained weights (LoRA in peft's naming, or the full UNet state)."""
+        if self.lora_params is not None:
+            return {k: p.detach().to("cpu", copy=True) for k, p in self.lora_params.items()}
+        return _to_cpu_copy(self.acc.unwrap_model(self.unet).state_dict())
 
     def save_checkpoint(self, epoch: int) -> Path | None:
+        """Snapshot the training state (copies) and write it, in the background when
+        ``train.async_checkpoint``; ``wait_checkpoints`` blocks until it is on disk."""
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return None
         state = ckpt.CheckpointState(
             epoch=epoch, global_step=self.global_step, weights=self.trainable_state(),
-            optimizer=self.optimizer.state_dict(),
-            tracker=self.stat_tracker.state_dict() if self.stat_tracker else None,
-            rng={"torch": torch.get_rng_state()}, config_yaml=dump_yaml(self.cfg),
+            optimizer=_to_cpu_copy(self.optimizer.state_dict()),
+            tracker=_to_cpu_copy(self.stat_tracker.state_dict()) if self.stat_tracker else None,
+            rng={"torch": torch.get_rng_state()}, config_yaml=self.config_yaml,
         )
-        return ckpt.save_checkpoint(self.run_dir, state, self.cfg.train.keep_checkpoints)
+        return self.checkpoints.submit(self.run_dir, state, self.cfg.train.keep_checkpoints)
+
+    def wait_checkpoints(self) -> None:
+        """Block until the last checkpoint is written (re-raises a failed write)."""
+        self.checkpoints.wait()
 
     def load_checkpoint(self, path: Path) -> int:
         state = ckpt.load_checkpoint(path)
@@ -404,15 +427,20 @@ class Trainer:
         if acc.is_main_process:
             self.tracker.log_params(cfg.to_dict())
         log.info("batch plan: %s", self.plan)
-        for epoch in range(start_epoch, cfg.train.epochs):
-            t0 = time.perf_counter()
-            samples, _, stats = self.sample_epoch(epoch)
-            stats.update(self.train_epoch(samples, epoch))
-            stats["time/epoch"] = time.perf_counter() - t0
-            stats["epoch"] = epoch
-            if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
-                self.save_checkpoint(epoch)
-            self._log_epoch(epoch, stats)
+        try:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                t0 = time.perf_counter()
+                samples, _, stats = self.sample_epoch(epoch)
+                stats.update(self.train_epoch(samples, epoch))
+                stats["time/epoch"] = time.perf_counter() - t0
+                stats["epoch"] = epoch
+                if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+                    self.save_checkpoint(epoch)
+                self._log_epoch(epoch, stats)
+        except BaseException:
+            # an interrupted epoch keeps the checkpoint already being written (resume starts there)
+            self.checkpoints.close()
+            raise
         return self._finish()
 
     def _prepare_run_dir(self, resume: bool) -> int:
@@ -427,7 +455,7 @@ class Trainer:
         start = self.load_checkpoint(latest) if (resume and latest is not None) else 0
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
             if start:
                 log.info("resumed from %s: starting at epoch %d", latest, start)
         return start
@@ -446,6 +474,7 @@ class Trainer:
                  stats["time/sampling"], stats["time/reward"], stats["time/training"])
 
     def _finish(self) -> Path:
+        self.checkpoints.close()
         self.acc.wait_for_everyone()
         self.executor.shutdown()
         final = self.run_dir / "final"

@@ -81,7 +81,8 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, request):
+@pytest.mark.parametrize("background", [True, False], ids=["async-checkpoint", "sync-checkpoint"])
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, request, background):
     # bit-exact on the CPU (CUDA kernels may be non-deterministic): this test runs there
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -89,7 +90,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, reques
     AcceleratorState._reset_state(reset_partial_state=True)  # a GPU machine may have made a CUDA one
     request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
 
-    cfg = tiny_cfg("train.epochs=3")
+    cfg = tiny_cfg("train.epochs=3", f"train.async_checkpoint={str(background).lower()}")
     cpu = Accelerator(cpu=True)
     straight = Trainer(cfg, tmp_path / "a", accelerator=cpu)
     straight.run()
@@ -109,6 +110,31 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, reques
     a, b = straight.trainable_state(), resumed.trainable_state()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+def test_checkpoint_snapshot_is_a_copy_in_peft_naming(tiny_cfg, tmp_path):
+    from sdpo_core.checkpoint import latest_checkpoint, load_checkpoint
+    from sdpo_core.models import lora_state_dict
+
+    tr = Trainer(tiny_cfg("train.async_checkpoint=true"), tmp_path)
+    tr.run_dir.mkdir(parents=True, exist_ok=True)
+    # peft's own walk of the model (views of the live weights on the CPU, hence the clone)
+    reference = {k: v.clone() for k, v in lora_state_dict(tr.acc.unwrap_model(tr.unet)).items()}
+    snap = tr.trainable_state()
+    assert snap.keys() == reference.keys() and len(snap) == len(tr.trainable)
+    assert all(torch.equal(snap[k], reference[k]) for k in snap)
+    live = {p.data_ptr() for p in tr.trainable}
+    assert not any(v.data_ptr() in live for v in snap.values()), "snapshot shares memory with the model"
+    # the write runs in the background: changing the weights right after the call must not reach it
+    tr.save_checkpoint(0)
+    with torch.no_grad():
+        for p in tr.trainable:
+            p.add_(1.0)
+    tr.wait_checkpoints()
+    saved = load_checkpoint(latest_checkpoint(tmp_path)).weights
+    assert all(torch.equal(saved[k], reference[k]) for k in reference)
+    tr.checkpoints.close()
+    tr.executor.shutdown()
 
 
 def test_existing_checkpoints_need_resume_flag(tiny_cfg, tmp_path):
