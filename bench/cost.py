@@ -18,6 +18,8 @@ Run::
     .venv/bin/python bench/cost.py                       # T and B sweeps + profile, ~3-5 min on 2 cores
     .venv/bin/python bench/cost.py --smoke               # two tiny sizes, no profile, seconds
     .venv/bin/python bench/cost.py --steps 1 4 50 --batches 4 --profile-size 4x50
+    .venv/bin/python bench/cost.py --compare before1.json,before2.json after1.json,after2.json
+    bash bench/cost_ab.sh REV    # this tree against commit REV, run alternately (before/after)
 
 Writes ``--out`` (default bench/results/cost.json), ``cost_profile.txt`` beside it (cProfile and
 torch.profiler tables of one epoch) and prints markdown tables.
@@ -332,6 +334,36 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(before: list[Path], after: list[Path]) -> str:
+    """Markdown table of two sets of result files (e.g. two code versions run alternately):
+    per size, the median over files of the epoch time, checkpoint time and floor ratio."""
+
+    def load(paths: list[Path]) -> dict[tuple[int, int], list[dict]]:
+        rows: dict[tuple[int, int], list[dict]] = {}
+        for path in paths:
+            result = json.loads(Path(path).read_text())
+            for r in result["steps_sweep"] + result["batch_sweep"]:
+                rows.setdefault((r["batch"], r["steps"]), []).append(r)
+        return rows
+
+    b_rows, a_rows = load(before), load(after)
+    med = statistics.median
+    lines = [
+        "| B | T | epoch s before | epoch s after | checkpoint s before | checkpoint s after | "
+        "floor ratio before | floor ratio after | epoch after / before |",
+        "|" + "---:|" * 9,
+    ]
+    for key in sorted(set(b_rows) & set(a_rows), key=lambda k: (k[1], k[0])):
+        b, a = b_rows[key], a_rows[key]
+        eb, ea = med(r["parts"]["epoch"] for r in b), med(r["parts"]["epoch"] for r in a)
+        lines.append(
+            f"| {key[0]} | {key[1]} | {eb:.3f} | {ea:.3f} | {med(r['parts']['checkpoint'] for r in b):.4f} | "
+            f"{med(r['parts']['checkpoint'] for r in a):.4f} | {med(r['floor_ratio'] for r in b):.2f} | "
+            f"{med(r['floor_ratio'] for r in a):.2f} | {ea / eb:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=DEFAULT_STEPS, help="T sweep (at --sweep-batch)")
@@ -350,7 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default="bench/results/cost.json")
     ap.add_argument("--smoke", action="store_true", help="two tiny sizes, one repeat, no profile (CI)")
+    ap.add_argument(
+        "--compare", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+        help="no run: compare result files, each argument a comma-separated list (see bench/cost_ab.sh)",
+    )
     args = ap.parse_args(argv)
+    if args.compare:
+        before, after = ([Path(x) for x in arg.split(",")] for arg in args.compare)
+        print(compare(before, after))
+        return 0
     if args.smoke:
         args.steps, args.batches, args.repeats, args.profile_size = [1, 3], [2], 1, "none"
         args.sweep_batch, args.sweep_steps, args.train_batch = 2, 2, 2

@@ -62,6 +62,14 @@ def test_cost_smoke(tmp_path):
         assert split == pytest.approx(parts["epoch"], rel=1e-6)
         assert 1 <= r["queries_per_trajectory"] <= 3, "SDPO queries 1 to 3 x0 per trajectory"
         assert r["peak_rss_delta_mb"] >= 0
+    # the before/after comparison reads such files: the same file on both sides compares equal
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cost.py"), "--compare", str(out), f"{out},{out}"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| 2 |")]
+    assert len(table) == len(rows), proc.stdout
+    assert all(line.rstrip(" |").endswith("1.00") for line in table), proc.stdout
 
 
 def test_gpu_script_smoke_on_cpu(tmp_path):
