@@ -8,6 +8,10 @@ same LoRA init, train prompts, sampling config and seeds, and are evaluated by
 * **equal trajectories**: SDPO and DDPO both train E epochs (the same trajectories per epoch);
 * **equal reward queries**: SDPO queries 3 x0 per trajectory, DDPO 1, so DDPO trains 3E epochs.
 
+DDPO runs its own update loop by default (``train.update_schedule: auto`` -> per_trajectory: each
+batch's steps accumulated into one optimizer step, as in DDPO's code); ``--ddpo-set
+train.update_schedule=per_step`` gives DDPO's loss in SDPO's per-step update loop instead.
+
 DDPO's equal-trajectory model is the 3E run's snapshot after E epochs (the run is deterministic
 and nothing in it depends on the epoch total, so this is exactly an E-epoch DDPO run).
 

@@ -118,6 +118,12 @@ class TrainConfig(_Strict):
     clip_range: float = Field(default=1e-4, ge=0)
     adv_clip_max: float = Field(default=5.0, gt=0)
     shuffle_timesteps: bool = True
+    update_schedule: Literal["auto", "per_step", "per_trajectory"] = Field(
+        default="auto",
+        description="per_step: an optimizer step per step position (every gradient_accumulation_steps "
+        "batches; SDPO's loop); per_trajectory: gradients accumulated over all trained steps of "
+        "gradient_accumulation_steps batches (DDPO's loop); auto: per_step for sdpo, per_trajectory for ddpo",
+    )
     recompute_log_probs: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="score sampled transitions again in the training batch layout before the first update "
@@ -194,6 +200,21 @@ class BatchPlan:
     samples_per_epoch: int  # trajectories over all processes
 
 
+def resolve_update_schedule(t: TrainConfig) -> str:
+    """``train.update_schedule`` with ``auto`` resolved: per_step (sdpo) or per_trajectory (ddpo)."""
+    if t.update_schedule != "auto":
+        return t.update_schedule
+    return "per_step" if t.method == "sdpo" else "per_trajectory"
+
+
+def micro_steps_per_update(cfg: Config) -> int:
+    """Backward passes accumulated into one optimizer step."""
+    t = cfg.train
+    if resolve_update_schedule(t) == "per_step":
+        return t.gradient_accumulation_steps
+    return t.gradient_accumulation_steps * max(1, math.ceil(cfg.sample.num_steps * t.timestep_fraction))
+
+
 def batch_plan(cfg: Config, num_processes: int = 1) -> BatchPlan:
     """Derive and check batch arithmetic; raises ConfigError with what to change."""
     if num_processes < 1:
@@ -217,6 +238,7 @@ def batch_plan(cfg: Config, num_processes: int = 1) -> BatchPlan:
             "or change train.batch_size / sample.num_batches_per_epoch"
         )
     steps_trained = max(1, math.ceil(s.num_steps * t.timestep_fraction))
+    per_step = resolve_update_schedule(t) == "per_step"
     total = trajectories * num_processes
     if total % num_processes:  # per-process sizes make this hold; kept for clarity of the contract
         raise ConfigError(f"samples per epoch ({total}) must be divisible by the {num_processes} processes")
@@ -226,7 +248,8 @@ def batch_plan(cfg: Config, num_processes: int = 1) -> BatchPlan:
         trajectories_per_process=trajectories,
         train_items_per_process=items,
         train_batches_per_process=batches,
-        optimizer_steps_per_epoch=steps_trained * t.num_inner_epochs * batches // t.gradient_accumulation_steps,
+        optimizer_steps_per_epoch=(steps_trained if per_step else 1) * t.num_inner_epochs * batches
+        // t.gradient_accumulation_steps,
         samples_per_epoch=total,
     )
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from sdpo_core import checkpoint as ckpt
 from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise, discounted_returns
 from sdpo_core.checkpoint import ResumeError
-from sdpo_core.config import Config, batch_plan, dump_yaml
+from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
 from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
 from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
 from sdpo_core.models import DTYPES, add_lora, decode_latents, encode_prompts, load_pipeline, lora_param_keys
@@ -92,10 +92,11 @@ class Trainer:
     ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.acc = accelerator or Accelerator(
-            mixed_precision=cfg.model.mixed_precision,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            cpu=not torch.cuda.is_available(),
+            mixed_precision=cfg.model.mixed_precision, cpu=not torch.cuda.is_available(),
         )
+        # backward passes per optimizer step: accumulation batches (x the trained steps per_trajectory)
+        self.acc.gradient_accumulation_steps = micro_steps_per_update(cfg)
+        self.per_step_updates = resolve_update_schedule(cfg.train) == "per_step"
         self.plan = batch_plan(cfg, self.acc.num_processes)
         self.tracker = tracker if (tracker is not None and self.acc.is_main_process) else NullTracker()
         self.on_optimizer_step = on_optimizer_step
@@ -348,10 +349,13 @@ class Trainer:
                 self._recompute_old_log_probs(s, batches, step_perm, n_steps)
             bar = tqdm(total=n_steps * len(batches), desc=f"epoch {epoch}: training",
                        disable=not acc.is_local_main_process, leave=False)
-            for j in range(n_steps):
-                for rows in batches:
-                    self._train_step(s, rows, step_perm[rows, j], info)
-                    bar.update()
+            if self.per_step_updates:  # SDPO: step positions outer, an update every accumulation batches
+                order_of_work = [(rows, j) for j in range(n_steps) for rows in batches]
+            else:  # DDPO: each batch's trained steps in a row, accumulated into one update
+                order_of_work = [(rows, j) for rows in batches for j in range(n_steps)]
+            for rows, j in order_of_work:
+                self._train_step(s, rows, step_perm[rows, j], info)
+                bar.update()
             bar.close()
         metrics = {k: float(torch.stack([x.to("cpu") for x in v]).mean()) for k, v in info.items()}
         # before the first update the ratio must be 1: a non-zero value means sampling and training

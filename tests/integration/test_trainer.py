@@ -50,9 +50,13 @@ def test_training_batches_score_log_probs_as_sampled(tiny_cfg, tmp_path):
     assert info["approx_kl"].item() < 1e-10
 
 
-@pytest.mark.parametrize("method", ["sdpo", "ddpo"])
-def test_two_epochs_update_every_lora_weight_and_nothing_else(tiny_cfg, tmp_path, method):
-    tr = Trainer(tiny_cfg(f"train.method={method}"), tmp_path)
+@pytest.mark.parametrize("method,schedule", [("sdpo", "auto"), ("ddpo", "auto"), ("sdpo", "per_trajectory"),
+                                             ("ddpo", "per_step")])
+def test_two_epochs_update_every_lora_weight_and_nothing_else(tiny_cfg, tmp_path, method, schedule):
+    tr = Trainer(tiny_cfg(f"train.method={method}", f"train.update_schedule={schedule}",
+                          "sample.num_steps=3"), tmp_path)
+    updates = []
+    tr.on_optimizer_step = lambda t: updates.append(t.global_step)
     lora0, base0, others0 = _frozen_and_lora(tr)
     assert lora0, "no LoRA parameters were added"
     final = tr.run()
@@ -65,6 +69,12 @@ def test_two_epochs_update_every_lora_weight_and_nothing_else(tiny_cfg, tmp_path
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["epoch_0000", "epoch_0001"]
     lines = (tmp_path / "train_metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "reward/last" in lines[0] and "time/training" in lines[0]
+    # the optimizer steps the batch plan promises: per step position (SDPO's loop) or per batch
+    # with its 3 steps accumulated (DDPO's loop)
+    per_epoch = tr.plan.optimizer_steps_per_epoch
+    batches = tr.plan.train_batches_per_process
+    expected = 3 * batches if (method, schedule) in {("sdpo", "auto"), ("ddpo", "per_step")} else batches
+    assert per_epoch == expected and updates == list(range(1, 2 * per_epoch + 1))
 
 
 def test_full_finetune_updates_unet(tiny_cfg, tmp_path):

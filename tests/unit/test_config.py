@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from sdpo_core.config import ConfigError, batch_plan, load_config, parse_override, pipeline_names
+from sdpo_core.config import (
+    ConfigError,
+    batch_plan,
+    load_config,
+    micro_steps_per_update,
+    parse_override,
+    pipeline_names,
+    resolve_update_schedule,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 INVALID = sorted((ROOT / "tests" / "configs" / "invalid").glob("*.yaml"))
@@ -60,6 +68,19 @@ def test_batch_plan_arithmetic():
     # 8 pairs per process -> 4 train batches; 3 step positions x 4 batches / 2 accumulation = 6
     assert (plan.train_items_per_process, plan.train_batches_per_process) == (8, 4)
     assert plan.optimizer_steps_per_epoch == 6 and plan.samples_per_epoch == 32
+    # SDPO with DDPO's update schedule: each batch's 3 steps accumulated -> 4 batches / 2 = 2 updates
+    per_traj = load_config("tiny-random", ["sample.batch_size=4", "sample.num_batches_per_epoch=2",
+                                           "train.batch_size=2", "train.gradient_accumulation_steps=2",
+                                           "sample.num_steps=3", "train.update_schedule=per_trajectory"],
+                           ROOT / "pipelines.yaml")
+    assert batch_plan(per_traj).optimizer_steps_per_epoch == 2
+    assert micro_steps_per_update(cfg) == 2 and micro_steps_per_update(per_traj) == 6
+    # DDPO defaults to its own schedule: 16 trajectories / 2 = 8 batches, / 2 accumulation = 4 updates
+    ddpo = load_config("tiny-random", ["sample.batch_size=4", "sample.num_batches_per_epoch=2",
+                                       "train.batch_size=2", "train.gradient_accumulation_steps=2",
+                                       "sample.num_steps=3", "train.method=ddpo"], ROOT / "pipelines.yaml")
+    assert resolve_update_schedule(ddpo.train) == "per_trajectory"
+    assert batch_plan(ddpo).optimizer_steps_per_epoch == 4
     # DDPO trains on single trajectories: 4 prompts x 2 = 8 per process, which 3 does not divide
     with pytest.raises(ConfigError, match="does not divide the 8 trajectories"):
         load_config("tiny-random", ["train.method=ddpo", "train.batch_size=3"], ROOT / "pipelines.yaml")
