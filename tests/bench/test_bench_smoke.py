@@ -72,6 +72,20 @@ def test_cost_smoke(tmp_path):
     assert all(line.rstrip(" |").endswith("1.00") for line in table), proc.stdout
 
 
+def test_cost_ab_smoke(tmp_path):
+    # this tree against its own HEAD through a git worktree: both sides must run and be compared
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "cost_ab.sh"), "--smoke", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("before_1.json", "after_1.json"):
+        rows = json.loads((tmp_path / name).read_text())["steps_sweep"]
+        assert rows and finite_positive(rows[0]["floor_ratio"])
+    assert "| 2 | 1 |" in (tmp_path / "compare.md").read_text()
+
+
 def test_gpu_script_smoke_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = run_script("gpu.py", "--peak-tflops", "1", "--out", str(out))
