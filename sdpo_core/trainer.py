@@ -295,11 +295,12 @@ class Trainer:
         k = len(s.latents)
         x_t = torch.cat([lat[rows, steps] for lat in s.latents]).to(dev)
         x_prev = torch.cat([lat[rows, steps + 1] for lat in s.latents]).to(dev)
-        t = self.timesteps[steps].repeat(k).to(dev)
+        t_cpu = self.timesteps[steps].repeat(k)  # ddim_step reads schedule values on the host
+        t = t_cpu.to(dev)
         embeds = s.embeds[rows].repeat(k, 1, 1).to(dev)
         neg = self.negative_embed.expand(len(t), -1, -1) if self.negative_embed is not None else None
         out = guided_output(self._unet_fn(self.unet), x_t, t, embeds, cfg.sample.guidance_scale, neg)
-        _, _, lp = ddim_step(self.ddim, out, t.cpu(), x_t, cfg.sample.eta, prev_sample=x_prev)
+        _, _, lp = ddim_step(self.ddim, out, t_cpu, x_t, cfg.sample.eta, prev_sample=x_prev)
         return lp.chunk(k)
 
     def _batch_loss(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor):
