@@ -400,7 +400,8 @@ class Trainer:
         state = ckpt.CheckpointState(
             epoch=epoch, global_step=self.global_step, weights=self.trainable_state(),
             optimizer=_to_cpu_copy(self.optimizer.state_dict()),
-            tracker=_to_cpu_copy(self.stat_tracker.state_dict()) if self.stat_tracker else None,
+            # the tracker lives on the CPU and its state_dict already returns copies
+            tracker=self.stat_tracker.state_dict() if self.stat_tracker else None,
             rng={"torch": torch.get_rng_state()}, config_yaml=self.config_yaml,
         )
         return self.checkpoints.submit(self.run_dir, state, self.cfg.train.keep_checkpoints)
