@@ -60,6 +60,7 @@ from sdpo_core.losses import sdpo_loss, temporal_weights  # noqa: E402
 from sdpo_core.models import add_lora  # noqa: E402
 from sdpo_core.sampling import guided_output, sample_pairs  # noqa: E402
 from sdpo_core.scheduling import DDIMParams, ddim_step  # noqa: E402
+from sdpo_core.tiny.pipeline import SD_TURBO_SCHEDULER  # noqa: E402
 from sdpo_core.tiny.tokenizer import build_tokenizer  # noqa: E402
 
 # ----------------------------------------------------------------------------- configs
@@ -109,18 +110,6 @@ SD_TURBO_TEXT = dict(
     max_position_embeddings=77,
     hidden_act="gelu",
     projection_dim=1024,
-)
-# scheduler/scheduler_config.json, as sdpo loads it (DDIM, trailing spacing)
-SD_TURBO_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-    timestep_spacing="trailing",
 )
 # --smoke: the same classes, shrunk to run on a CPU in seconds (64 px images, 8x8 latents)
 SMOKE_UNET = dict(

@@ -29,18 +29,23 @@ class TinySizes:
     words: list[str] = field(default_factory=list)
 
 
+# SD-Turbo's scheduler/scheduler_config.json as sdpo loads it (DDIM, trailing spacing); the tiny
+# pipelines and bench/gpu.py's SD-Turbo-shaped model share it
+SD_TURBO_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="trailing",
+)
+
+
 def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-        timestep_spacing="trailing",
-    )
+    return DDIMScheduler(**{**SD_TURBO_SCHEDULER, "prediction_type": prediction_type})
 
 
 def build_tiny_pipeline(sizes: TinySizes | None = None, seed: int = 0) -> StableDiffusionPipeline:
