@@ -1,0 +1,1 @@
+"""Model families (see ``base.py``): one file per diffusers pipeline class."""

@@ -1,0 +1,1 @@
+"""Stochastic samplers with log-probs (see ``base.py``): one file per sampler."""
