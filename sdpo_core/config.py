@@ -125,9 +125,10 @@ class TrainConfig(_Strict):
         "gradient_accumulation_steps batches (DDPO's loop); auto: per_step for sdpo, per_trajectory for ddpo",
     )
     recompute_log_probs: Literal["auto", "always", "never"] = Field(
-        default="auto",
-        description="score sampled transitions again in the training batch layout before the first update "
-        "(auto: under mixed precision, where batch-dependent half-precision kernels shift log-probs)",
+        default="never",
+        description="score sampled transitions again in the training batch layout before the first update; "
+        "never: the sampling-time log-probs, as the paper; always; auto: only under mixed precision (for "
+        "devices whose half-precision kernels depend on the batch layout: watch check/first_batch_kl)",
     )
     shuffle_batch: bool = True
     dense_reward: bool = Field(default=True, description="ablation: false gives the final reward at every step")

@@ -49,6 +49,8 @@ from sdpo_core.scheduling import DDIMParams, ddim_step
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
+# pre-update approx KL above which sampling and training disagree (float32 agrees to ~1e-12)
+KL_WARN = 1e-6
 
 
 def _to_cpu_copy(obj):
@@ -191,7 +193,7 @@ class Trainer:
         model = self.acc.unwrap_model(self.unet)
         model.eval()
         traj = sample_pairs(
-            self._unet_fn(model), self.ddim, self.timesteps, embeds, noise.to(self.acc.device, self.infer_dtype),
+            self._unet_fn(model), self.ddim, self.timesteps, embeds, noise.to(self.acc.device),
             cfg.sample.eta, gen, cfg.sample.guidance_scale, neg, paired=paired,
         )
         if paired:
@@ -362,6 +364,10 @@ class Trainer:
         # before the first update the ratio must be 1: a non-zero value means sampling and training
         # score transitions differently (see train.recompute_log_probs)
         metrics["check/first_batch_kl"] = float(info["approx_kl"][0])
+        if metrics["check/first_batch_kl"] > KL_WARN and not self.recompute_log_probs:
+            log.warning("epoch %d: approx KL %.3g before the first update (want ~0): sampling and training "
+                        "score transitions differently on this device; set train.recompute_log_probs=always",
+                        epoch, metrics["check/first_batch_kl"])
         metrics["time/training"] = time.perf_counter() - start
         return metrics
 

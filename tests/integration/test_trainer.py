@@ -153,3 +153,20 @@ def test_existing_checkpoints_need_resume_flag(tiny_cfg, tmp_path):
     Trainer(tiny_cfg("train.epochs=1"), tmp_path).run()
     with pytest.raises(ResumeError, match="--resume"):
         Trainer(tiny_cfg("train.epochs=1"), tmp_path).run()
+
+
+def test_bf16_autocast_ratio_is_one_without_rescoring(tiny_cfg, tmp_path, request):
+    # CPU bf16 autocast: trajectories are stored in float32 exactly as scored, so the first update
+    # sees ratio 1 with the sampling-time log-probs (the paper's way; measured 0.065 approx KL
+    # before latents were kept in float32)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    tr = Trainer(tiny_cfg("model.mixed_precision=bf16", "train.recompute_log_probs=never",
+                          "sample.num_steps=4"), tmp_path)
+    assert tr.acc.mixed_precision == "bf16" and not tr.recompute_log_probs
+    samples, _, _ = tr.sample_epoch(0)
+    assert all(lat.dtype == torch.float32 for lat in samples.latents)
+    metrics = tr.train_epoch(samples, 0)
+    assert metrics["check/first_batch_kl"] == 0.0

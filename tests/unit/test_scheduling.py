@@ -68,6 +68,23 @@ def test_scoring_given_prev_sample_returns_same_log_prob():
     assert torch.equal(lp, lp2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sample_is_scored_exactly_as_returned(dtype):
+    # a half-precision model's x_t: the returned x_{t-1} stays float32, so re-scoring the stored
+    # tensor gives the log-prob of the draw bit for bit (rounding it to the model dtype would not)
+    sched = _scheduler("epsilon", "trailing")
+    sched.set_timesteps(4)
+    params = DDIMParams.from_scheduler(sched, 4)
+    x, out = torch.randn(5, 4, 16, 16).to(dtype), torch.randn(5, 4, 16, 16).to(dtype)
+    t = sched.timesteps[3]  # the last step: the smallest sigma, where rounding moves the log-prob most
+    prev, x0, lp = ddim_step(params, out, t, x, 1.0, generator=torch.Generator().manual_seed(3))
+    assert prev.dtype == torch.float32 and x0.dtype == torch.float32
+    _, _, lp_again = ddim_step(params, out, t, x, 1.0, prev_sample=prev)
+    assert torch.equal(lp, lp_again)
+    _, _, lp_rounded = ddim_step(params, out, t, x, 1.0, prev_sample=prev.to(dtype))
+    assert (lp_rounded - lp).abs().max() > 1e-4  # what storing the rounded tensor used to cost
+
+
 def test_log_prob_by_hand():
     # alphas_cumprod = [0.9, 0.5]; 2 train steps, 1 inference step at t=1 -> prev t=0 (clamp).
     # a_t = 0.5, a_prev = 0.9; variance = (1-0.9)/(1-0.5) * (1 - 0.5/0.9) = 0.2 * 4/9 = 0.08889
