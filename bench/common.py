@@ -136,7 +136,7 @@ def _bench_trainer_class():
         @torch.no_grad()
         def light_eval(self) -> dict[str, float]:
             """Mean reward of the eval prompts at each evaluate.steps count, with the current weights."""
-            from sdpo_core.evaluate import generate
+            from sdpo_core.generate import generate
 
             unet = self.acc.unwrap_model(self.unet)
             was_training = unet.training

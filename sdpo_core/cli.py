@@ -150,24 +150,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from sdpo_core.models import MODEL_META, load_pipeline, load_trained
+    from sdpo_core.generate import default_device, generate_trajectories, policy_for
+    from sdpo_core.models import MODEL_META, decode_latents, load_pipeline, load_trained
     from sdpo_core.plots import save_image_grid
 
-    model = Path(args.model)
+    model, device = Path(args.model), default_device()
     if args.lora:
-        pipe = load_trained(args.lora, base=args.model)
+        pipe = load_trained(args.lora, base=args.model, device=device)
     elif (model / MODEL_META).is_file():
-        pipe = load_trained(model)
+        pipe = load_trained(model, device=device)
     else:
-        pipe = load_pipeline(args.model)
-    # one generator per image so image i is the same whatever --num-images is
-    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-    images = pipe(
-        [args.prompt] * args.num_images, num_inference_steps=args.steps, eta=args.eta,
-        guidance_scale=args.guidance_scale, generator=gens, output_type="pt",
-    ).images
+        pipe = load_pipeline(args.model, device=device)
+    # the training sampler; one generator per image so image i is the same whatever --num-images is
+    policy = policy_for(pipe, args.steps, args.eta, args.last_step, args.guidance_scale)
+    seeds = [args.seed + i for i in range(args.num_images)]
+    traj = generate_trajectories(pipe, policy, [args.prompt] * args.num_images, seeds, None)
+    images = decode_latents(pipe, traj.x0[:, -1]).cpu()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = [f"seed {args.seed + i}" for i in range(args.num_images)] if args.num_images > 1 else [args.prompt]
@@ -233,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--last-step", choices=["clamp", "final_alpha"], default="clamp",
+                   help="last DDIM step: clamp (stochastic, as trained by default) or final_alpha (diffusers)")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write")

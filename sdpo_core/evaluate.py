@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sdpo_core import models
 from sdpo_core.config import Config, ConfigError
+from sdpo_core.generate import compute_dtype, default_device, generate
 from sdpo_core.metrics import get_metric
 from sdpo_core.plots import reward_vs_steps_plot, save_image_grid
 from sdpo_core.rewards import RewardFn, build_reward, check_rewards
@@ -135,30 +136,11 @@ def eval_plan(cfg: Config, eval_prompts: list[str]) -> EvalPlan:
     )
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], num_steps: int, cfg: Config) -> torch.Tensor:
-    """len(prompts) images (N, 3, H, W) in [0, 1] with the real pipeline call.
-
-    One CPU generator per sample: its noise (initial and DDIM's per-step noise) depends on its
-    seed only, not on the batch it lands in or the device.
-    """
-    size = cfg.sample.resolution
-    out = pipe(
-        prompt=prompts,
-        num_inference_steps=num_steps,
-        eta=cfg.sample.eta,
-        guidance_scale=cfg.sample.guidance_scale,
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-        output_type="pt",
-        height=size,
-        width=size,
-    )
-    return out.images.float()
-
-
 def evaluate_model(
-    pipe, label: str, plan: EvalPlan, cfg: Config, reward_fn: RewardFn, metric_names: list[str]
+    pipe, label: str, plan: EvalPlan, cfg: Config, reward_fn: RewardFn, metric_names: list[str],
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[int, dict[str, Any]], torch.Tensor]:
-    """Score one model at every step count.
+    """Score one model at every step count, sampled with the training policy (``generate``).
 
     Returns ({steps: summary}, grid images (len(steps), K, 3, H, W) uint8 for K grid prompts).
     """
@@ -169,7 +151,7 @@ def evaluate_model(
         rewards, kept = [], []
         for start in range(0, n, bs):
             prompts, seeds = plan.sample_prompts[start : start + bs], plan.seeds[start : start + bs]
-            images = generate(pipe, prompts, seeds, num_steps, cfg)
+            images = generate(pipe, prompts, seeds, num_steps, cfg, dtype)
             rewards.append(check_rewards(cfg.reward.name, reward_fn(images, prompts), len(prompts)).cpu())
             if metric_names:  # metrics see all N images of a step count at once
                 kept.append(images.cpu())
@@ -190,17 +172,16 @@ def evaluate_model(
 # The stage
 
 
-def _load(cfg: Config, base: str, trained_dir: str | Path | None, device: str):
+def _load(cfg: Config, base: str, trained_dir: str | Path | None, device: torch.device, dtype: torch.dtype):
     """The base pipeline as is (``trained_dir`` None), or with the trained weights applied."""
-    spacing = cfg.model.timestep_spacing
+    spacing, rev = cfg.model.timestep_spacing, cfg.model.revision
     if trained_dir is None:
-        return models.load_pipeline(
-            base, revision=cfg.model.revision, device=device, timestep_spacing=spacing
-        )
+        return models.load_pipeline(base, revision=rev, device=device, dtype=dtype, timestep_spacing=spacing)
     meta_base = models.read_model_meta(trained_dir)["base_model"]
     if meta_base != base and Path(meta_base).resolve() != Path(base).resolve():
         log.warning("trained model %s was trained on %s but is evaluated on %s", trained_dir, meta_base, base)
-    return models.load_trained(trained_dir, base=base, device=device, timestep_spacing=spacing)
+    return models.load_trained(trained_dir, base=base, device=device, dtype=dtype, timestep_spacing=spacing,
+                               revision=rev)
 
 
 def build_eval_dict(
@@ -224,6 +205,8 @@ def build_eval_dict(
         "samples_per_prompt": cfg.evaluate.samples_per_prompt,
         "seed": cfg.evaluate.seed,
         "eta": cfg.sample.eta,
+        "last_step": cfg.sample.last_step,
+        "mixed_precision": cfg.model.mixed_precision,
         "guidance_scale": cfg.sample.guidance_scale,
         "prompts": plan.prompts,
         "steps": steps,
@@ -236,25 +219,30 @@ def evaluate(
     trained_dir: str | Path | None,
     eval_prompts: list[str],
     out_dir: str | Path,
-    device: str = "cpu",
+    device: str | torch.device | None = None,
     tracker=None,
 ) -> dict:
     """Evaluate base (and trained, unless ``trained_dir`` is None) at each of ``evaluate.steps``.
 
     Writes ``eval.json``, ``reward_vs_steps.png`` and ``grid.png`` into ``out_dir``; logs per-step
-    means and the files to ``tracker`` when given. Sampling runs in float32. Returns the eval dict.
+    means and the files to ``tracker`` when given. Samples on ``device`` (default: where training
+    runs, a GPU if there is one) in training's compute dtype (``model.mixed_precision``), with the
+    training sampler. Returns the eval dict.
     """
     # 1. Check everything cheap before loading a model.
     plan = eval_plan(cfg, eval_prompts)
-    reward_fn = build_reward(cfg.reward.name, cfg.reward.options, device=device)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = compute_dtype(cfg.model.mixed_precision)
+    reward_fn = build_reward(cfg.reward.name, cfg.reward.options, device=device, dtype=dtype)
     for name in cfg.evaluate.metrics:
         get_metric(name)
     # 2. One model at a time (the base is freed before the trained one loads).
     results, grids = {}, {}
     models_to_run = {"base": None} if trained_dir is None else {"base": None, "trained": trained_dir}
     for label, weights in models_to_run.items():
-        pipe = _load(cfg, base, weights, device)
-        results[label], grids[label] = evaluate_model(pipe, label, plan, cfg, reward_fn, cfg.evaluate.metrics)
+        pipe = _load(cfg, base, weights, device, dtype)
+        results[label], grids[label] = evaluate_model(pipe, label, plan, cfg, reward_fn, cfg.evaluate.metrics,
+                                                      dtype)
         del pipe
     # 3. Statistics, files, tracking.
     result = build_eval_dict(cfg, base, trained_dir, plan, results)

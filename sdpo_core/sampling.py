@@ -8,6 +8,7 @@ log p(x_{t-1} | x_t) under the sampling policy (see ``scheduling.ddim_step``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +23,68 @@ UnetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class Trajectories:
     """N trajectories of T steps. Items [0:B] and [B:2B] are the pairs when sampled paired."""
 
-    latents: torch.Tensor  # (N, T+1, C, H, W): x_T ... x_0; step j goes latents[:, j] -> latents[:, j+1]
-    x0: torch.Tensor  # (N, T, C, H, W): predicted clean latent at each step
+    latents: torch.Tensor  # (N, T+1, C, H, W) float32: x_T ... x_0; step j goes latents[:, j] -> latents[:, j+1]
+    x0: torch.Tensor  # (N, T, C, H, W) float32: predicted clean latent at each step
     log_probs: torch.Tensor  # (N, T) float32
-    timesteps: torch.Tensor  # (T,) long
 
     @property
     def num_steps(self) -> int:
         return self.log_probs.shape[1]
+
+
+def unet_caller(model: torch.nn.Module, dtype: torch.dtype, autocast: Callable[[], AbstractContextManager]) -> UnetFn:
+    """The denoiser call that sampling, training and evaluation share: inputs cast to the model's
+    compute dtype, run under ``autocast()`` (accelerate's, or ``torch.autocast``)."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return model(x.to(dtype), t, encoder_hidden_states=e.to(dtype)).sample
+
+    return fn
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """(N, ...) float32 standard normal noise on the CPU. A list of N generators gives item i the
+    noise of generator i alone (an evaluation sample then depends on its seed, not its batch)."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} items")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)
+
+
+@dataclass
+class Policy:
+    """How the model samples at T steps: the denoiser call, the DDIM constants and timesteps, eta and
+    CFG. ``build_policy`` makes it for training, evaluation and ``sdpo generate`` alike, so what is
+    evaluated is sampled exactly as what was trained."""
+
+    unet_fn: UnetFn
+    params: DDIMParams
+    timesteps: torch.Tensor  # (T,) long, on the CPU
+    eta: float
+    guidance_scale: float = 1.0
+    negative_embeds: torch.Tensor | None = None  # (1, L, D) empty-prompt embedding, CFG only
+
+    def negatives(self, n: int) -> torch.Tensor | None:
+        return None if self.negative_embeds is None else self.negative_embeds.expand(n, -1, -1)
+
+    def sample(self, embeds: torch.Tensor, init_latents: torch.Tensor,
+               generator: torch.Generator | list[torch.Generator] | None) -> Trajectories:
+        """N trajectories from x_T ``init_latents`` (N, C, H, W) for ``embeds`` (N, L, D)."""
+        return sample_trajectories(self.unet_fn, self.params, self.timesteps, embeds, init_latents, self.eta,
+                                   generator, self.guidance_scale, self.negatives(embeds.shape[0]))
+
+
+def build_policy(scheduler, unet_fn: UnetFn, num_steps: int, eta: float, last_step: str,
+                 guidance_scale: float = 1.0, negative_embeds: torch.Tensor | None = None) -> Policy:
+    """A Policy at ``num_steps`` from a diffusers DDIMScheduler (its ``set_timesteps`` is called)."""
+    if num_steps < 1:
+        raise ValueError(f"the number of denoising steps must be >= 1, got {num_steps}")
+    scheduler.set_timesteps(num_steps, device="cpu")
+    params = DDIMParams.from_scheduler(scheduler, num_steps, last_step)
+    neg = negative_embeds if guidance_scale > 1 else None
+    return Policy(unet_fn, params, scheduler.timesteps.clone().long(), eta, guidance_scale, neg)
 
 
 def guided_output(
@@ -62,34 +117,32 @@ def sample_trajectories(
     embeds: torch.Tensor,
     init_latents: torch.Tensor,
     eta: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     guidance_scale: float = 1.0,
     negative_embeds: torch.Tensor | None = None,
-    on_step: Callable[[int], None] | None = None,
 ) -> Trajectories:
     """Run the DDIM sampler and record the dual states.
 
     Args:
         timesteps: (T,) long, the scheduler's timesteps for T inference steps.
         embeds: (N, L, D) prompt embeddings; init_latents: (N, C, H, W) x_T.
+        generator: one CPU generator for the batch, or one per item (see ``draw_noise``).
     Returns:
         Trajectories with latents (N,T+1,C,H,W), x0 (N,T,C,H,W), log_probs (N,T).
     """
-    x = init_latents
+    x = init_latents.float()
     latents, x0s, log_probs = [x], [], []
-    for i, t in enumerate(timesteps):
+    for t in timesteps:
         out = guided_output(unet_fn, x, t, embeds, guidance_scale, negative_embeds)
-        x, x0, lp = ddim_step(params, out, t, x, eta, generator=generator)
+        noise = draw_noise(tuple(x.shape), generator).to(x.device)
+        x, x0, lp = ddim_step(params, out, t, x, eta, noise=noise)
         latents.append(x)
         x0s.append(x0)
         log_probs.append(lp)
-        if on_step is not None:
-            on_step(i)
     return Trajectories(
         latents=torch.stack(latents, dim=1),
         x0=torch.stack(x0s, dim=1),
         log_probs=torch.stack(log_probs, dim=1),
-        timesteps=timesteps.detach().cpu().long(),
     )
 
 
@@ -101,7 +154,7 @@ def sample_pairs(
     embeds: torch.Tensor,
     init_latents: torch.Tensor,
     eta: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     guidance_scale: float = 1.0,
     negative_embeds: torch.Tensor | None = None,
     paired: bool = True,

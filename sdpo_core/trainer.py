@@ -41,11 +41,19 @@ from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
 from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
 from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
-from sdpo_core.models import DTYPES, add_lora, decode_latents, encode_prompts, load_pipeline, lora_param_keys
+from sdpo_core.models import (
+    DTYPES,
+    add_lora,
+    decode_latents,
+    encode_prompts,
+    latent_shape,
+    load_pipeline,
+    lora_param_keys,
+)
 from sdpo_core.models import save_trained as save_trained_model
 from sdpo_core.rewards import build_reward, check_rewards
-from sdpo_core.sampling import guided_output, sample_pairs
-from sdpo_core.scheduling import DDIMParams, ddim_step
+from sdpo_core.sampling import build_policy, guided_output, sample_pairs, unet_caller
+from sdpo_core.scheduling import ddim_step
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -138,9 +146,6 @@ class Trainer:
             unet.requires_grad_(True)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.pipe.scheduler.set_timesteps(cfg.sample.num_steps, device="cpu")
-        self.timesteps = self.pipe.scheduler.timesteps.clone().long()
-        self.ddim = DDIMParams.from_scheduler(self.pipe.scheduler, cfg.sample.num_steps, cfg.sample.last_step)
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         t = cfg.train
         # foreach: one multi-tensor kernel per update instead of a Python loop over the LoRA tensors
@@ -152,18 +157,16 @@ class Trainer:
         # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call)
         self.lora_params = lora_param_keys(unet) if cfg.model.finetune == "lora" else None
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
-        size = cfg.sample.resolution or unet.config.sample_size * self.pipe.vae_scale_factor
-        self.latent_shape = (unet.config.in_channels, size // self.pipe.vae_scale_factor,
-                             size // self.pipe.vae_scale_factor)
-        empty = encode_prompts(self.pipe, [""])
-        self.negative_embed = empty if cfg.sample.guidance_scale > 1 else None
+        self.latent_shape = latent_shape(self.pipe, cfg.sample.resolution)
+        # the sampling policy that evaluation and `sdpo generate` rebuild the same way (build_policy)
+        s = cfg.sample
+        self.policy = build_policy(self.pipe.scheduler, self._unet_fn(unet), s.num_steps, s.eta, s.last_step,
+                                   s.guidance_scale, encode_prompts(self.pipe, [""]))
+        self.timesteps, self.ddim = self.policy.timesteps, self.policy.params
+        self.negative_embed = self.policy.negative_embeds
 
     def _unet_fn(self, model: torch.nn.Module) -> Callable:
-        def fn(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-            with self.acc.autocast():
-                return model(x.to(self.infer_dtype), t, encoder_hidden_states=e.to(self.infer_dtype)).sample
-
-        return fn
+        return unet_caller(model, self.infer_dtype, self.acc.autocast)
 
     # ------------------------------------------------------------------ sampling + rewards
     def _reward_job(self, x0: torch.Tensor, steps: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, float]:

@@ -137,3 +137,29 @@ def test_evaluate_without_eval_prompts_is_an_error(model_dirs, tmp_path):
     with pytest.raises(EvaluateError, match="prompts.eval_fraction"):
         evaluate(_cfg(base_dir), str(base_dir), None, [], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("last_step,eta", [("clamp", 0.7), ("clamp", 1.0)])
+def test_evaluation_samples_exactly_as_training(tiny_cfg, tmp_path, last_step, eta):
+    # the trainer's policy (sampling.build_policy inside Trainer) and evaluation's (generate.policy_for
+    # on a freshly loaded pipeline) give the same trajectory from the same seed: same timesteps, last
+    # step, eta and denoiser call. diffusers' pipe() (final_alpha, its own noise order) would not.
+    from sdpo_core.generate import generate_trajectories, policy_for
+    from sdpo_core.trainer import Trainer
+
+    cfg = tiny_cfg(f"sample.last_step={last_step}", f"sample.eta={eta}", "sample.num_steps=3")
+    tr = Trainer(cfg, tmp_path / "run")  # fresh LoRA: lora_B is zero, so the policy is the base model's
+    prompts, seeds = ["a red fox", "a dog"], [11, 12]
+    trained_side = generate_trajectories(tr.pipe, tr.policy, prompts, seeds, cfg.sample.resolution)
+    pipe = models.load_pipeline(cfg.model.pretrained)
+    s = cfg.sample
+    eval_side = generate_trajectories(pipe, policy_for(pipe, 3, s.eta, s.last_step, s.guidance_scale), prompts,
+                                      seeds, s.resolution)
+    for name in ("latents", "x0", "log_probs"):
+        assert torch.equal(getattr(trained_side, name), getattr(eval_side, name)), name
+    # and the policy is the one training samples its batches with
+    assert tr.policy.params == tr.ddim and torch.equal(tr.policy.timesteps, tr.timesteps)
+    # the images evaluated are the last step's predicted x0, under the stochastic clamp step
+    diffusers = pipe(prompts, num_inference_steps=3, eta=eta, output_type="latent",
+                     generator=[torch.Generator().manual_seed(x) for x in seeds]).images
+    assert not torch.allclose(diffusers, eval_side.x0[:, -1])
