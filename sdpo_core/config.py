@@ -165,7 +165,11 @@ class RegisterConfig(_Strict):
 class TrackingConfig(_Strict):
     backend: Literal["none", "mlflow"] = "mlflow"
     experiment: str = "sdpo"
-    log_images_every: int = Field(default=1, ge=1)
+    log_images_every: int = Field(
+        default=10, ge=1,
+        description="epochs between sample grids (RUN_DIR/samples/epoch_NNNN.png, also logged to the tracker): "
+        "first-step and final x0 of the first batch's first 4 trajectories, with their rewards and prompts",
+    )
 
 
 # BaseModel's metaclass has an ABC ``register`` method; the design fixes ``register`` as a key.

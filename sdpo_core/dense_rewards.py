@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# below this |sum of similarity weights| a predicted step reward is a division by ~0
+MIN_WEIGHT_SUM = 1e-6
+
 
 def similarities(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor step and cosine similarities of every step to the first, anchor and last x0.
@@ -62,7 +65,19 @@ def predict_dense_rewards(
     w = sims.float()
     if not use_anchor:
         w = w * torch.tensor([1.0, 0.0, 1.0], device=w.device)
-    dense_r = (w * r[:, None, :]).sum(-1) / w.sum(-1)
+    denom = w.sum(-1)
+    dense_r = (w * r[:, None, :]).sum(-1) / denom
+    # cosine similarities can be negative: a step whose weights sum to ~0 has no usable prediction
+    bad = ~torch.isfinite(dense_r) | (denom.abs() < MIN_WEIGHT_SUM)
+    bad[:, 0] = bad[:, -1] = False  # overwritten by measured values below
+    if use_anchor:
+        bad[torch.arange(n, device=r.device), anchor] = False
+    if bool(bad.any()):
+        raise ValueError(
+            f"dense rewards are not finite at {int(bad.sum())} of {n * t} (trajectory, step) entries: the "
+            f"similarity weights of those steps sum to {float(denom[bad].abs().min()):.3g} (~0); "
+            "set train.dense_reward=false or check the measured rewards for NaN / inf"
+        )
     rows = torch.arange(n, device=r.device)
     dense_r[:, 0] = r[:, 0]
     dense_r[:, -1] = r[:, 2]

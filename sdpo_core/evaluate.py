@@ -17,7 +17,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -46,11 +45,9 @@ class EvaluateError(ConfigError):
 
 
 def _t_quantile(level: float, dof: int) -> float:
-    """Two-sided Student-t quantile; the normal one (1.96 at 95%) if scipy is missing."""
-    try:
-        from scipy import stats
-    except ImportError:  # scipy comes with scikit-learn in practice
-        return NormalDist().inv_cdf((1 + level) / 2)
+    """Two-sided Student-t quantile (scipy comes with scikit-learn)."""
+    from scipy import stats
+
     return float(stats.t.ppf((1 + level) / 2, dof))
 
 

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import random
 import re
@@ -32,22 +31,6 @@ from pathlib import Path
 from sdpo_core.config import PromptsConfig
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-# Fallback digit phrasings ({n}: numeral, {w}: word, {a}: its article) if sdpo_core.tiny.digits
-# does not provide them; the split holds out whole phrasings (see split_by_phrasing).
-DIGIT_TEMPLATES = [
-    "a handwritten digit {n}",
-    "the number {w}",
-    "{a} {w}",
-    "digit {w}",
-    "the digit {n}",
-    "a handwritten {w}",
-    "the numeral {n}",
-    "a drawing of the number {n}",
-    "{w}, written by hand",
-    "a sketch of {a} {w}",
-    "number {n}",
-    "the handwritten number {w}",
-]
 ACTIVITIES = [
     "riding a bike",
     "playing chess",
@@ -101,23 +84,11 @@ def _asset(name: str) -> list[str]:
     return files("sdpo_core.assets").joinpath(f"{name}.txt").read_text(encoding="utf-8").splitlines()
 
 
-def _fallback_digit_prompts() -> list[tuple[str, int]]:
-    out = []
-    for d, w in enumerate(DIGIT_WORDS):
-        out += [(t.format(n=d, w=w, a=_article(w)), d) for t in DIGIT_TEMPLATES]
-    return out
-
-
 def digit_prompts() -> list[tuple[str, int]]:
-    """(prompt, digit) pairs: from ``sdpo_core.tiny.digits.all_digit_prompts`` when it exists."""
-    try:
-        module = importlib.import_module("sdpo_core.tiny.digits")
-    except ModuleNotFoundError as exc:
-        if exc.name != "sdpo_core.tiny.digits":
-            raise
-        return _fallback_digit_prompts()
-    fn = getattr(module, "all_digit_prompts", None)
-    return [(str(p), int(d)) for p, d in fn()] if fn else _fallback_digit_prompts()
+    """(prompt, digit) pairs of the embedded digits model (``sdpo_core.tiny.digits``)."""
+    from sdpo_core.tiny.digits import all_digit_prompts
+
+    return [(str(p), int(d)) for p, d in all_digit_prompts()]
 
 
 def digit_phrasing(prompt: str, digit: int) -> str:

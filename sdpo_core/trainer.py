@@ -51,12 +51,15 @@ from sdpo_core.models import (
     lora_param_keys,
 )
 from sdpo_core.models import save_trained as save_trained_model
+from sdpo_core.plots import save_image_grid
 from sdpo_core.rewards import build_reward, check_rewards
 from sdpo_core.sampling import build_policy, guided_output, sample_pairs, unet_caller
 from sdpo_core.scheduling import ddim_step
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
+# trajectories shown in the sample grid of a logging epoch (tracking.log_images_every)
+GRID_TRAJECTORIES = 4
 # pre-update approx KL above which sampling and training disagree (float32 agrees to ~1e-12)
 KL_WARN = 1e-6
 
@@ -88,6 +91,7 @@ class EpochSamples:
     latents: list[torch.Tensor]  # one (M, T+1, C, H, W) per trajectory of an item (2 for sdpo)
     log_probs: list[torch.Tensor]  # one (M, T) per trajectory
     advantages: list[torch.Tensor] = field(default_factory=list)  # one (M, T) per trajectory
+    prompts: list[str] = field(default_factory=list)  # M: the prompt of each item
 
 
 class Trainer:
@@ -169,11 +173,15 @@ class Trainer:
         return unet_caller(model, self.infer_dtype, self.acc.autocast)
 
     # ------------------------------------------------------------------ sampling + rewards
-    def _reward_job(self, x0: torch.Tensor, steps: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, float]:
+    def _reward_job(self, x0: torch.Tensor, steps: torch.Tensor, prompts: list[str],
+                    grid: int = 0) -> tuple[torch.Tensor, float, dict[str, float], torch.Tensor | None]:
         """Decode x0 at the queried steps and score them; runs in the worker thread.
 
-        x0: (N, T, C, H, W); steps: (N, Q) step indices. Returns (N, Q) rewards and busy seconds.
-        Each distinct (trajectory, step) is decoded and scored once (T = 1 or 2 repeat steps).
+        x0: (N, T, C, H, W); steps: (N, Q) step indices; prompts: N, one per trajectory. Returns
+        (N, Q) rewards, busy seconds, the mean of each component of a combined reward, and, when
+        ``grid`` > 0, the first-step and final x0 images of the first ``grid`` trajectories as
+        (2, grid, 3, H, W) uint8 (for the sample grid; decoded again only where not queried). Each
+        distinct (trajectory, step) is decoded and scored once (T = 1 or 2 repeat steps).
         """
         start = time.perf_counter()
         n, t = x0.shape[:2]
@@ -184,10 +192,21 @@ class Trainer:
         values = check_rewards(self.cfg.reward.name, self.reward_fn(images, item_prompts), len(unique))
         # combined rewards expose each component's values of the last call: log their means
         parts = getattr(self.reward_fn, "last_components", None) or {}
-        self._component_means.append({k: float(v.float().mean()) for k, v in parts.items()})
-        return values.cpu()[inverse].reshape(steps.shape), time.perf_counter() - start
+        components = {k: float(v.float().mean()) for k, v in parts.items()}
+        panel = None
+        if grid:
+            where = {int(f): j for j, f in enumerate(unique)}
+            tiles = []
+            for step in (0, t - 1):
+                for i in range(min(grid, n)):
+                    j = where.get(i * t + step)
+                    tiles.append(images[j] if j is not None else decode_latents(
+                        self.pipe, x0[i, step][None].to(self.acc.device))[0])
+            panel = (torch.stack(tiles).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            panel = panel.reshape(2, min(grid, n), *panel.shape[1:])
+        return values.cpu()[inverse].reshape(steps.shape), time.perf_counter() - start, components, panel
 
-    def _sample_batch(self, prompts: list[str], gen: torch.Generator) -> tuple[dict, Future]:
+    def _sample_batch(self, prompts: list[str], gen: torch.Generator, grid: int = 0) -> tuple[dict, Future]:
         cfg, b = self.cfg, len(prompts)
         paired = cfg.train.method == "sdpo"
         embeds = encode_prompts(self.pipe, prompts)
@@ -205,9 +224,9 @@ class Trainer:
         else:
             anchor = sims = None
             steps = torch.full((2 * b, 1), traj.num_steps - 1)
-        future = self.executor.submit(self._reward_job, traj.x0.cpu(), steps, prompts * 2)
+        future = self.executor.submit(self._reward_job, traj.x0.cpu(), steps, prompts * 2, grid)
         out = {"embeds": embeds.cpu(), "latents": traj.latents.cpu(), "log_probs": traj.log_probs.cpu(),
-               "anchor": anchor, "sims": sims}
+               "anchor": anchor, "sims": sims, "prompts": prompts}
         return out, future
 
     def sample_epoch(self, epoch: int) -> tuple[EpochSamples, list[str], dict[str, float]]:
@@ -215,13 +234,14 @@ class Trainer:
         gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1))
         prompt_rng = np.random.default_rng(_seed(cfg.seed, epoch, rank, 2))
         batches, futures, prompts_all = [], [], []
-        self._component_means: list[dict[str, float]] = []
+        # the sample grid: the first batch's first trajectories, on the main process, every N epochs
+        grid = GRID_TRAJECTORIES if self.acc.is_main_process and epoch % cfg.tracking.log_images_every == 0 else 0
         t0 = time.perf_counter()
-        for _ in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
+        for k in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
                       disable=not self.acc.is_local_main_process, leave=False):
             idx = prompt_rng.integers(0, len(self.train_prompts), cfg.sample.batch_size)
             prompts = [self.train_prompts[i] for i in idx]
-            out, fut = self._sample_batch(prompts, gen)
+            out, fut = self._sample_batch(prompts, gen, grid if k == 0 else 0)
             batches.append(out)
             futures.append(fut)
             prompts_all.append(prompts)
@@ -230,9 +250,25 @@ class Trainer:
         t_wait = time.perf_counter() - t0 - t_sample
         stats = {"time/sampling": t_sample, "time/reward_wait": t_wait,
                  "time/reward": sum(r[1] for r in results)}
-        for name in self._component_means[0] if self._component_means else {}:
-            stats[f"reward_component/{name}"] = float(np.mean([c[name] for c in self._component_means]))
+        for name in results[0][2] if results else {}:
+            stats[f"reward_component/{name}"] = float(np.mean([r[2][name] for r in results]))
+        if results[0][3] is not None:
+            self._log_sample_grid(epoch, results[0][3], results[0][0], prompts_all[0] * 2)
         return self._assemble(batches, [r[0] for r in results], prompts_all, stats)
+
+    def _log_sample_grid(self, epoch: int, panel: torch.Tensor, rewards: torch.Tensor, prompts: list[str]) -> None:
+        """RUN_DIR/samples/epoch_NNNN.png (first-step and final x0 with their rewards and prompts),
+        logged to the tracker under ``samples/``. panel: (2, K, 3, H, W); rewards: (N, Q) queried."""
+        k = panel.shape[1]
+        cols = []
+        for i in range(k):
+            # SDPO queries the first step (column 0); DDPO only the final one
+            first = f"{float(rewards[i, 0]):.3f}" if rewards.shape[1] > 1 else "-"
+            cols.append(f"r {first} -> {float(rewards[i, -1]):.3f}: {prompts[i]}")
+        out = self.run_dir / "samples" / f"epoch_{epoch:04d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image_grid({f"epoch {epoch}": panel}, ["first-step x0", "final x0"], cols, out)
+        self.tracker.log_artifact(out, artifact_path="samples")
 
     # ------------------------------------------------------------------ advantages
     def _assemble(self, batches, queried, prompts_all, stats):
@@ -286,11 +322,12 @@ class Trainer:
         lat1, lat2 = halves([bt["latents"] for bt in batches])
         lp1, lp2 = halves([bt["log_probs"] for bt in batches])
         adv1, adv2 = halves(list(adv_chunks))
+        prompts = [p for bt in batches for p in bt["prompts"]]
         if sdpo:
-            return EpochSamples(embeds, [lat1, lat2], [lp1, lp2], [adv1, adv2])
+            return EpochSamples(embeds, [lat1, lat2], [lp1, lp2], [adv1, adv2], prompts)
         # DDPO: every trajectory is its own item
         return EpochSamples(torch.cat([embeds, embeds]), [torch.cat([lat1, lat2])],
-                            [torch.cat([lp1, lp2])], [torch.cat([adv1, adv2])])
+                            [torch.cat([lp1, lp2])], [torch.cat([adv1, adv2])], prompts + prompts)
 
     # ------------------------------------------------------------------ training
     def _new_log_probs(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -500,8 +537,3 @@ class Trainer:
         self.acc.wait_for_everyone()
         return final
 
-
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, tracker: Tracker | None = None,
-          **kwargs) -> Path:
-    """Train ``cfg`` into ``run_dir``; returns ``run_dir/final``."""
-    return Trainer(cfg, run_dir, tracker=tracker, **kwargs).run(resume=resume)

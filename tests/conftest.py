@@ -12,9 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the 2 cores of a CI machine; set before torch is imported (here and in every subprocess)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:////tmp/sdpo-tests-mlflow.db")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def mlflow_per_test(tmp_path_factory, monkeypatch):
+    """Every test (and every subprocess it starts) tracks into its own temporary MLflow store."""
+    store = tmp_path_factory.mktemp("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    return store
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 
 from sdpo_core import models
 from sdpo_core.config import validate_dict
@@ -67,8 +68,11 @@ def _check_model_entry(entry: dict, n: int) -> None:
     assert isinstance(entry["mean"], float) and isinstance(entry["n"], int) and entry["n"] == n
     lo, hi = entry["ci95"]
     assert isinstance(lo, float) and isinstance(hi, float)
-    assert lo <= entry["mean"] <= hi
     assert len(entry["rewards"]) == n
+    # the interval is the t-interval of these very rewards: mean +- t_{0.975, n-1} * s / sqrt(n)
+    r = torch.tensor(entry["rewards"], dtype=torch.float64)
+    half = float(stats.t.ppf(0.975, n - 1)) * float(r.std()) / math.sqrt(n)
+    assert math.isclose(hi - entry["mean"], half, rel_tol=1e-6) and math.isclose(entry["mean"] - lo, half, rel_tol=1e-6)
     assert math.isclose(entry["mean"], sum(entry["rewards"]) / n, rel_tol=1e-9, abs_tol=1e-12)
 
 
@@ -87,11 +91,13 @@ def test_evaluate_base_and_trained(model_dirs, tmp_path):
             _check_model_entry(entry[label], n=6)
             assert set(entry[label]["metrics"]) == {"test_brightness"}
         assert isinstance(entry["gain"], float) and isinstance(entry["win_rate"], float)
-        lo, hi = entry["gain_ci95"]
-        assert lo <= entry["gain"] <= hi
-        assert 0.0 <= entry["win_rate"] <= 1.0
         diffs = [t - b for b, t in zip(entry["base"]["rewards"], entry["trained"]["rewards"], strict=True)]
         assert math.isclose(entry["gain"], sum(diffs) / 6, abs_tol=1e-9)
+        d = torch.tensor(diffs, dtype=torch.float64)
+        half = float(stats.t.ppf(0.975, 5)) * float(d.std()) / math.sqrt(6)
+        lo, hi = entry["gain_ci95"]
+        assert math.isclose(hi - lo, 2 * half, rel_tol=1e-6) and math.isclose(lo + hi, 2 * entry["gain"], abs_tol=1e-9)
+        assert entry["win_rate"] == (sum(x > 0 for x in diffs) + 0.5 * sum(x == 0 for x in diffs)) / 6
     # the LoRA does change the images (else every comparison below is vacuous)
     assert any(e["base"]["rewards"] != e["trained"]["rewards"] for e in on_disk["steps"].values())
 

@@ -170,3 +170,21 @@ def test_bf16_autocast_ratio_is_one_without_rescoring(tiny_cfg, tmp_path, reques
     assert all(lat.dtype == torch.float32 for lat in samples.latents)
     metrics = tr.train_epoch(samples, 0)
     assert metrics["check/first_batch_kl"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["sdpo", "ddpo"])
+def test_sample_grid_every_n_epochs(tiny_cfg, tmp_path, method):
+    from PIL import Image
+
+    from sdpo_core.tracking import NullTracker
+
+    tracker = NullTracker()
+    tr = Trainer(tiny_cfg(f"train.method={method}", "train.epochs=3", "tracking.log_images_every=2",
+                          "sample.num_steps=3"), tmp_path, tracker=tracker)
+    tr.run()
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["epoch_0000.png", "epoch_0002.png"]  # epochs 0 and 2 of 0..2
+    assert [a for a in tracker.artifacts if "samples" in a] == [str(tmp_path / "samples" / g) for g in grids]
+    with Image.open(tmp_path / "samples" / grids[0]) as im:
+        pixels = torch.tensor(list(im.convert("L").getdata()), dtype=torch.float32)
+    assert pixels.std() > 10  # images and labels, not a blank canvas

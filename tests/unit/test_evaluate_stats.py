@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -19,13 +18,6 @@ def test_mean_ci_t_interval_by_hand():
     mean, lo, hi = mean_ci(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
     assert mean == 3.0
     assert lo == pytest.approx(1.03676, abs=1e-5) and hi == pytest.approx(4.96324, abs=1e-5)
-
-
-def test_mean_ci_normal_fallback_without_scipy(monkeypatch):
-    monkeypatch.setitem(sys.modules, "scipy", None)  # `from scipy import stats` now fails
-    # z_{0.975} = 1.95996; 1.95996 * 0.70711 = 1.38590
-    _, lo, hi = mean_ci(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
-    assert (lo, hi) == (pytest.approx(3 - 1.38590, abs=1e-5), pytest.approx(3 + 1.38590, abs=1e-5))
 
 
 def test_mean_ci_constant_and_too_few():
