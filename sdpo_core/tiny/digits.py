@@ -246,7 +246,10 @@ def load_or_train_classifier(
     saved there first if it is missing."""
     path = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR
     if not (path / "model.safetensors").is_file():
-        model, acc = train_classifier(seed)
+        from sdpo_core.tiny.repro import fixed_threads
+
+        with fixed_threads():  # the same judge whatever the core count
+            model, acc = train_classifier(seed)
         info = {
             "seed": seed,
             "split_seed": SPLIT_SEED,
