@@ -10,12 +10,20 @@ ARGS ?=
 
 .PHONY: run test venv lint bench-smoke clean
 
-$(STAMP): pyproject.toml constraints.txt
+# uv installs the same pinned set as pip (reading pip's index config: .ci/uv_pip.py), several times
+# faster; pip does it if uv cannot be installed. torch==2.13.0 is the CPU build (a local wheel
+# here, 2.13.0+cpu); a plain `torch` from PyPI would be a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt .ci/uv_pip.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -U pip
-	# CPU build of torch first (a local wheel here); plain `torch` would pull a CUDA build
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[pipeline,dev]"
+	if $(BIN)/python -m pip install -q -c constraints.txt uv; then \
+	  $(BIN)/python .ci/uv_pip.py $(BIN)/uv install -q --python $(BIN)/python \
+	    -c constraints.txt torch==2.13.0 -e ".[pipeline,dev]"; \
+	else \
+	  echo "uv could not be installed: installing with pip"; \
+	  $(BIN)/python -m pip install -q -U pip && \
+	  $(BIN)/python -m pip install -q torch==2.13.0 && \
+	  $(BIN)/python -m pip install -q -c constraints.txt -e ".[pipeline,dev]"; \
+	fi
 	touch $(STAMP)
 
 venv: $(STAMP)

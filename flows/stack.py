@@ -74,8 +74,17 @@ def _tail(path: Path, n: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
 
 
+def _sigint_default() -> None:
+    """Run in the child before exec: SIGINT back to its default action. A launcher started as a
+    background job of a script (`cmd &` without job control) inherits SIGINT ignored, and so would
+    every process it starts; a plain Python program such as `flows.serve` then keeps ignoring it and
+    `down`'s SIGINT cannot stop it (the servers install their own handlers and stop anyway)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(name: str, args: list[str], marker: str, env: dict[str, str], settings: Settings) -> dict:
-    """Start a process in its own session (its group id is its PID: `down` reaches its children)."""
+    """Start a process in its own session (its group id is its PID: `down` reaches its children)
+    that stops on SIGINT whatever this process inherited (`up` starts no threads: preexec_fn is safe)."""
     log = (settings.state_dir / "logs" / f"{name}.log").resolve()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as fh:
@@ -86,6 +95,7 @@ def _start(name: str, args: list[str], marker: str, env: dict[str, str], setting
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_sigint_default,
         )
     return {"pid": proc.pid, "marker": marker, "log": str(log), "cmd": shlex.join(args)}
 

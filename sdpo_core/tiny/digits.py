@@ -35,6 +35,7 @@ from torch import nn
 
 from sdpo_core.metrics import register_metric
 from sdpo_core.rewards import RewardError, register_reward
+from sdpo_core.tiny.repro import fixed_threads
 
 IMAGE_SIZE = 32
 SPLIT_SEED = 1234
@@ -246,7 +247,8 @@ def load_or_train_classifier(
     saved there first if it is missing."""
     path = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR
     if not (path / "model.safetensors").is_file():
-        model, acc = train_classifier(seed)
+        with fixed_threads():  # the same judge whatever the core count
+            model, acc = train_classifier(seed)
         info = {
             "seed": seed,
             "split_seed": SPLIT_SEED,

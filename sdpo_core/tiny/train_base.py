@@ -5,7 +5,9 @@ Run::
 
     python -m sdpo_core.tiny.train_base runs/digits-tiny/base [--grid /tmp/digits_grid.png]
 
-Budgets are optimizer steps, not seconds, so a build gives the same model on any machine:
+Budgets are optimizer steps, not seconds, and the build runs with a fixed number of threads
+(:mod:`sdpo_core.tiny.repro`), so a build gives the same model on any machine with the same
+instruction set (``build_info.json`` records torch, threads and CPU):
 
 1. AutoencoderKL: reconstruct the diffusion split (MSE + a tiny KL); then scale latents to unit
    std through ``vae.config.scaling_factor`` (as SD does with its 0.18215).
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from sdpo_core.tiny import digits
 from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
+from sdpo_core.tiny.repro import build_environment, fixed_threads
 
 EMPTY_PROMPT_FRACTION = 0.1
 EVAL_STEPS = (1, 2, 4, 8)
@@ -223,6 +226,21 @@ def build_digits_base(
     out = Path(out_dir)
     if (out / "model_index.json").is_file() and not force:
         return out
+    with fixed_threads():  # the same weights whatever this machine's core count (repro.py)
+        _build(out, steps, vae_steps, seed, batch_size, lr, progress, eval_per_digit)
+    return out
+
+
+def _build(
+    out: Path,
+    steps: int,
+    vae_steps: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    progress: bool,
+    eval_per_digit: int,
+) -> None:
     start = time.time()
     (out / "model_index.json").unlink(missing_ok=True)  # a forced rebuild is incomplete until saved
     classifier_dir = out / "classifier"
@@ -253,10 +271,10 @@ def build_digits_base(
         "classifier": {
             k: cls_info[k] for k in ("test_accuracy", "diffusion_split_accuracy") if k in cls_info
         },
+        "environment": build_environment(),
         "eval": {"samples": 10 * eval_per_digit, "eta": 1.0, "guidance_scale": 1.0, "by_steps": table},
     }
     _save_atomic(pipe, out, info)
-    return out
 
 
 def save_grid(

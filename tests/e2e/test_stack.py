@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -111,11 +112,23 @@ def _exports(stdout: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines)
 
 
+# A background job of a non-interactive shell, as a script or CI runner starts it: bash starts
+# `cmd &` with SIGINT (and SIGQUIT) ignored when job control is off, and children inherit that.
+BACKGROUND_JOB = ["bash", "-c", '"$@" & wait $!', "bash"]
+SIGINT_BIT = 1 << (2 - 1)  # bit n-1 of /proc/PID/status's SigIgn mask is signal n
+
+
+def _ignores_sigint(pid: int) -> bool:
+    line = next(li for li in Path(f"/proc/{pid}/status").read_text().splitlines() if li.startswith("SigIgn:"))
+    return bool(int(line.split()[1], 16) & SIGINT_BIT)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, user_env):
-    """`sdpo stack up` in a fresh checkout; yields (project, shell env with the exports)."""
+    """`sdpo stack up` in a fresh checkout, started with SIGINT ignored; yields (project, shell env
+    with the exports)."""
     project = make_project(tmp_path_factory.mktemp("e2e") / "project")
-    up = _run([str(BIN / "sdpo"), "stack", "up"], user_env, project, timeout=240)
+    up = _run([*BACKGROUND_JOB, str(BIN / "sdpo"), "stack", "up"], user_env, project, timeout=240)
     shell = {**user_env, **_exports(up.stdout)}
     assert shell["PREFECT_API_URL"].startswith("http://127.0.0.1:")
     yield project, shell
@@ -173,9 +186,18 @@ def test_fresh_clone_pulls_the_model_from_s3_and_evaluates_it(stack, s3_client, 
 def test_stack_down_stops_every_process(stack, user_env):
     project, _ = stack
     state = json.loads((project / ".sdpo-stack/stack.json").read_text())
+    # `up` ran with SIGINT ignored (the fixture); what it started must not have inherited that
+    ignoring = [name for name, proc in state["processes"].items() if _ignores_sigint(proc["pid"])]
+    assert ignoring == [], f"{ignoring} ignore SIGINT: `stack down` cannot stop them by it"
     down = _run([str(BIN / "sdpo"), "stack", "down"], user_env, project, timeout=180)
-    stopped = [line.split(":")[0] for line in down.stderr.splitlines() if "stopped (SIGINT" in line]
-    assert stopped == ["serve", "mlflow", "prefect"], down.stderr  # serve first, each by SIGINT
+    print(down.stderr)  # the stop times, for `pytest -rP`
+    stops = re.findall(r"^(\w+): stopped \((\w+), ([\d.]+) s\)$", down.stderr, re.MULTILINE)
+    assert [(name, sig) for name, sig, _ in stops] == [
+        ("serve", "SIGINT"),
+        ("mlflow", "SIGINT"),
+        ("prefect", "SIGINT"),
+    ], down.stderr  # serve first, each by SIGINT
+    assert max(float(seconds) for *_, seconds in stops) < 15, down.stderr  # not the 30 s fallback
     for proc in state["processes"].values():
         assert (
             not Path(f"/proc/{proc['pid']}").exists() or "Z" in Path(f"/proc/{proc['pid']}/stat").read_text()

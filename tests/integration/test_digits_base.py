@@ -10,13 +10,27 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdpo_core.models import load_pipeline
+from sdpo_core.tiny.repro import BUILD_THREADS
 from sdpo_core.tiny.train_base import build_digits_base
+
+
+def _build_with_caller_threads(threads: int, out, **kwargs):
+    """Build while the caller runs ``threads`` intra-op threads (as a machine with that many cores
+    would); the caller's setting must be back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        path = build_digits_base(out, steps=30, vae_steps=20, progress=False, **kwargs)
+        assert torch.get_num_threads() == threads  # the build's fixed count does not leak out
+        return path
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits-base") / "base"
-    return build_digits_base(out, steps=30, vae_steps=20, eval_per_digit=2, progress=False)
+    return _build_with_caller_threads(1, out, eval_per_digit=2)
 
 
 def _sample(pipe: StableDiffusionPipeline, seed: int) -> torch.Tensor:
@@ -75,13 +89,17 @@ def test_second_build_reuses(built):
 
 @pytest.mark.slow
 def test_same_seed_same_weights(built, tmp_path):
-    """Training is deterministic: a second build with the same seed gives identical weights."""
+    """Training is deterministic: a second build with the same seed gives identical weights, also
+    when the caller runs another number of threads (1 for the first build, 3 here: float sums
+    split across threads round differently, and the difference grows with every step)."""
     again = tmp_path / "again"
     # the classifier has its own fixed seed (tested in the unit tests): reuse it to save ~10 s
     shutil.copytree(built / "classifier", again / "classifier")
-    build_digits_base(again, steps=30, vae_steps=20, eval_per_digit=1, progress=False)
-    name = "diffusion_pytorch_model.safetensors"
+    _build_with_caller_threads(3, again, eval_per_digit=1)
     from safetensors.torch import load_file
 
-    a, b = load_file(built / "unet" / name), load_file(again / "unet" / name)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        a, b = load_file(built / f"{part}.safetensors"), load_file(again / f"{part}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    info = json.loads((again / "build_info.json").read_text())
+    assert info["environment"]["threads"] == BUILD_THREADS  # recorded: what the bits depend on
