@@ -38,7 +38,7 @@ def get_metric(name: str, model_dir: str | None = None) -> MetricFn:
             pass
     if name not in METRICS:
         raise KeyError(f"unknown evaluation metric '{name}' (known: {', '.join(sorted(METRICS))})")
-    fn = METRICS[name][0]
+    fn: Callable[..., float] = METRICS[name][0]
     if "model_dir" in inspect.signature(fn).parameters:
         return functools.partial(fn, model_dir=model_dir)
     return fn
