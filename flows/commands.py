@@ -1,12 +1,12 @@
-"""The orchestration subcommands of `sdpo` (added through ``sdpo_core.cli._EXTRA_COMMANDS``)::
+"""The Prefect/DVC subcommands of `sdpo`, added by ``sdpo_core.cli`` when ``flows`` is installed (it
+looks this module up by name in ``COMMAND_PLUGINS``; nothing in ``sdpo_core`` imports ``flows``)::
 
-    sdpo register --pipeline NAME          # log + register RUN_DIR's model, move champion/challenger
     sdpo version --pipeline NAME [--pull]  # dvc commit + push its stages (or pull them in a clone)
-    sdpo export-metrics --pipeline NAME    # RUN_DIR/train_metrics.csv for `dvc plots`
     sdpo stack up|down|status              # local Prefect server + MLflow server + deployments
     sdpo deploy [--work-pool NAME]         # the same deployments on a (remote) work pool
 
-Imports of prefect / mlflow / dvc happen inside the commands, so `sdpo` starts fast without them.
+The core stages (``sdpo register``, ``sdpo export-metrics`` among them) live in ``sdpo_core.cli``.
+Imports of prefect / dvc happen inside the commands, so `sdpo` starts fast without them.
 """
 
 from __future__ import annotations
@@ -16,26 +16,10 @@ import json
 import sys
 
 
-def _cfg_and_run_dir(args: argparse.Namespace):
-    from sdpo_core.cli import _load_cfg, _run_dir  # the core commands' own resolution
-
-    cfg = _load_cfg(args)
-    return cfg, _run_dir(args, cfg)
-
-
-def cmd_register(args: argparse.Namespace) -> int:
-    from flows.versioning import provenance_tags
-    from sdpo_core.tracking_registry import register_model
-
-    cfg, run_dir = _cfg_and_run_dir(args)
-    reg = register_model(cfg, run_dir, parent_run_id=args.parent_run_id, tags=provenance_tags(cfg.pipeline))
-    print(f"{reg.name} version {reg.version} -> {reg.alias}: {reg.reason}")
-    return 0
-
-
 def cmd_version(args: argparse.Namespace) -> int:
     from flows import versioning
     from flows.settings import load_settings
+    from sdpo_core.provenance import provenance_tags
 
     settings = load_settings()
     try:
@@ -46,15 +30,7 @@ def cmd_version(args: argparse.Namespace) -> int:
     except versioning.VersioningError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"versioned": targets, **versioning.provenance_tags(args.pipeline)}, indent=2))
-    return 0
-
-
-def cmd_export_metrics(args: argparse.Namespace) -> int:
-    from sdpo_core.pipeline import export_train_metrics
-
-    _, run_dir = _cfg_and_run_dir(args)
-    print(export_train_metrics(run_dir))
+    print(json.dumps({"versioned": targets, **provenance_tags(args.pipeline)}, indent=2))
     return 0
 
 
@@ -74,15 +50,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from sdpo_core.cli import _add_common as _common  # --pipeline, --set, --pipelines, --run-dir
-
-    p = sub.add_parser(
-        "register", help="register RUN_DIR's model in MLflow; champion only if it beats the current one"
-    )
-    _common(p)
-    p.add_argument("--parent-run-id", help="MLflow run to nest the registration run under")
-    p.set_defaults(func=cmd_register)
-
+    """Add ``version``, ``stack`` and ``deploy`` to the `sdpo` subcommands ``sub``."""
     p = sub.add_parser("version", help="dvc commit + push a pipeline's outputs (or --pull them)")
     p.add_argument("--pipeline", required=True)
     p.add_argument(
@@ -90,10 +58,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pull", action="store_true", help="pull the pipeline's outputs from the remote instead")
     p.set_defaults(func=cmd_version)
-
-    p = sub.add_parser("export-metrics", help="RUN_DIR/train_metrics.jsonl -> train_metrics.csv (dvc plots)")
-    _common(p)
-    p.set_defaults(func=cmd_export_metrics)
 
     p = sub.add_parser("stack", help="local Prefect server, MLflow server and the `sdpo` deployments")
     p.add_argument("action", choices=["up", "down", "status"])

@@ -26,6 +26,8 @@ from flows import versioning
 from flows.settings import load_settings
 from sdpo_core import pipeline as stages
 from sdpo_core.config import Config, ConfigError, load_config
+from sdpo_core.provenance import provenance_tags
+from sdpo_core.register import register_stage
 from sdpo_core.tracking import make_tracker
 
 
@@ -53,7 +55,7 @@ def _tracker(cfg: Config, stage: str, parent_run_id: str | None):
 
 def _tracked(tracker, fn):
     """fn() inside tracker's run, which ends FINISHED or FAILED (sdpo_core's own helper)."""
-    return stages._tracked(fn, tracker)
+    return stages.tracked(fn, tracker)
 
 
 def _route_sdpo_core_logs() -> None:
@@ -154,14 +156,12 @@ def version_task(job: Job, executed: list[str]) -> dict[str, str]:
     settings = load_settings()
     if settings.dvc.enabled:
         versioning.commit_and_push(job.pipeline, executed, settings)
-    return versioning.provenance_tags(job.pipeline)
+    return provenance_tags(job.pipeline)
 
 
 @task(name="register", cache_policy=NO_CACHE, retry_delay_seconds=5, retry_condition_fn=_not_a_config_error)
 def register_task(job: Job, parent_run_id: str | None, tags: dict[str, str]) -> dict[str, str]:
-    from sdpo_core.tracking_registry import register_model
-
-    reg = register_model(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=tags)
+    reg = register_stage(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=tags)
     create_markdown_artifact(
         key=f"sdpo-register-{_slug(job.pipeline)}",
         markdown=f"`{reg.name}` version **{reg.version}** -> alias **{reg.alias}**\n\n{reg.reason}",

@@ -1,6 +1,6 @@
-"""Data versioning with DVC and provenance for MLflow: `dvc commit` + `dvc push` of the stages a
-run executed, `dvc pull` in a fresh clone, and the git / dvc.lock identifiers that tag runs and
-model versions.
+"""Data versioning with DVC: `dvc commit` + `dvc push` of the stages a run executed and `dvc pull`
+in a fresh clone. The git / dvc.lock identifiers that tag runs and model versions are
+``sdpo_core.provenance``'s.
 
 DVC runs as a subprocess of this interpreter (``python -m dvc``): its CLI is the stable interface,
 and nothing in ``sdpo_core`` imports it. Remote credentials stay in the environment.
@@ -8,14 +8,11 @@ and nothing in ``sdpo_core`` imports it. Remote credentials stay in the environm
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import yaml
 
 from flows.settings import Settings
 
@@ -105,27 +102,3 @@ def git_commit_lock(pipeline: str, project: str | Path = ".") -> None:
         return
     run_cmd([*git, "add", "dvc.lock"], project)
     run_cmd([*git, "commit", "-q", "-m", f"dvc.lock: outputs of {pipeline}", "dvc.lock"], project)
-
-
-def provenance_tags(pipeline: str, project: str | Path = ".") -> dict[str, str]:
-    """git commit (and whether tracked files differ from it), dvc.lock's md5 and the trained
-    model's DVC hash: the tags that tie an MLflow run or model version to code and data."""
-    project = Path(project)
-    tags: dict[str, str] = {}
-    head = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0:
-        tags["git.commit"] = head.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(project), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        tags["git.dirty"] = str(bool(dirty)).lower()
-    lock = project / "dvc.lock"
-    if lock.is_file():
-        tags["dvc.lock_md5"] = hashlib.md5(lock.read_bytes()).hexdigest()
-        stage = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(f"train@{pipeline}", {})
-        for out in stage.get("outs", []):
-            if out.get("path") == f"runs/{pipeline}/final":
-                tags["dvc.model_md5"] = str(out.get("md5"))
-    return tags

@@ -3,7 +3,12 @@
     sdpo run --pipeline digits-tiny            # prepare, base, train, evaluate
     sdpo train --pipeline NAME [--run-dir DIR] [--set k=v ...] [--resume]
     sdpo generate --model DIR --prompt "a seven" --steps 2 --out seven.png
+    sdpo register --pipeline NAME              # MLflow registry; champion only if it beats the current one
     sdpo config show NAME [--json]
+    sdpo config docs [--write docs/config.md]  # the config key reference, from sdpo_core/config.py
+
+Prefect/DVC commands (stack, deploy, version) come from ``flows.commands`` when it is installed,
+looked up by name (``COMMAND_PLUGINS``): nothing in sdpo_core imports flows.
 
 Exit codes: 0 success, 2 bad input (a clear message, nothing written), 1 anything else.
 """
@@ -11,11 +16,11 @@ Exit codes: 0 success, 2 bad input (a clear message, nothing written), 1 anythin
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("sdpo")
@@ -174,6 +179,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from sdpo_core.register import register_stage
+
+    cfg = _load_cfg(args)
+    reg = register_stage(cfg, _run_dir(args, cfg), parent_run_id=args.parent_run_id)
+    print(f"{reg.name} version {reg.version} -> {reg.alias}: {reg.reason}")
+    return 0
+
+
+def cmd_export_metrics(args: argparse.Namespace) -> int:
+    from sdpo_core.pipeline import export_train_metrics
+
+    cfg = _load_cfg(args)
+    print(export_train_metrics(_run_dir(args, cfg)))
+    return 0
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from sdpo_core.config_docs import config_markdown
+
+    text = config_markdown()
+    if args.write:
+        Path(args.write).write_text(text, encoding="utf-8")
+        print(args.write)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from sdpo_core.pipeline import run_pipeline
 
@@ -238,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "register", help="register RUN_DIR's model in MLflow; champion only if it beats the current one"
+    )
+    _add_common(p)
+    p.add_argument("--parent-run-id", help="MLflow run to nest the registration run under")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("export-metrics", help="RUN_DIR/train_metrics.jsonl -> train_metrics.csv (dvc plots)")
+    _add_common(p)
+    p.set_defaults(func=cmd_export_metrics)
+
     p = sub.add_parser("config", help="show resolved pipeline configs")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     c = csub.add_parser("show", help="print the resolved config of a pipeline")
@@ -249,31 +294,33 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("list", help="list pipeline names")
     c.add_argument("--pipelines", default="pipelines.yaml")
     c.set_defaults(func=cmd_config_list)
+    c = csub.add_parser("docs", help="print the config key reference (docs/config.md) from the config models")
+    c.add_argument("--write", metavar="FILE", help="write it to FILE instead (e.g. docs/config.md)")
+    c.set_defaults(func=cmd_config_docs)
 
     p = sub.add_parser("rewards", help="list registered rewards")
     p.set_defaults(func=cmd_rewards_list)
 
     # its own parser takes every argument (see main); listed here for --help
     sub.add_parser("reward-server", help="serve a reward over HTTP (sdpo reward-server --help for options)")
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    _add_plugin_commands(sub)
     return parser
 
 
-# other modules add subcommands here (orchestration, reward server) without touching the core ones
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+# Modules with ``add_commands(subparsers)`` that add subcommands, looked up by name so that sdpo_core
+# never imports them; one that is not installed is skipped, one that fails to import is an error.
+COMMAND_PLUGINS = ("flows.commands",)
 
 
-def _orchestration_commands(sub: argparse._SubParsersAction) -> None:
-    """register, version, export-metrics, stack, deploy (flows/commands.py), when flows/ is installed."""
-    try:
-        from flows.commands import add_commands
-    except ImportError:
-        return
-    add_commands(sub)
-
-
-_EXTRA_COMMANDS.append(_orchestration_commands)
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    for name in COMMAND_PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+                continue  # e.g. sdpo_core installed without flows/
+            raise
+        module.add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,37 +35,59 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
+    """The base model, how it is built (embedded defaults) and how it is fine-tuned."""
+
     pretrained: str = Field(description="hub id or local diffusers directory")
-    revision: str | None = None
+    revision: str | None = Field(default=None, description="hub revision (branch, tag or commit) of `pretrained`")
     build: Literal["digits-tiny", "random-tiny"] | None = Field(
         default=None, description="embedded builder that `sdpo base` runs when `pretrained` does not exist"
     )
     build_seed: int = Field(default=0, description="seed of the embedded builder (independent of `seed`)")
     build_steps: int = Field(default=2000, ge=1, description="optimizer steps of the embedded builder's UNet")
     build_vae_steps: int = Field(default=300, ge=1, description="optimizer steps of the embedded builder's VAE")
-    finetune: Literal["lora", "full"] = "lora"
-    lora_rank: int = Field(default=4, ge=1, le=1024)
+    finetune: Literal["lora", "full"] = Field(
+        default="lora", description="train LoRA adapters on the UNet, or every UNet weight"
+    )
+    lora_rank: int = Field(default=4, ge=1, le=1024, description="LoRA rank")
     lora_alpha: float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet modules that get LoRA adapters (the attention projections)",
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        default="no", description="autocast precision of the model (accelerate); log-probs and losses stay float32"
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute UNet activations in the backward pass (less memory, more time)"
+    )
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = Field(
         default=None, description="override the scheduler's spacing (SD-Turbo: trailing)"
     )
 
 
 class PromptsConfig(_Strict):
-    source: str = "digits"
-    eval_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
-    seed: int = 0
+    """The prompt set and its train/eval split (`sdpo prepare`)."""
+
+    source: str = Field(
+        default="digits",
+        description="built-in set name, a file path (one prompt per line), or a generator `template:<name>`",
+    )
+    eval_fraction: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="share of prompts held out for evaluation (never trained on)"
+    )
+    seed: int = Field(default=0, description="seed of the train/eval split")
 
 
 class SampleConfig(_Strict):
-    num_steps: int = Field(default=4, ge=1, le=1000)
-    eta: float = Field(default=1.0, ge=0.0, le=1.0)
-    guidance_scale: float = Field(default=1.0, ge=1.0)
+    """Sampling of training trajectories (stochastic DDIM)."""
+
+    num_steps: int = Field(default=4, ge=1, le=1000, description="denoising steps T of training trajectories")
+    eta: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="DDIM eta (> 0: the stochastic step has a log-probability)"
+    )
+    guidance_scale: float = Field(default=1.0, ge=1.0, description="classifier-free guidance scale (1.0 = none)")
     batch_size: int = Field(default=8, ge=1, description="prompts per sampling batch, per process")
-    num_batches_per_epoch: int = Field(default=2, ge=1)
+    num_batches_per_epoch: int = Field(default=2, ge=1, description="sampling batches per epoch, per process")
     resolution: int | None = Field(default=None, ge=8, description="image side in pixels; model default if unset")
     last_step: Literal["clamp", "final_alpha"] = Field(
         default="clamp", description="clamp: the paper's stochastic last step; final_alpha: diffusers exactly"
@@ -80,14 +102,22 @@ class SampleConfig(_Strict):
 
 
 class RewardConfig(_Strict):
-    name: str = "jpeg_compressibility"
+    """The reward (docs/rewards.md); `sdpo rewards` lists the registered ones."""
+
+    name: str = Field(
+        default="jpeg_compressibility", description="registered reward name or `module:function`"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the reward's factory")
 
 
 class StatTrackingConfig(_Strict):
-    enabled: bool = True
-    buffer_size: int = Field(default=32, ge=1)
-    min_count: int = Field(default=16, ge=1)
+    enabled: bool = Field(
+        default=True, description="per-step, per-prompt advantage normalisation (false: batch statistics)"
+    )
+    buffer_size: int = Field(default=32, ge=1, description="values kept per (prompt, step) in the running buffer")
+    min_count: int = Field(
+        default=16, ge=1, description="values a prompt needs before its own statistics replace the batch's"
+    )
 
     @model_validator(mode="after")
     def _min_le_buffer(self) -> StatTrackingConfig:
@@ -100,24 +130,34 @@ class StatTrackingConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    method: Literal["sdpo", "ddpo"] = "sdpo"
-    epochs: int = Field(default=2, ge=1)
+    """The RL method, its hyper-parameters (DESIGN section 2), the update loop and checkpoints."""
+
+    method: Literal["sdpo", "ddpo"] = Field(
+        default="sdpo", description="sdpo (paired dense-reward difference loss) or ddpo (PPO-clip on the final reward)"
+    )
+    epochs: int = Field(default=2, ge=1, description="epochs of sampling + updates")
     batch_size: int = Field(default=4, ge=1, description="pairs (sdpo) or trajectories (ddpo) per backward")
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
-    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
-    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
-    adam_weight_decay: float = Field(default=1e-4, ge=0)
-    adam_epsilon: float = Field(default=1e-8, gt=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    num_inner_epochs: int = Field(default=1, ge=1)
-    timestep_fraction: float = Field(default=1.0, gt=0, le=1.0)
-    gamma: float = Field(default=0.99, ge=0, le=1)
-    lam: float = Field(default=0.99, gt=0, le=1)
-    log_scale: float = Field(default=1.0, gt=0)
-    clip_range: float = Field(default=1e-4, ge=0)
-    adv_clip_max: float = Field(default=5.0, gt=0)
-    shuffle_timesteps: bool = True
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="train batches per optimizer step")
+    learning_rate: float = Field(default=1e-4, gt=0, le=1.0, description="AdamW learning rate")
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1, description="AdamW beta2")
+    adam_weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay")
+    adam_epsilon: float = Field(default=1e-8, gt=0, description="AdamW epsilon")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
+    num_inner_epochs: int = Field(default=1, ge=1, description="passes of updates over each epoch's samples")
+    timestep_fraction: float = Field(
+        default=1.0, gt=0, le=1.0, description="share of each trajectory's steps trained on (ceil of T x fraction)"
+    )
+    gamma: float = Field(default=0.99, ge=0, le=1, description="discount of the returns along a trajectory")
+    lam: float = Field(default=0.99, gt=0, le=1, description="temporal importance weight base: w_t = lam^t / log_scale")
+    log_scale: float = Field(default=1.0, gt=0, description="divisor of the temporal weights w_t")
+    clip_range: float = Field(
+        default=1e-4, ge=0, description="log-probs clamped to old +/- clip_range in the clipped loss"
+    )
+    adv_clip_max: float = Field(default=5.0, gt=0, description="advantages clipped to [-adv_clip_max, adv_clip_max]")
+    shuffle_timesteps: bool = Field(
+        default=True, description="step-shuffled updates: each sample's steps in an independent random order"
+    )
     update_schedule: Literal["auto", "per_step", "per_trajectory"] = Field(
         default="auto",
         description="per_step: an optimizer step per step position (every gradient_accumulation_steps "
@@ -130,23 +170,25 @@ class TrainConfig(_Strict):
         "never: the sampling-time log-probs, as the paper; always; auto: only under mixed precision (for "
         "devices whose half-precision kernels depend on the batch layout: watch check/first_batch_kl)",
     )
-    shuffle_batch: bool = True
+    shuffle_batch: bool = Field(default=True, description="shuffle samples before they are cut into train batches")
     dense_reward: bool = Field(default=True, description="ablation: false gives the final reward at every step")
     anchor: bool = Field(default=True, description="ablation: false predicts from first and last only")
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
-    keep_checkpoints: int = Field(default=2, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1, description="most recent checkpoints kept (older ones deleted)")
     async_checkpoint: bool = Field(
         default=True, description="write checkpoints in a background thread while the next epoch runs"
     )
 
 
 class EvaluateConfig(_Strict):
-    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
-    num_prompts: int = Field(default=32, ge=1)
-    samples_per_prompt: int = Field(default=2, ge=1)
-    seed: int = 1234
-    batch_size: int = Field(default=32, ge=1)
+    """Base vs trained on the held-out prompts, with fixed seeds (`sdpo evaluate`, docs/eval_schema.md)."""
+
+    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="step counts to evaluate at")
+    num_prompts: int = Field(default=32, ge=1, description="eval prompts used (at most the held-out set)")
+    samples_per_prompt: int = Field(default=2, ge=1, description="images per prompt and step count")
+    seed: int = Field(default=1234, description="first sample seed (sample i uses seed + i), the same for base and trained")
+    batch_size: int = Field(default=32, ge=1, description="images generated per batch")
     metrics: list[str] = Field(default_factory=list, description="extra metrics by name (sdpo_core.metrics)")
 
     @field_validator("steps")
@@ -158,13 +200,20 @@ class EvaluateConfig(_Strict):
 
 
 class RegisterConfig(_Strict):
-    model_name: str = "sdpo-model"
-    rule: Literal["all_steps_ci", "all_steps_mean", "mean_over_steps"] = "all_steps_ci"
+    """The MLflow model registry (`sdpo register`; the rules are in docs/orchestration.md)."""
+
+    model_name: str = Field(default="sdpo-model", description="MLflow registered model name")
+    rule: Literal["all_steps_ci", "all_steps_mean", "mean_over_steps"] = Field(
+        default="all_steps_ci",
+        description="when a new version takes alias champion from the current one (else it is challenger)",
+    )
 
 
 class TrackingConfig(_Strict):
-    backend: Literal["none", "mlflow"] = "mlflow"
-    experiment: str = "sdpo"
+    """Experiment tracking (MLflow; `MLFLOW_TRACKING_URI` picks the server, a local SQLite file by default)."""
+
+    backend: Literal["none", "mlflow"] = Field(default="mlflow", description="mlflow, or none (no tracking)")
+    experiment: str = Field(default="sdpo", description="MLflow experiment name")
     log_images_every: int = Field(
         default=10, ge=1,
         description="epochs between sample grids (RUN_DIR/samples/epoch_NNNN.png, also logged to the tracker): "
@@ -177,8 +226,8 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 class Config(_Strict):
-    pipeline: str = "custom"
-    seed: int = 42
+    pipeline: str = Field(default="custom", description="the pipeline's name (set from its pipelines.yaml entry)")
+    seed: int = Field(default=42, description="base seed; per-process, per-epoch seeds derive from it")
     model: ModelConfig
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from sdpo_core import models
 from sdpo_core.config import Config, ConfigError
 from sdpo_core.generate import compute_dtype, default_device, generate
-from sdpo_core.metrics import get_metric
+from sdpo_core.metrics import MetricFn, get_metric
 from sdpo_core.plots import reward_vs_steps_plot, save_image_grid
 from sdpo_core.rewards import RewardFn, build_reward, check_rewards
 
@@ -134,10 +134,11 @@ def eval_plan(cfg: Config, eval_prompts: list[str]) -> EvalPlan:
 
 
 def evaluate_model(
-    pipe, label: str, plan: EvalPlan, cfg: Config, reward_fn: RewardFn, metric_names: list[str],
+    pipe, label: str, plan: EvalPlan, cfg: Config, reward_fn: RewardFn, metric_fns: dict[str, MetricFn],
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[int, dict[str, Any]], torch.Tensor]:
-    """Score one model at every step count, sampled with the training policy (``generate``).
+    """Score one model at every step count, sampled with the training policy (``generate``): the
+    reward and the metrics ``metric_fns``, by name.
 
     Returns ({steps: summary}, grid images (len(steps), K, 3, H, W) uint8 for K grid prompts).
     """
@@ -150,13 +151,13 @@ def evaluate_model(
             prompts, seeds = plan.sample_prompts[start : start + bs], plan.seeds[start : start + bs]
             images = generate(pipe, prompts, seeds, num_steps, cfg, dtype)
             rewards.append(check_rewards(cfg.reward.name, reward_fn(images, prompts), len(prompts)).cpu())
-            if metric_names:  # metrics see all N images of a step count at once
+            if metric_fns:  # metrics see all N images of a step count at once
                 kept.append(images.cpu())
             in_grid = [i - start for i in plan.grid_samples if start <= i < start + bs]
             grid_rows.append((images[in_grid].clamp(0, 1) * 255).round().to(torch.uint8).cpu())
             bar.update()
         metrics = {
-            m: float(get_metric(m)(torch.cat(kept), plan.sample_prompts, plan.groups)) for m in metric_names
+            m: float(metric_fns[m](torch.cat(kept), plan.sample_prompts, plan.groups)) for m in metric_fns
         }
         results[num_steps] = summarize(torch.cat(rewards), metrics)
         log.info("%s, %d step(s): mean reward %.4f", label, num_steps, results[num_steps]["mean"])
@@ -230,16 +231,15 @@ def evaluate(
     plan = eval_plan(cfg, eval_prompts)
     device = torch.device(device) if device is not None else default_device()
     dtype = compute_dtype(cfg.model.mixed_precision)
-    reward_fn = build_reward(cfg.reward.name, cfg.reward.options, device=device, dtype=dtype)
-    for name in cfg.evaluate.metrics:
-        get_metric(name)
+    # rewards and metrics that ship with the base model (the digits classifier) find it in `base`
+    reward_fn = build_reward(cfg.reward.name, cfg.reward.options, device=device, dtype=dtype, model_dir=str(base))
+    metric_fns = {name: get_metric(name, model_dir=str(base)) for name in cfg.evaluate.metrics}
     # 2. One model at a time (the base is freed before the trained one loads).
     results, grids = {}, {}
     models_to_run = {"base": None} if trained_dir is None else {"base": None, "trained": trained_dir}
     for label, weights in models_to_run.items():
         pipe = _load(cfg, base, weights, device, dtype)
-        results[label], grids[label] = evaluate_model(pipe, label, plan, cfg, reward_fn, cfg.evaluate.metrics,
-                                                      dtype)
+        results[label], grids[label] = evaluate_model(pipe, label, plan, cfg, reward_fn, metric_fns, dtype)
         del pipe
     # 3. Statistics, files, tracking.
     result = build_eval_dict(cfg, base, trained_dir, plan, results)

@@ -91,9 +91,9 @@ def run_pipeline(cfg: Config, run_dir: str | Path, resume: bool = False) -> RunR
     log.info("prompts: %d train / %d eval", len(split.train), len(split.eval))
     base_stage(cfg)
     tracker = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-train")
-    final = _tracked(lambda: train_stage(cfg, run_dir, resume=resume, tracker=tracker), tracker)
+    final = tracked(lambda: train_stage(cfg, run_dir, resume=resume, tracker=tracker), tracker)
     tracker = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-evaluate")
-    result = _tracked(lambda: evaluate_stage(cfg, run_dir, final, tracker=tracker), tracker)
+    result = tracked(lambda: evaluate_stage(cfg, run_dir, final, tracker=tracker), tracker)
     seconds = time.perf_counter() - start
     out = eval_dir(run_dir)
     summary = (
@@ -104,7 +104,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path, resume: bool = False) -> RunR
     return RunResult(final, out / "eval.json", result, seconds, summary)
 
 
-def _tracked(fn, tracker: Tracker | NullTracker):
+def tracked(fn, tracker: Tracker | NullTracker):
+    """``fn()`` inside ``tracker``'s run, which then ends FINISHED, or FAILED if ``fn`` raised."""
     status = "FAILED"
     try:
         value = fn()

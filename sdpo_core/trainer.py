@@ -123,7 +123,9 @@ class Trainer:
         if not train_prompts:
             raise ValueError("no training prompts")
         self.train_prompts = list(train_prompts)
-        self.reward_fn = build_reward(cfg.reward.name, cfg.reward.options, self.acc.device, self.infer_dtype)
+        self.reward_fn = build_reward(  # model_dir: rewards that ship with the base model find it there
+            cfg.reward.name, cfg.reward.options, self.acc.device, self.infer_dtype, model_dir=cfg.model.pretrained
+        )
         t_track = cfg.sample.num_steps if cfg.train.method == "sdpo" else 1
         st = cfg.train.stat_tracking
         self.stat_tracker = PerStepPromptStatTracker(st.buffer_size, st.min_count, t_track) if st.enabled else None

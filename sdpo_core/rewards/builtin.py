@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdpo_core.rewards import Factory, call_factory, register_reward
+from sdpo_core.rewards.registry import Factory, call_factory, register_reward
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
@@ -51,9 +51,9 @@ def _lazy(module: str) -> Factory:
     """A factory that imports ``sdpo_core.rewards.<module>`` only when the reward is built, so that
     ``import sdpo_core.rewards`` stays light (no transformers, no HTTP client)."""
 
-    def factory(device=None, dtype=None, **options):
+    def factory(device=None, dtype=None, model_dir=None, **options):
         build = importlib.import_module(f"sdpo_core.rewards.{module}").build
-        return call_factory(module, build, device, dtype, options)
+        return call_factory(module, build, device, dtype, options, model_dir)
 
     return factory
 

@@ -75,8 +75,10 @@ def build(
     dtype: torch.dtype = torch.float32,
     components: list[dict[str, Any]] | None = None,
     normalize: bool = False,
+    model_dir: str | None = None,
 ) -> CombinedReward:
-    """Build every component with ``build_reward``; names repeated get ``#2``, ``#3`` keys."""
+    """Build every component with ``build_reward`` (each given ``model_dir``, the base model
+    directory); names repeated get ``#2``, ``#3`` keys."""
     if not components or not isinstance(components, list):
         raise RewardError(
             "reward 'combine' needs options.components: a non-empty list of {name, weight, options}"
@@ -89,5 +91,5 @@ def build(
         name, weight, options = _parse_component(i, spec)
         seen[name] = seen.get(name, 0) + 1
         key = name if seen[name] == 1 else f"{name}#{seen[name]}"
-        built.append((key, weight, build_reward(name, options, device, dtype)))
+        built.append((key, weight, build_reward(name, options, device, dtype, model_dir)))
     return CombinedReward(built, normalize)

@@ -14,8 +14,14 @@ and the evaluation metrics ``digit_accuracy``, ``diversity`` and ``boldness``.
 Usage::
 
     from sdpo_core.rewards import build_reward
-    reward = build_reward("digit_alignment")  # trains + caches the classifier if it is missing
+    reward = build_reward("digit_alignment", model_dir="runs/digits-tiny/base")  # its classifier/
     scores = reward(images, ["a handwritten digit 7"] * len(images))  # (N,) in [0, 1]
+
+The classifier lives in the base model directory (``MODEL_DIR/classifier``, written by ``sdpo base``
+for ``model.build: digits-tiny``); the rewards and ``digit_accuracy`` take that directory as
+``model_dir`` (the trainer and evaluation pass ``model.pretrained``), or an explicit
+``classifier_path`` option. Neither depends on the working directory beyond ``model.pretrained``
+itself.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdpo_core.metrics import register_metric
-from sdpo_core.rewards import RewardError, register_reward
+from sdpo_core.rewards.registry import RewardError, register_reward
 from sdpo_core.tiny.repro import fixed_threads
 
 IMAGE_SIZE = 32
@@ -42,7 +48,7 @@ SPLIT_SEED = 1234
 CLASSIFIER_SEED = 0
 DIFFUSION_FRACTION = 0.7
 CLASSIFIER_TRAIN_FRACTION = 0.8
-DEFAULT_CLASSIFIER_DIR = Path("runs/digits-tiny/base/classifier")  # beside the default base model
+CLASSIFIER_SUBDIR = "classifier"  # inside the base model directory, beside model_index.json
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # {n} numeral, {w} word, {a} its article; numerals and words both appear so the text encoder
 # learns that "7" and "seven" mean the same image.
@@ -240,12 +246,9 @@ def load_classifier(path: str | Path) -> tuple[DigitClassifier, dict]:
     return model.eval().requires_grad_(False), config
 
 
-def load_or_train_classifier(
-    path: str | Path | None = None, seed: int = CLASSIFIER_SEED
-) -> tuple[DigitClassifier, dict]:
-    """The classifier cached at ``path`` (default :data:`DEFAULT_CLASSIFIER_DIR`), trained and
-    saved there first if it is missing."""
-    path = Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR
+def load_or_train_classifier(path: str | Path, seed: int = CLASSIFIER_SEED) -> tuple[DigitClassifier, dict]:
+    """The classifier cached at ``path``, trained and saved there first if it is missing."""
+    path = Path(path)
     if not (path / "model.safetensors").is_file():
         with fixed_threads():  # the same judge whatever the core count
             model, acc = train_classifier(seed)
@@ -259,14 +262,34 @@ def load_or_train_classifier(
     return load_classifier(path)
 
 
+def classifier_path_for(model_dir: str | Path | None, classifier_path: str | Path | None, who: str) -> Path:
+    """Where ``who`` finds its classifier: ``classifier_path`` if given, else ``MODEL_DIR/classifier``;
+    a RewardError saying what to set when neither is known or nothing is there."""
+    if classifier_path is not None:
+        path = Path(classifier_path)
+    elif model_dir is not None:
+        path = Path(model_dir) / CLASSIFIER_SUBDIR
+    else:
+        raise RewardError(
+            f"{who} needs the base model directory (model_dir, i.e. model.pretrained) holding "
+            f"{CLASSIFIER_SUBDIR}/, or reward.options.classifier_path"
+        )
+    if not (path / "model.safetensors").is_file():
+        raise RewardError(
+            f"{who}: no digits classifier in {path} (`sdpo base` writes it into the base model directory "
+            "for model.build: digits-tiny; or point reward.options.classifier_path at one)"
+        )
+    return path
+
+
 @lru_cache(maxsize=8)
 def _cached_classifier(path: str) -> DigitClassifier:
-    return load_or_train_classifier(path)[0]
+    return load_classifier(path)[0]
 
 
-def get_classifier(path: str | Path | None = None) -> DigitClassifier:
-    """The classifier at ``path`` (default dir if None), loaded once per process."""
-    return _cached_classifier(str(Path(path) if path is not None else DEFAULT_CLASSIFIER_DIR).rstrip("/"))
+def get_classifier(path: str | Path) -> DigitClassifier:
+    """The classifier saved at ``path``, loaded once per process."""
+    return _cached_classifier(str(Path(path).resolve()))
 
 
 # -------------------------------------------------------------------------- rewards
@@ -305,9 +328,12 @@ def _reject_options(name: str, opts: dict) -> None:
     "probability the digits classifier gives to the digit the prompt names (prompt must name one digit)",
     "[0, 1]",
 )
-def digit_alignment(device=None, dtype=None, classifier_path: str | None = None, **opts):
+def digit_alignment(
+    device=None, dtype=None, model_dir: str | None = None, classifier_path: str | None = None, **opts
+):
     _reject_options("digit_alignment", opts)
-    model = get_classifier(classifier_path).to(device or "cpu")
+    path = classifier_path_for(model_dir, classifier_path, "reward 'digit_alignment'")
+    model = get_classifier(path).to(device or "cpu")
     return lambda images, prompts: digit_probability(model, images, prompts)
 
 
@@ -321,6 +347,7 @@ def digit_alignment(device=None, dtype=None, classifier_path: str | None = None,
 def digit_alignment_bold(
     device=None,
     dtype=None,
+    model_dir: str | None = None,
     classifier_path: str | None = None,
     weight: float = 1.0,
     target_area: float = 0.45,
@@ -332,7 +359,8 @@ def digit_alignment_bold(
             f"digit_alignment_bold: need 0 <= weight <= 1 and 0 < target_area <= 1, "
             f"got weight={weight}, target_area={target_area}"
         )
-    model = get_classifier(classifier_path).to(device or "cpu")
+    model = get_classifier(classifier_path_for(model_dir, classifier_path, "reward 'digit_alignment_bold'"))
+    model = model.to(device or "cpu")
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         # the digit probability stays a factor: a bold blob that is no digit scores ~0
@@ -344,9 +372,12 @@ def digit_alignment_bold(
 
 # -------------------------------------------------------------------------- metrics
 @register_metric("digit_accuracy", "fraction of images the digits classifier reads as the prompted digit")
-def digit_accuracy(images: torch.Tensor, prompts: list[str], group: torch.Tensor | None = None) -> float:
-    """(N, 3, H, W) in [0, 1], N prompts -> fraction whose argmax class is the prompted digit."""
-    model = get_classifier()
+def digit_accuracy(
+    images: torch.Tensor, prompts: list[str], group: torch.Tensor | None = None, model_dir: str | None = None
+) -> float:
+    """(N, 3, H, W) in [0, 1], N prompts -> fraction whose argmax class is the prompted digit
+    (the classifier of the base model directory ``model_dir``)."""
+    model = get_classifier(classifier_path_for(model_dir, None, "metric 'digit_accuracy'"))
     digits = torch.tensor([parse_digit(p) for p in prompts])
     with torch.no_grad():
         pred = model(classifier_input(images.cpu())).argmax(dim=1)

@@ -166,7 +166,7 @@ def sample(
 
 def evaluate_digits(
     pipe: StableDiffusionPipeline,
-    classifier_path: str | Path | None = None,
+    classifier_path: str | Path,
     steps: tuple[int, ...] = EVAL_STEPS,
     per_digit: int = 20,
     seed: int = 0,
@@ -177,7 +177,7 @@ def evaluate_digits(
 
     pipe.set_progress_bar_config(disable=True)
     prompts, labels = eval_prompts(per_digit)
-    opts = {"classifier_path": str(classifier_path)} if classifier_path else {}
+    opts = {"classifier_path": str(classifier_path)}
     rewards = {name: build_reward(name, opts) for name in ("digit_alignment", "digit_alignment_bold")}
     model = digits.get_classifier(classifier_path)
 

@@ -28,6 +28,31 @@ def test_help_lists_commands():
     assert "--resume" in sdpo("train", "--help").stdout
 
 
+def test_help_is_light_and_has_core_and_plugin_commands():
+    """`sdpo --help` imports no model or orchestration library (it would take seconds), and lists
+    register / export-metrics (core) beside flows' stack / deploy / version (plugin)."""
+    code = (
+        "import sys\nfrom sdpo_core.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'mlflow', 'prefect', 'dvc') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("[]")
+    for cmd in ("register", "export-metrics", "stack", "deploy", "version"):
+        assert f"    {cmd}" in out.stdout
+
+
+def test_cli_without_flows_keeps_core_commands(monkeypatch):
+    """flows/ is an optional plugin: without it the core commands (register included) remain."""
+    from sdpo_core.cli import build_parser
+
+    monkeypatch.setitem(sys.modules, "flows", None)  # `import flows` now fails as if not installed
+    monkeypatch.delitem(sys.modules, "flows.commands", raising=False)
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"register", "export-metrics", "train", "evaluate"} <= commands
+    assert not {"stack", "deploy", "version"} & commands
+
+
 def test_config_show_json_is_resolved():
     out = sdpo("config", "show", "sd-turbo-pickscore", "--json")
     assert out.returncode == 0, out.stderr

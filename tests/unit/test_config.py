@@ -84,3 +84,34 @@ def test_batch_plan_arithmetic():
     # DDPO trains on single trajectories: 4 prompts x 2 = 8 per process, which 3 does not divide
     with pytest.raises(ConfigError, match="does not divide the 8 trajectories"):
         load_config("tiny-random", ["train.method=ddpo", "train.batch_size=3"], ROOT / "pipelines.yaml")
+
+
+def test_config_docs_are_generated_from_the_models():
+    """docs/config.md is exactly what `sdpo config docs` prints: fails when a key is added, renamed,
+    re-defaulted or re-described in config.py without regenerating the file."""
+    from sdpo_core.config_docs import DOC_PATH, config_markdown
+
+    assert DOC_PATH == ROOT / "docs" / "config.md"
+    assert DOC_PATH.read_text(encoding="utf-8") == config_markdown(), (
+        "docs/config.md is stale: run `sdpo config docs --write docs/config.md`"
+    )
+
+
+def test_every_config_key_is_documented():
+    """A key added without Field(description=...) would show an empty meaning in docs/config.md."""
+    from sdpo_core.config_docs import config_markdown, undocumented_keys
+
+    assert undocumented_keys() == []
+    text = config_markdown()
+    for key in ("seed", "model.pretrained", "train.stat_tracking.min_count", "register.model_name"):
+        assert f"| `{key}` |" in text
+    assert "| `train.lam` | float, > 0, <= 1 | `0.99` |" in text  # type, range and default columns
+
+
+def test_config_docs_cli_writes_the_file(tmp_path, capsys):
+    from sdpo_core.cli import main
+    from sdpo_core.config_docs import config_markdown
+
+    out = tmp_path / "config.md"
+    assert main(["config", "docs", "--write", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == config_markdown()

@@ -1,7 +1,7 @@
 """digits-tiny prompts, classifier, rewards and metrics on real held-out digits.
 
-The classifier is trained once per module into a temp dir (~10 s on 2 cores) and the module's
-default classifier dir is pointed there, so the tests never write into ``runs/``.
+The classifier is trained once per module into a temp model dir's ``classifier/`` (~10 s on 2
+cores), where the base build puts it, so the tests never write into ``runs/``.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ from sdpo_core.tiny import digits
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("digits") / "classifier"
-    digits.load_or_train_classifier(path)
+def model_dir(tmp_path_factory):
+    """A base model directory holding only the classifier (all the digits rewards read of it)."""
+    path = tmp_path_factory.mktemp("digits") / "base"
+    digits.load_or_train_classifier(path / digits.CLASSIFIER_SUBDIR)
     return path
 
 
-@pytest.fixture
-def default_dir(classifier_dir, monkeypatch):
-    """Metrics use the default classifier dir: point it at the module's temp classifier."""
-    monkeypatch.setattr(digits, "DEFAULT_CLASSIFIER_DIR", classifier_dir)
-    return classifier_dir
+@pytest.fixture(scope="module")
+def classifier_dir(model_dir):
+    return model_dir / digits.CLASSIFIER_SUBDIR
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +116,11 @@ def test_reward_errors(classifier_dir):
     assert {"digit_alignment", "digit_alignment_bold"} <= set(available_rewards())
 
 
-def test_metrics(default_dir, heldout):
+def test_metrics(model_dir, heldout):
     images, labels = heldout
     prompts = [f"digit {digits.DIGIT_WORDS[d]}" for d in labels]
     group = torch.tensor(labels)
-    assert get_metric("digit_accuracy")(images, prompts, group) > 0.9
+    assert get_metric("digit_accuracy", model_dir=str(model_dir))(images, prompts, group) > 0.9
     same = images[:1].expand(6, -1, -1, -1)
     assert get_metric("diversity")(same, prompts[:6], torch.tensor([0, 0, 0, 1, 1, 2])) == 0.0
     # two images differing by 1 in every pixel are at distance exactly 1 after normalising
@@ -130,3 +129,37 @@ def test_metrics(default_dir, heldout):
     assert 0.1 < digits.real_data_diversity() < 0.4
     # 0.30 of a real digit's pixels are above 0.5: boldness 0.30 / 0.45
     assert get_metric("boldness")(images, prompts, group) == pytest.approx(0.67, abs=0.05)
+
+
+def test_classifier_found_in_model_dir_from_any_working_directory(model_dir, classifier_dir, heldout,
+                                                                  tmp_path, monkeypatch):
+    """The rewards and digit_accuracy read MODEL_DIR/classifier, not a path under the working
+    directory: from elsewhere they score exactly as with the explicit path and write nothing there
+    (the old cwd-relative default trained a fresh classifier into ./runs/)."""
+    images, labels = heldout
+    prompts = [f"a handwritten digit {d}" for d in labels[:16]]
+    want = build_reward("digit_alignment", {"classifier_path": str(classifier_dir)})(images[:16], prompts)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in ("digit_alignment", "digit_alignment_bold", "combine"):
+        options = {"components": [{"name": "digit_alignment"}]} if name == "combine" else {}
+        got = build_reward(name, options, model_dir=str(model_dir))(images[:16], prompts)
+        if name != "digit_alignment_bold":
+            assert torch.equal(got, want), name
+    acc = get_metric("digit_accuracy", model_dir=str(model_dir))(images, [f"digit {d}" for d in labels],
+                                                                  torch.tensor(labels))
+    assert acc > 0.9
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_missing_classifier_is_a_clear_error(tmp_path):
+    with pytest.raises(RewardError, match=f"no digits classifier in {tmp_path / 'base' / 'classifier'}"):
+        build_reward("digit_alignment", model_dir=str(tmp_path / "base"))
+    assert not (tmp_path / "base").exists()  # nothing trained or written on the way
+    with pytest.raises(RewardError, match="needs the base model directory"):
+        build_reward("digit_alignment")
+    with pytest.raises(RewardError, match="needs the base model directory"):
+        get_metric("digit_accuracy")(torch.rand(1, 3, 32, 32), ["digit 1"], torch.zeros(1))
+    with pytest.raises(RewardError, match="'model_dir' is not an option"):
+        build_reward("digit_alignment", {"model_dir": str(tmp_path)})

@@ -1,0 +1,124 @@
+"""docs/config.md, generated from the config models of ``sdpo_core/config.py``: every key with its
+type (and range), default and description, so the reference cannot drift from the code.
+
+    sdpo config docs                          # print it
+    sdpo config docs --write docs/config.md   # regenerate the file (tests/unit/test_config.py
+                                              # fails while the committed file is stale)
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types as at
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from sdpo_core.config import Config
+
+DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+HEADER = """\
+# Configuration keys
+
+<!-- Generated from sdpo_core/config.py by `sdpo config docs --write docs/config.md`; do not edit by
+hand: change the Field(description=...) in config.py and regenerate (a test fails while it is stale). -->
+
+`pipelines.yaml` holds `defaults` and named `pipelines`; a pipeline's config is defaults <- pipeline <-
+`--set key=value`. Unknown keys are errors (with the closest valid name); `sdpo config show NAME`
+prints the resolved config. The defaults below are the models' own; `pipelines.yaml`'s `defaults`
+section may set others for every pipeline.
+"""
+
+FOOTER = """\
+Batch sizes are per process. Both methods sample two trajectories per prompt; SDPO trains on
+pairs (`train.batch_size` pairs per backward), DDPO on single trajectories. `sdpo config show`
+prints the derived batch plan; bad combinations are rejected with what to change.
+"""
+
+_BOUNDS = ((at.Ge, ">=", "ge"), (at.Gt, ">", "gt"), (at.Le, "<=", "le"), (at.Lt, "<", "lt"))
+
+
+def type_text(annotation: Any) -> str:
+    """A reader's name for a field type: ``int``, ``str or null``, ``one of `a`, `b```, ``list[int]``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        parts = [type_text(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_text(a) for a in args)}]"
+    if annotation is Any:
+        return "any"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def range_text(field: FieldInfo) -> str:
+    """The numeric bounds of a field, e.g. ``>= 0, < 1`` (empty when it has none)."""
+    bounds = []
+    for meta in field.metadata:
+        for kind, symbol, attr in _BOUNDS:
+            if isinstance(meta, kind):
+                bounds.append(f"{symbol} {getattr(meta, attr)}")
+    return ", ".join(bounds)
+
+
+def default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+    if value is PydanticUndefined:
+        return "required"
+    return f"`{value}`" if isinstance(value, str) else f"`{json.dumps(value)}`"
+
+
+def _section(model: type[BaseModel]) -> type[BaseModel] | None:
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every leaf key of ``model``, nested sections flattened
+    into dotted keys, in declaration order."""
+    out = []
+    for name, field in model.model_fields.items():
+        sub = _section(field.annotation)  # type: ignore[arg-type]
+        if sub is not None:
+            out.extend(rows(sub, f"{prefix}{name}."))
+            continue
+        kind = type_text(field.annotation)
+        bounds = range_text(field)
+        out.append(
+            (
+                f"`{prefix}{name}`",
+                f"{kind}, {bounds}" if bounds else kind,
+                default_text(field),
+                (field.description or "").replace("|", "\\|"),
+            )
+        )
+    return out
+
+
+def config_markdown() -> str:
+    """The whole of docs/config.md: one table per section of :class:`Config`."""
+    groups = [("top level", "", [r for r in rows(Config) if "." not in r[0]])]
+    for name, field in Config.model_fields.items():
+        sub = _section(field.annotation)  # type: ignore[arg-type]
+        if sub is not None:
+            groups.append((f"`{name}`", " ".join((sub.__doc__ or "").split()), rows(sub, f"{name}.")))
+    parts = [HEADER]
+    for title, lead, table in groups:
+        parts += [f"## {title}\n", *([lead + "\n"] if lead else []), "| key | type | default | meaning |"]
+        parts += ["|---|---|---|---|", *(f"| {k} | {t} | {d} | {m} |" for k, t, d, m in table), ""]
+    parts.append(FOOTER)
+    return "\n".join(parts)
+
+
+def undocumented_keys() -> list[str]:
+    """Keys of :class:`Config` without a description (the docs' test keeps this empty)."""
+    return [key.strip("`") for key, _, _, meaning in rows(Config) if not meaning]

@@ -1,0 +1,36 @@
+"""The `register` stage: log RUN_DIR's trained model to the MLflow registry, tagged with its
+evaluation and its provenance (git commit, ``dvc.lock`` hashes), and move ``champion`` only when it
+beats the current champion by ``register.rule`` (else ``challenger``).
+
+The ``sdpo register`` command and the Prefect flow's register task both call :func:`register_stage`.
+mlflow is imported only when a model is registered.
+
+Usage::
+
+    reg = register_stage(cfg, "runs/digits-tiny")
+    print(reg.version, reg.alias, reg.reason)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdpo_core.config import Config
+from sdpo_core.provenance import provenance_tags
+
+
+def register_stage(
+    cfg: Config,
+    run_dir: str | Path,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    project: str | Path = ".",
+):
+    """Register the model of ``run_dir``; ``tags`` are added to (and win over) the provenance tags of
+    the checkout at ``project``. Returns ``tracking_registry.Registration``; raises
+    ``RegistrationError`` (a ConfigError) before touching MLflow when there is no valid evaluation
+    or trained model."""
+    from sdpo_core.tracking_registry import register_model
+
+    all_tags = {**provenance_tags(cfg.pipeline, project), **(tags or {})}
+    return register_model(cfg, run_dir, parent_run_id=parent_run_id, tags=all_tags)
