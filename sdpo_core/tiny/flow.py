@@ -53,13 +53,14 @@ FLUX_SCHEDULER = dict(
 DEFAULT_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "digit", "one", "two")
 
 
-def tiny_vae(image_size: int = 32, channels: Sequence[int] = (16, 32, 32)) -> AutoencoderKL:
+def tiny_vae(image_size: int = 32, channels: Sequence[int] = (16, 32, 32),
+             latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
     """A 16-channel AutoencoderKL without quant convs (SD3 / FLUX layout), scale factor 2^(L-1)."""
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=tuple(channels), layers_per_block=1, latent_channels=LATENT_CHANNELS,
+        block_out_channels=tuple(channels), layers_per_block=1, latent_channels=latent_channels,
         norm_num_groups=8, sample_size=image_size, scaling_factor=1.5, shift_factor=0.1,
         use_quant_conv=False, use_post_quant_conv=False,
     )
@@ -79,19 +80,25 @@ def _clip_tokenizer(words: Sequence[str]):
         return build_tokenizer(list(words), tmp, max_length=MAX_LENGTH)
 
 
-def build_tiny_sd3(seed: int = 0, words: Sequence[str] = DEFAULT_WORDS) -> StableDiffusion3Pipeline:
-    """A randomly initialised tiny SD3 pipeline without T5 (deterministic for ``seed``)."""
+def build_tiny_sd3(seed: int = 0, words: Sequence[str] = DEFAULT_WORDS, latent_channels: int = LATENT_CHANNELS,
+                   patch_size: int = 2, num_layers: int = 2, attention_head_dim: int = 8,
+                   num_attention_heads: int = 4, shift: float = SD3_SCHEDULER["shift"]) -> StableDiffusion3Pipeline:
+    """A randomly initialised tiny SD3 pipeline without T5 (deterministic for ``seed``); the
+    defaults are the test size, digits-flow-tiny passes a larger transformer."""
     torch.manual_seed(seed)
     tok1, tok2 = _clip_tokenizer(words), _clip_tokenizer(words)
     enc1 = CLIPTextModelWithProjection(_clip_config(tok1))
     enc2 = CLIPTextModelWithProjection(_clip_config(tok2))
+    inner = attention_head_dim * num_attention_heads
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        num_layers=2, attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-        joint_attention_dim=2 * TEXT_HIDDEN, pooled_projection_dim=2 * TEXT_HIDDEN, pos_embed_max_size=16,
+        sample_size=8, patch_size=patch_size, in_channels=latent_channels, out_channels=latent_channels,
+        num_layers=num_layers, attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+        caption_projection_dim=inner, joint_attention_dim=2 * TEXT_HIDDEN, pooled_projection_dim=2 * TEXT_HIDDEN,
+        pos_embed_max_size=16,
     )
+    scheduler = FlowMatchEulerDiscreteScheduler(**{**SD3_SCHEDULER, "shift": shift})
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=tiny_vae(),
+        transformer=transformer, scheduler=scheduler, vae=tiny_vae(latent_channels=latent_channels),
         text_encoder=enc1, tokenizer=tok1, text_encoder_2=enc2, tokenizer_2=tok2,
         text_encoder_3=None, tokenizer_3=None,
     )
