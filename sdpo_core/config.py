@@ -258,7 +258,9 @@ def resolve_update_schedule(t: TrainConfig) -> str:
     """``train.update_schedule`` with ``auto`` resolved: per_step (sdpo) or per_trajectory (ddpo)."""
     if t.update_schedule != "auto":
         return t.update_schedule
-    return "per_step" if t.method == "sdpo" else "per_trajectory"
+    from sdpo_core.methods import METHODS  # the method's own loop (methods import config)
+
+    return METHODS[t.method].default_update_schedule
 
 
 def micro_steps_per_update(cfg: Config) -> int:

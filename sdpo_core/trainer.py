@@ -36,11 +36,11 @@ from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from sdpo_core import checkpoint as ckpt
-from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise, discounted_returns
+from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise
 from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
-from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
-from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
+from sdpo_core.losses import temporal_weights
+from sdpo_core.methods import build_method
 from sdpo_core.models import (
     DTYPES,
     add_lora,
@@ -126,9 +126,10 @@ class Trainer:
         self.reward_fn = build_reward(  # model_dir: rewards that ship with the base model find it there
             cfg.reward.name, cfg.reward.options, self.acc.device, self.infer_dtype, model_dir=cfg.model.pretrained
         )
-        t_track = cfg.sample.num_steps if cfg.train.method == "sdpo" else 1
+        self.method = build_method(cfg.train, cfg.sample.num_steps)
         st = cfg.train.stat_tracking
-        self.stat_tracker = PerStepPromptStatTracker(st.buffer_size, st.min_count, t_track) if st.enabled else None
+        self.stat_tracker = (PerStepPromptStatTracker(st.buffer_size, st.min_count, self.method.tracked_steps)
+                             if st.enabled else None)
         rc = cfg.train.recompute_log_probs
         self.recompute_log_probs = rc == "always" or (rc == "auto" and self.acc.mixed_precision != "no")
         self.weights = temporal_weights(cfg.sample.num_steps, cfg.train.lam, cfg.train.log_scale)
@@ -210,7 +211,7 @@ class Trainer:
 
     def _sample_batch(self, prompts: list[str], gen: torch.Generator, grid: int = 0) -> tuple[dict, Future]:
         cfg, b = self.cfg, len(prompts)
-        paired = cfg.train.method == "sdpo"
+        paired = self.method.paired
         embeds = encode_prompts(self.pipe, prompts)
         noise = torch.randn((b if paired else 2 * b, *self.latent_shape), generator=gen)
         neg = self.negative_embed.expand(b, -1, -1) if self.negative_embed is not None else None
@@ -220,15 +221,10 @@ class Trainer:
             self._unet_fn(model), self.ddim, self.timesteps, embeds, noise.to(self.acc.device),
             cfg.sample.eta, gen, cfg.sample.guidance_scale, neg, paired=paired,
         )
-        if paired:
-            anchor, sims = (v.cpu() for v in similarities(traj.x0))
-            steps = query_steps(anchor, traj.num_steps)
-        else:
-            anchor = sims = None
-            steps = torch.full((2 * b, 1), traj.num_steps - 1)
+        steps, extras = self.method.scored_steps(traj.x0)
         future = self.executor.submit(self._reward_job, traj.x0.cpu(), steps, prompts * 2, grid)
         out = {"embeds": embeds.cpu(), "latents": traj.latents.cpu(), "log_probs": traj.log_probs.cpu(),
-               "anchor": anchor, "sims": sims, "prompts": prompts}
+               "extras": extras, "prompts": prompts}
         return out, future
 
     def sample_epoch(self, epoch: int) -> tuple[EpochSamples, list[str], dict[str, float]]:
@@ -275,20 +271,11 @@ class Trainer:
     # ------------------------------------------------------------------ advantages
     def _assemble(self, batches, queried, prompts_all, stats):
         """Dense rewards, returns and advantages; returns the process's EpochSamples."""
-        cfg = self.cfg
-        sdpo = cfg.train.method == "sdpo"
         traj_prompts: list[str] = []
-        rewards_q, dense = [], []
-        for bt, rq, prompts in zip(batches, queried, prompts_all, strict=True):
+        for prompts in prompts_all:
             traj_prompts += prompts * 2
-            rewards_q.append(rq)
-            if sdpo:
-                dense.append(predict_dense_rewards(rq, bt["sims"], bt["anchor"], cfg.train.anchor,
-                                                   cfg.train.dense_reward))
-            else:
-                dense.append(rq[:, -1:])
-        per_traj = torch.cat(dense)  # (N, T) sdpo or (N, 1) ddpo, N = 2 * prompts of this process
-        returns = discounted_returns(per_traj, cfg.train.gamma) if sdpo else per_traj
+        # (N, T) dense returns (sdpo) or (N, 1) final rewards (ddpo), N = 2 * prompts of this process
+        returns = torch.cat([self.method.returns(rq, bt["extras"]) for bt, rq in zip(batches, queried, strict=True)])
         all_returns = self.acc.gather(returns.to(self.acc.device)).cpu()
         all_prompts = gather_object(traj_prompts) if self.acc.num_processes > 1 else traj_prompts
         if self.stat_tracker is not None:
@@ -297,18 +284,11 @@ class Trainer:
             adv_all = batch_normalise(all_returns)
         n = returns.shape[0]
         adv = adv_all[self.acc.process_index * n:(self.acc.process_index + 1) * n]
-        all_q = self.acc.gather(torch.cat(rewards_q).to(self.acc.device)).cpu()
-        stats.update(self._reward_stats(all_q, sdpo))
-        return self._split_items(batches, adv, sdpo), traj_prompts, stats
+        all_q = self.acc.gather(torch.cat(queried).to(self.acc.device)).cpu()
+        stats.update(self.method.reward_stats(all_q))
+        return self._split_items(batches, adv), traj_prompts, stats
 
-    @staticmethod
-    def _reward_stats(all_q: torch.Tensor, sdpo: bool) -> dict[str, float]:
-        stats = {"reward/last": float(all_q[:, -1].mean()), "reward/last_std": float(all_q[:, -1].std())}
-        if sdpo:
-            stats.update({"reward/first": float(all_q[:, 0].mean()), "reward/anchor": float(all_q[:, 1].mean())})
-        return stats
-
-    def _split_items(self, batches, adv: torch.Tensor, sdpo: bool) -> EpochSamples:
+    def _split_items(self, batches, adv: torch.Tensor) -> EpochSamples:
         """Regroup per-batch [traj 1 of B; traj 2 of B] tensors into trajectory-1 / trajectory-2 arrays."""
         t = self.cfg.sample.num_steps
         adv = adv.expand(-1, t) if adv.shape[1] == 1 else adv
@@ -325,9 +305,9 @@ class Trainer:
         lp1, lp2 = halves([bt["log_probs"] for bt in batches])
         adv1, adv2 = halves(list(adv_chunks))
         prompts = [p for bt in batches for p in bt["prompts"]]
-        if sdpo:
+        if self.method.trajectories_per_item == 2:
             return EpochSamples(embeds, [lat1, lat2], [lp1, lp2], [adv1, adv2], prompts)
-        # DDPO: every trajectory is its own item
+        # every trajectory is its own item
         return EpochSamples(torch.cat([embeds, embeds]), [torch.cat([lat1, lat2])],
                             [torch.cat([lp1, lp2])], [torch.cat([adv1, adv2])], prompts + prompts)
 
@@ -349,15 +329,11 @@ class Trainer:
 
     def _batch_loss(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor):
         """Loss of items ``rows`` (b,) at step indices ``steps`` (b,)."""
-        dev, tr = self.acc.device, self.cfg.train
-        lp_new = self._new_log_probs(s, rows, steps)
+        dev = self.acc.device
+        lp_new = list(self._new_log_probs(s, rows, steps))
         lp_old = [p[rows, steps].to(dev) for p in s.log_probs]
         adv = [a[rows, steps].to(dev) for a in s.advantages]
-        if len(lp_new) == 2:
-            w = self.weights[steps].to(dev)
-            return sdpo_loss(lp_new[0], lp_old[0], lp_new[1], lp_old[1], adv[0], adv[1], w,
-                             tr.clip_range, tr.adv_clip_max)
-        return ddpo_loss(lp_new[0], lp_old[0], adv[0], tr.clip_range, tr.adv_clip_max)
+        return self.method.loss(lp_new, lp_old, adv, self.weights[steps].to(dev))
 
     @torch.no_grad()
     def _recompute_old_log_probs(self, s: EpochSamples, batches: list[torch.Tensor], step_perm: torch.Tensor,

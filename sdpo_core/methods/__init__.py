@@ -1,0 +1,18 @@
+"""RL methods as strategy objects (see ``base.py``): one file per method."""
+
+from __future__ import annotations
+
+from sdpo_core.config import TrainConfig
+from sdpo_core.methods.base import Method
+from sdpo_core.methods.ddpo import DDPO
+from sdpo_core.methods.sdpo import SDPO
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SDPO, DDPO)}
+
+
+def build_method(train: TrainConfig, num_steps: int) -> Method:
+    """The strategy for ``train.method`` (the config's Literal already rejects unknown names)."""
+    return METHODS[train.method](train, num_steps)
+
+
+__all__ = ["METHODS", "Method", "build_method"]

@@ -1,0 +1,38 @@
+"""SDPO (paper §4): dense rewards from three queries, discounted returns, reward-difference loss."""
+
+from __future__ import annotations
+
+from sdpo_core.advantages import discounted_returns
+from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
+from sdpo_core.losses import sdpo_loss
+from sdpo_core.methods.base import Method
+
+
+class SDPO(Method):
+    name = "sdpo"
+    paired = True
+    trajectories_per_item = 2
+    default_update_schedule = "per_step"
+
+    @property
+    def tracked_steps(self) -> int:
+        return self.num_steps
+
+    def scored_steps(self, x0):
+        anchor, sims = (v.cpu() for v in similarities(x0))  # §4.2: first, anchor, last
+        return query_steps(anchor, x0.shape[1]), {"anchor": anchor, "sims": sims}
+
+    def returns(self, rewards_queried, extras):
+        t = self.train
+        dense = predict_dense_rewards(rewards_queried, extras["sims"], extras["anchor"], t.anchor, t.dense_reward)
+        return discounted_returns(dense, t.gamma)
+
+    def loss(self, log_probs_new, log_probs_old, advantages, weights):
+        (n1, n2), (o1, o2), (a1, a2) = log_probs_new, log_probs_old, advantages
+        return sdpo_loss(n1, o1, n2, o2, a1, a2, weights, self.train.clip_range, self.train.adv_clip_max)
+
+    def reward_stats(self, rewards_queried):
+        stats = super().reward_stats(rewards_queried)
+        stats.update({"reward/first": float(rewards_queried[:, 0].mean()),
+                      "reward/anchor": float(rewards_queried[:, 1].mean())})
+        return stats

@@ -1,0 +1,50 @@
+"""The method strategies: which steps each scores, its returns, its loss, its update loop."""
+
+import pytest
+import torch
+
+from sdpo_core.config import TrainConfig, resolve_update_schedule
+from sdpo_core.methods import METHODS, build_method
+
+
+def _x0():
+    # 2 trajectories x 3 steps of 2-dim "latents": trajectory 0's middle step is orthogonal to both ends
+    x0 = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]],
+                       [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    return x0[:, :, :, None, None]  # (N, T, C, 1, 1)
+
+
+def test_sdpo_scores_first_anchor_last_and_discounts_dense_rewards():
+    m = build_method(TrainConfig(method="sdpo", gamma=0.5), num_steps=3)
+    steps, extras = m.scored_steps(_x0())
+    assert steps.tolist() == [[0, 1, 2], [0, 0, 2]]  # trajectory 1: all equal, the first minimum wins
+    r = torch.tensor([[1.0, 2.0, 4.0], [1.0, 1.0, 1.0]])
+    ret = m.returns(r, extras)
+    # trajectory 0 is fully queried: dense (1, 2, 4); returns with gamma 0.5: (1 + 1 + 1, 2 + 2, 4)
+    assert ret[0].tolist() == [3.0, 4.0, 4.0]
+    assert m.tracked_steps == 3 and m.paired and m.trajectories_per_item == 2
+
+
+def test_ddpo_scores_the_last_step_only_and_returns_the_final_reward():
+    m = build_method(TrainConfig(method="ddpo"), num_steps=3)
+    steps, extras = m.scored_steps(_x0())
+    assert steps.tolist() == [[2], [2]] and extras == {}
+    assert m.returns(torch.tensor([[0.3], [0.7]]), extras).tolist() == [[pytest.approx(0.3)], [pytest.approx(0.7)]]
+    assert m.tracked_steps == 1 and not m.paired and m.trajectories_per_item == 1
+
+
+def test_losses_dispatch_to_the_methods_own_objective():
+    lp = torch.zeros(4)
+    sdpo = build_method(TrainConfig(method="sdpo"), 2)
+    # ratio 1 on both sides: d = 0, target A1 - A2 = 1 - (-1) = 2 -> squared error 4
+    loss, _ = sdpo.loss([lp, lp], [lp, lp], [torch.ones(4), -torch.ones(4)], torch.ones(4))
+    assert loss.item() == pytest.approx(4.0)
+    ddpo = build_method(TrainConfig(method="ddpo"), 2)
+    loss, _ = ddpo.loss([lp], [lp], [torch.ones(4)], torch.ones(4))
+    assert loss.item() == pytest.approx(-1.0)  # -A * ratio
+
+
+def test_auto_update_schedule_is_the_methods_own_loop():
+    assert {n: resolve_update_schedule(TrainConfig(method=n)) for n in METHODS} == {
+        "sdpo": "per_step", "ddpo": "per_trajectory"}
+    assert resolve_update_schedule(TrainConfig(method="sdpo", update_schedule="per_trajectory")) == "per_trajectory"
