@@ -254,13 +254,15 @@ class BatchPlan:
     samples_per_epoch: int  # trajectories over all processes
 
 
+# each method's own update loop, what `train.update_schedule: auto` means for it
+METHOD_UPDATE_SCHEDULES = {"sdpo": "per_step", "ddpo": "per_trajectory"}
+
+
 def resolve_update_schedule(t: TrainConfig) -> str:
     """``train.update_schedule`` with ``auto`` resolved: per_step (sdpo) or per_trajectory (ddpo)."""
     if t.update_schedule != "auto":
         return t.update_schedule
-    from sdpo_core.methods import METHODS  # the method's own loop (methods import config)
-
-    return METHODS[t.method].default_update_schedule
+    return METHOD_UPDATE_SCHEDULES[t.method]
 
 
 def micro_steps_per_update(cfg: Config) -> int:

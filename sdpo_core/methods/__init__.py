@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sdpo_core.config import TrainConfig
+from typing import Any
+
 from sdpo_core.methods.base import Method
 from sdpo_core.methods.ddpo import DDPO
 from sdpo_core.methods.sdpo import SDPO
@@ -10,7 +11,7 @@ from sdpo_core.methods.sdpo import SDPO
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SDPO, DDPO)}
 
 
-def build_method(train: TrainConfig, num_steps: int) -> Method:
+def build_method(train: Any, num_steps: int) -> Method:
     """The strategy for ``train.method`` (the config's Literal already rejects unknown names)."""
     return METHODS[train.method](train, num_steps)
 

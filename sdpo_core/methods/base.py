@@ -10,11 +10,9 @@ loss of an item. Items are what a training row holds: a pair (SDPO) or one traje
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-
-from sdpo_core.config import TrainConfig
 
 
 class Method(ABC):
@@ -23,10 +21,8 @@ class Method(ABC):
     paired: ClassVar[bool]
     #: trajectories per training item (2: a pair scored jointly; 1: each trajectory alone)
     trajectories_per_item: ClassVar[int]
-    #: the update loop when ``train.update_schedule`` is auto: per_step or per_trajectory
-    default_update_schedule: ClassVar[str]
-
-    def __init__(self, train: TrainConfig, num_steps: int) -> None:
+    def __init__(self, train: Any, num_steps: int) -> None:
+        """``train``: the ``TrainConfig`` (not imported: the config schema imports no method code)."""
         self.train, self.num_steps = train, num_steps
 
     @property

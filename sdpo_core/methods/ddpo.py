@@ -12,7 +12,6 @@ class DDPO(Method):
     name = "ddpo"
     paired = False
     trajectories_per_item = 1
-    default_update_schedule = "per_trajectory"
 
     @property
     def tracked_steps(self) -> int:

@@ -12,7 +12,6 @@ class SDPO(Method):
     name = "sdpo"
     paired = True
     trajectories_per_item = 2
-    default_update_schedule = "per_step"
 
     @property
     def tracked_steps(self) -> int:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdpo_core.config import TrainConfig, resolve_update_schedule
+from sdpo_core.config import METHOD_UPDATE_SCHEDULES, TrainConfig, resolve_update_schedule
 from sdpo_core.methods import METHODS, build_method
 
 
@@ -47,4 +47,5 @@ def test_losses_dispatch_to_the_methods_own_objective():
 def test_auto_update_schedule_is_the_methods_own_loop():
     assert {n: resolve_update_schedule(TrainConfig(method=n)) for n in METHODS} == {
         "sdpo": "per_step", "ddpo": "per_trajectory"}
+    assert set(METHOD_UPDATE_SCHEDULES) == set(METHODS)  # every method has its loop
     assert resolve_update_schedule(TrainConfig(method="sdpo", update_schedule="per_trajectory")) == "per_trajectory"
