@@ -168,13 +168,15 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
     try:
         tmp.mkdir()
         _write_files(tmp, state)
-    except OSError as exc:
+    except Exception as exc:  # OSError, and the writers' own wrappers of it (SafetensorError, torch's RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         need = (_nbytes(state.weights) + _nbytes(state.optimizer) + _nbytes(state.tracker) + (1 << 16)) / 1e6
         free = shutil.disk_usage(root).free / 1e6
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        full = "the disk is full (No space left on device); " if free < need else ""
         raise CheckpointWriteError(
-            f"checkpoint {final.name} could not be written in {root}: {exc.strerror or exc}. It needs about "
+            f"checkpoint {final.name} could not be written in {root}: {full}{reason}. It needs about "
             f"{need:.1f} MB; {free:.1f} MB are free there. "
             + (f"The previous checkpoint {previous.name} is intact: free some space, then continue with --resume"
                if previous else "There is no earlier checkpoint: free some space and start again")

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from sdpo_core import checkpoint as ckpt
 from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise, discounted_returns
-from sdpo_core.atomic import replace_dir
+from sdpo_core.atomic import atomic_write_text, replace_dir
 from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
 from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
@@ -63,6 +63,13 @@ def _to_cpu_copy(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu_copy(v) for v in obj)
     return obj
+
+
+def _epoch_of(metrics_line: str) -> float:
+    try:
+        return json.loads(metrics_line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _seed(*parts: int) -> int:
@@ -479,8 +486,19 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             if start:
+                self._drop_metrics_from(start)
                 log.info("resumed from %s: starting at epoch %d", latest, start)
         return start
+
+    def _drop_metrics_from(self, epoch: int) -> None:
+        """Forget metrics lines of epochs >= ``epoch`` (logged before a stop, trained again now)."""
+        path = self.run_dir / "train_metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        kept = [x for x in lines if _epoch_of(x) < epoch]  # a half-written last line goes too
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
 
     def _log_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         if not self.acc.is_main_process:
