@@ -53,19 +53,21 @@ def test_no_good_checkpoint_exits_2_naming_the_file(two_checkpoints, tiny_base):
     assert "remove that folder" in out.stderr and "Traceback" not in out.stderr
 
 
+CHANGES = [("model.lora_rank", 4, 8), ("sample.num_steps", 2, 3), ("train.method", "'sdpo'", "ddpo"),
+           ("train.stat_tracking.buffer_size", 8, 4)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("key, old, new", [
-    ("model.lora_rank", 4, 8), ("sample.num_steps", 2, 3), ("train.method", "'sdpo'", "ddpo"),
-    ("train.stat_tracking.buffer_size", 8, 4),
-])
-def test_resume_with_a_state_shaping_change_exits_2(two_checkpoints, tiny_base, key, old, new):
-    """--resume with a key that fixes the saved state changed (was: a raw `size mismatch` / ValueError
-    traceback from deep code): exit 2 naming the key, the old and the new value, before any model is
-    built; the checkpoints are untouched."""
+def test_resume_with_state_shaping_changes_exits_2(two_checkpoints, tiny_base):
+    """--resume with keys that fix the saved state changed (was: a raw `size mismatch` / ValueError
+    traceback from deep code): exit 2 naming each key with the old and the new value, before any
+    model is built; the checkpoints are untouched. (One process for the four keys: each is its own line.)"""
     before = sorted(p.name for p in (two_checkpoints / "checkpoints").iterdir())
-    out = sdpo("train", *tiny_args(tiny_base, two_checkpoints, "train.epochs=3", f"{key}={new}"), "--resume")
+    sets = [f"{key}={new}" for key, _, new in CHANGES]
+    out = sdpo("train", *tiny_args(tiny_base, two_checkpoints, "train.epochs=3", *sets), "--resume")
     assert out.returncode == 2, out.stderr[-3000:]
-    shown_new = f"'{new}'" if isinstance(new, str) else new
-    assert f"{key}: {old} in the checkpoint, {shown_new} now" in out.stderr
+    for key, old, new in CHANGES:
+        shown_new = f"'{new}'" if isinstance(new, str) else new
+        assert f"{key}: {old} in the checkpoint, {shown_new} now" in out.stderr
     assert "Traceback" not in out.stderr and "learning_rate" not in out.stdout  # refused before start
     assert sorted(p.name for p in (two_checkpoints / "checkpoints").iterdir()) == before
