@@ -28,6 +28,7 @@ from sdpo_core import pipeline as stages
 from sdpo_core.config import Config, ConfigError, load_config
 from sdpo_core.provenance import provenance_tags
 from sdpo_core.register import register_stage
+from sdpo_core.runlock import run_lock
 from sdpo_core.tracking import make_tracker
 
 
@@ -187,6 +188,13 @@ def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None) -> d
     _route_sdpo_core_logs()
     job = Job(pipeline=pipeline, overrides=overrides or [], pipelines_file=str(settings.pipelines_file))
     cfg = job.config()  # a bad pipeline name or override fails the run here, with the reason
+    # one flow run per pipeline at a time: an overlapping one fails here (RunLockedError, naming the
+    # holder) before it opens an MLflow run; a queued one would only redo the same work afterwards
+    with run_lock(job.run_dir):
+        return _flow_body(job, cfg, pipeline)
+
+
+def _flow_body(job: Job, cfg: Config, pipeline: str) -> dict:
     parent = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{pipeline}-flow")
     parent.set_tags(
         {

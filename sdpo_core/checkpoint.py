@@ -1,20 +1,27 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, verified, resumable checkpoints.
 
 ``DIR/checkpoints/epoch_0003/`` holds everything needed to continue after epoch 3 exactly:
 trainable weights (safetensors), optimizer state, stat-tracker buffers, RNG states, counters and
-the resolved config. It is written to ``epoch_0003.tmp`` and renamed when complete, so a crash
-never leaves a half checkpoint that resume would pick up. Nothing is unpickled: tensors load with
-safetensors and the optimizer / RNG state with ``torch.load(weights_only=True)``.
+the resolved config. It is written to ``epoch_0003.tmp``; ``manifest.json`` (every file's size and
+sha256) is written LAST, the files are fsynced and the directory is renamed into place. Resume
+verifies a checkpoint against its manifest before loading it: a checkpoint without one, or whose
+files are truncated or changed, is skipped with a warning and the newest good one is used.
+Nothing is unpickled: tensors load with safetensors and the optimizer / RNG state with
+``torch.load(weights_only=True)``.
 
 ``CheckpointWriter`` writes in a background thread (``train.async_checkpoint``): the trainer hands
 it a ``CheckpointState`` whose tensors are copies, and goes on with the next epoch while the
-files are written. A failed write is raised at the next ``submit`` or ``wait``; a process killed
-mid-write leaves only a ``.tmp`` directory, so resume starts from the checkpoint before.
+files are written. A failed write (e.g. a full disk: ``CheckpointWriteError``, which says how much
+space was needed) removes its ``.tmp`` directory and is raised at the next ``submit`` or ``wait``;
+a process killed mid-write leaves only a ``.tmp`` directory. Either way the previous checkpoint
+stays the one resume starts from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,13 +30,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from sdpo_core.atomic import fsync_dir, fsync_tree
+
+log = logging.getLogger(__name__)
 PREFIX = "epoch_"
+MANIFEST = "manifest.json"
+CORRUPT_SUFFIX = ".corrupt"
+# config keys that fix the shape or the meaning of the saved state: resume refuses a change
+STATE_KEYS = (
+    "model.finetune", "model.lora_rank", "model.lora_alpha", "model.lora_target_modules",
+    "sample.num_steps", "train.method", "train.stat_tracking.enabled", "train.stat_tracking.buffer_size",
+)
 
 
 class ResumeError(RuntimeError):
     """A run directory cannot be started or resumed as asked."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the previous one is intact)."""
 
 
 @dataclass
@@ -44,7 +66,7 @@ class CheckpointState:
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary ``.tmp`` dirs are ignored)."""
+    """Checkpoint directories, oldest first (``.tmp`` and ``.corrupt`` ones are ignored; not verified)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -52,19 +74,74 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if every file in ``path``'s manifest has its recorded size and sha256; else what is wrong."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the write did not finish, or an older sdpo wrote it)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def scan_checkpoints(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that verifies, [(newer checkpoint that does not, why), ...])."""
+    bad: list[tuple[Path, str]] = []
+    for d in reversed(checkpoint_dirs(run_dir)):
+        problem = verify_checkpoint(d)
+        if problem is None:
+            return d, bad
+        bad.append((d, problem))
+    return None, bad
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    dirs = [d for d in checkpoint_dirs(run_dir) if (d / "state.json").is_file()]
-    return dirs[-1] if dirs else None
+    """The newest checkpoint that verifies; newer ones that do not are logged and skipped."""
+    good, bad = scan_checkpoints(run_dir)
+    for d, problem in bad:
+        log.warning("skipping checkpoint %s: %s", d, problem)
+    return good
 
 
-def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{state.epoch:04d}"
-    tmp = root / f"{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def set_aside(path: Path) -> Path:
+    """Rename a bad checkpoint to ``epoch_NNNN.corrupt`` (kept for inspection, never loaded)."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(path, target)
+    return target
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _write_files(tmp: Path, state: CheckpointState) -> None:
     save_file({k: v.contiguous() for k, v in state.weights.items()}, str(tmp / "weights.safetensors"))
     torch.save(state.optimizer, tmp / "optimizer.pt")
     torch.save(state.rng, tmp / "rng.pt")
@@ -74,12 +151,41 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
         meta = {k: v for k, v in state.tracker.items() if k not in tensors}
         (tmp / "stat_tracker.json").write_text(json.dumps(meta))
     (tmp / "config.yaml").write_text(state.config_yaml)
-    # state.json last: its presence marks the content complete even before the rename
     (tmp / "state.json").write_text(json.dumps({"epoch": state.epoch, "global_step": state.global_step}))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    # the manifest last: a checkpoint without one is incomplete
+    (tmp / MANIFEST).write_text(json.dumps({"epoch": state.epoch, "files": files}, indent=1))
+    fsync_tree(tmp)
+
+
+def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{state.epoch:04d}"
+    tmp = root / f"{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        _write_files(tmp, state)
+    except Exception as exc:  # OSError, and the writers' own wrappers of it (SafetensorError, torch's RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        need = (_nbytes(state.weights) + _nbytes(state.optimizer) + _nbytes(state.tracker) + (1 << 16)) / 1e6
+        free = shutil.disk_usage(root).free / 1e6
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+        full = "the disk is full (No space left on device); " if free < need else ""
+        raise CheckpointWriteError(
+            f"checkpoint {final.name} could not be written in {root}: {full}{reason}. It needs about "
+            f"{need:.1f} MB; {free:.1f} MB are free there. "
+            + (f"The previous checkpoint {previous.name} is intact: free some space, then continue with --resume"
+               if previous else "There is no earlier checkpoint: free some space and start again")
+        ) from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+    fsync_dir(root)
+    for old in checkpoint_dirs(run_dir)[:-keep]:  # `final` is the newest, and good: never pruned
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -115,19 +221,89 @@ class CheckpointWriter:
                 self._pool.shutdown()
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_compatible(path: str | Path, config_yaml: str) -> None:
+    """Raise ResumeError if the checkpoint's config differs from ``config_yaml`` in a STATE_KEYS key."""
+    path = Path(path)
+    try:
+        old = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise ResumeError(f"{path / 'config.yaml'} cannot be read ({exc}); start a new run with another --run-dir") from exc
+    new = _flatten(yaml.safe_load(config_yaml))
+    missing = "(absent)"
+    diffs = [(k, old.get(k, missing), new.get(k, missing)) for k in STATE_KEYS if old.get(k, missing) != new.get(k, missing)]
+    if diffs:
+        lines = "\n".join(f"  {k}: {o!r} in the checkpoint, {n!r} now" for k, o, n in diffs)
+        sets = " ".join(f"--set {k}={yaml.safe_dump(o, default_flow_style=True).strip().removesuffix('...').strip()}"
+                        for k, o, _ in diffs)
+        raise ResumeError(
+            f"cannot resume from {path}: the config changed in keys that fix the saved state\n{lines}\n"
+            f"resume with the checkpoint's values ({sets}), or start a new run with another --run-dir"
+        )
+
+
+def plan_resume(run_dir: str | Path, config_yaml: str, resume: bool) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """Where a run in ``run_dir`` starts: (checkpoint to load or None, newer bad checkpoints to skip).
+
+    Raises ResumeError, before anything is built or written, when the run cannot start as asked:
+    checkpoints exist without ``resume``; ``resume`` but no checkpoint verifies; or the config
+    changed in a key that fixes the saved state (STATE_KEYS).
+    """
+    run_dir = Path(run_dir)
+    existing = checkpoint_dirs(run_dir)
+    if not resume:
+        if existing:
+            raise ResumeError(
+                f"{run_dir} already holds checkpoints (latest {existing[-1].name}); pass --resume to continue "
+                "it, or choose another --run-dir"
+            )
+        return None, []
+    good, bad = scan_checkpoints(run_dir)
+    if good is None and bad:
+        found = "; ".join(f"{d.name}: {why}" for d, why in bad)
+        raise ResumeError(
+            f"--resume: no checkpoint in {run_dir / 'checkpoints'} is complete ({found}); remove that folder "
+            "to start over, or choose another --run-dir"
+        )
+    if good is not None:
+        check_compatible(good, config_yaml)
+    return good, bad
+
+
 def load_checkpoint(path: str | Path) -> CheckpointState:
     path = Path(path)
-    meta = json.loads((path / "state.json").read_text())
-    tracker = None
-    if (path / "stat_tracker.json").is_file():
-        tracker = json.loads((path / "stat_tracker.json").read_text())
-        tracker.update(load_file(str(path / "stat_tracker.safetensors")))
+    current = "state.json"
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        tracker = None
+        if (path / "stat_tracker.json").is_file():
+            current = "stat_tracker.json"
+            tracker = json.loads((path / "stat_tracker.json").read_text())
+            current = "stat_tracker.safetensors"
+            tracker.update(load_file(str(path / "stat_tracker.safetensors")))
+        current = "weights.safetensors"
+        weights = load_file(str(path / "weights.safetensors"))
+        current = "optimizer.pt"
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+        current = "rng.pt"
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        current = "config.yaml"
+        config_yaml = (path / "config.yaml").read_text()
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one clear message
+        raise ResumeError(
+            f"{path / current} cannot be read ({type(exc).__name__}: {exc}); remove {path} to resume from "
+            "the checkpoint before it, or start a new run with another --run-dir"
+        ) from exc
     return CheckpointState(
-        epoch=meta["epoch"],
-        global_step=meta["global_step"],
-        weights=load_file(str(path / "weights.safetensors")),
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
-        tracker=tracker,
-        rng=torch.load(path / "rng.pt", weights_only=True),
-        config_yaml=(path / "config.yaml").read_text(),
+        epoch=meta["epoch"], global_step=meta["global_step"], weights=weights, optimizer=optimizer,
+        tracker=tracker, rng=rng, config_yaml=config_yaml,
     )

@@ -10,7 +10,10 @@
 Prefect/DVC commands (stack, deploy, version) come from ``flows.commands`` when it is installed,
 looked up by name (``COMMAND_PLUGINS``): nothing in sdpo_core imports flows.
 
-Exit codes: 0 success, 2 bad input (a clear message, nothing written), 1 anything else.
+Exit codes: 0 success, 2 bad input (a clear message, nothing written; also: the run directory is
+in use by another run), 1 anything else (e.g. a checkpoint that could not be written: disk full),
+130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM (what Prefect sends on cancel). An
+interrupted ``train`` or ``run`` keeps its last complete checkpoint and says how to resume.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import importlib
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +32,15 @@ log = logging.getLogger("sdpo")
 
 BAD_INPUT = 2
 MODEL_COMMANDS = {"run", "base", "train", "evaluate", "generate"}
+TRAIN_COMMANDS = {"run", "train"}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -34,8 +48,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from sdpo_core.config import ConfigError
     from sdpo_core.models import ModelLoadError
     from sdpo_core.rewards import RewardError
+    from sdpo_core.runlock import RunLockedError
 
-    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError]
+    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError]
     try:
         from sdpo_core.prompts import PromptError
 
@@ -43,6 +58,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
+
+
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    from sdpo_core.checkpoint import CheckpointWriteError
+
+    return (CheckpointWriteError,)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -122,18 +143,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sdpo_core.config import dump_yaml
-    from sdpo_core.pipeline import base_stage, train_stage
+    from sdpo_core.pipeline import base_stage, check_train_start, train_stage
+    from sdpo_core.runlock import run_lock
 
     cfg = _load_cfg(args)
-    print(dump_yaml(cfg), end="", flush=True)
-    base_stage(cfg)
-    tracker = _tracker(cfg, "train")
-    status = "FAILED"
-    try:
-        final = train_stage(cfg, _run_dir(args, cfg), resume=args.resume, tracker=tracker)
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
+    run_dir = _run_dir(args, cfg)
+    with run_lock(run_dir):  # one writer per run dir; refusals come before a model or a tracking run
+        check_train_start(cfg, run_dir, args.resume)
+        print(dump_yaml(cfg), end="", flush=True)
+        base_stage(cfg)
+        tracker = _tracker(cfg, "train")
+        status = "FAILED"
+        try:
+            final = train_stage(cfg, run_dir, resume=args.resume, tracker=tracker)
+            status = "FINISHED"
+        finally:
+            tracker.end(status)
     print(f"trained weights: {final}")
     return 0
 
@@ -218,6 +243,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
     p.add_argument("--pipeline", required=True, help="pipeline name in the pipelines file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -262,12 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base model (dir or hub id) or a trained model dir")
     p.add_argument("--lora", help="trained LoRA dir to apply on --model")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=_positive_int, default=4, help="denoising steps (>= 1)")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--last-step", choices=["clamp", "final_alpha"], default="clamp",
                    help="last DDIM step: clamp (stochastic, as trained by default) or final_alpha (diffusers)")
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-images", type=_positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)
@@ -337,14 +372,34 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars on every load
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
     except _bad_input_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
-        return 130
+    except _environment_errors() as exc:  # no traceback: the message says what happened and what to do
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as exc:
+        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        print(_interrupted_message(args, argv, name), file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_message(args: argparse.Namespace, argv: list[str], signame: str) -> str:
+    if args.command not in TRAIN_COMMANDS:
+        return f"interrupted by {signame}"
+    from sdpo_core.checkpoint import latest_checkpoint
+
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / args.pipeline
+    latest = latest_checkpoint(run_dir)
+    again = shlex.join(["sdpo", *argv, *([] if "--resume" in argv else ["--resume"])])
+    if latest is None:
+        return f"interrupted by {signame} before the first checkpoint: nothing to resume; start again with: {again}"
+    return f"interrupted by {signame}: the last complete checkpoint is {latest}; continue with: {again}"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdpo_core import models
+from sdpo_core.atomic import atomic_write_text
 from sdpo_core.config import Config, ConfigError
 from sdpo_core.generate import compute_dtype, default_device, generate
 from sdpo_core.metrics import MetricFn, get_metric
@@ -245,7 +246,7 @@ def evaluate(
     result = build_eval_dict(cfg, base, trained_dir, plan, results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")  # temp sibling, fsync, rename
     reward_vs_steps_plot(result, out / "reward_vs_steps.png")
     rows = [f"{n} step{'s' if n > 1 else ''}" for n in cfg.evaluate.steps]
     save_image_grid(

@@ -1,7 +1,8 @@
 """The stages of a run as plain functions: the CLI and the Prefect tasks both call these.
 
 Each stage reads and writes fixed paths under the run directory (``runs/<pipeline>`` by
-default), which are also the ``outs`` of the DVC stages:
+default), which are also the ``outs`` of the DVC stages. Every stage that writes there holds the
+run directory's lock (``runlock.py``): a second run on the same directory fails at once.
 
     RUN_DIR/prompts/{train,eval}.txt, manifest.json   prepare
     model.pretrained (embedded builders only)         base
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdpo_core.config import Config
+from sdpo_core.runlock import run_lock
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ def prepare_stage(cfg: Config, run_dir: str | Path):
     """Write the cleaned train/eval prompt split; returns the PromptSplit."""
     from sdpo_core.prompts import prepare
 
-    return prepare(cfg.prompts, prompts_dir(run_dir))
+    with run_lock(run_dir):
+        return prepare(cfg.prompts, prompts_dir(run_dir))
 
 
 def load_or_prepare(cfg: Config, run_dir: str | Path):
@@ -51,11 +54,23 @@ def base_stage(cfg: Config, force: bool = False) -> str:
     return ensure_base(cfg, force=force)
 
 
+def check_train_start(cfg: Config, run_dir: str | Path, resume: bool) -> None:
+    """Raise ResumeError now if training in ``run_dir`` would refuse to start (checkpoints without
+    ``resume``, none usable, or a config change that does not fit them): before a model is built,
+    a tracking run opened or a file written."""
+    from sdpo_core.checkpoint import plan_resume
+    from sdpo_core.config import dump_yaml
+
+    plan_resume(run_dir, dump_yaml(cfg), resume)
+
+
 def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False, tracker: Tracker | None = None) -> Path:
     from sdpo_core.trainer import Trainer
 
-    split = load_or_prepare(cfg, run_dir)
-    return Trainer(cfg, run_dir, tracker=tracker, train_prompts=split.train).run(resume=resume)
+    with run_lock(run_dir):
+        check_train_start(cfg, run_dir, resume)
+        split = load_or_prepare(cfg, run_dir)
+        return Trainer(cfg, run_dir, tracker=tracker, train_prompts=split.train).run(resume=resume)
 
 
 def evaluate_stage(
@@ -64,11 +79,12 @@ def evaluate_stage(
     """Evaluate base (and trained, when ``model_dir``) on the held-out prompts."""
     from sdpo_core.evaluate import evaluate
 
-    split = load_or_prepare(cfg, run_dir)
-    return evaluate(
-        cfg, cfg.model.pretrained, str(model_dir) if model_dir else None, split.eval, eval_dir(run_dir),
-        tracker=tracker,
-    )
+    with run_lock(run_dir):
+        split = load_or_prepare(cfg, run_dir)
+        return evaluate(
+            cfg, cfg.model.pretrained, str(model_dir) if model_dir else None, split.eval, eval_dir(run_dir),
+            tracker=tracker,
+        )
 
 
 @dataclass
@@ -81,12 +97,18 @@ class RunResult:
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, resume: bool = False) -> RunResult:
-    """prepare -> base -> train -> evaluate, with one tracker run per stage."""
+    """prepare -> base -> train -> evaluate, with one tracker run per stage, holding the run dir's
+    lock throughout."""
+    with run_lock(run_dir):
+        check_train_start(cfg, run_dir, resume)
+        return _run_pipeline(cfg, Path(run_dir), resume)
+
+
+def _run_pipeline(cfg: Config, run_dir: Path, resume: bool) -> RunResult:
     from sdpo_core.evaluate import format_table
     from sdpo_core.tracking import make_tracker
 
     start = time.perf_counter()
-    run_dir = Path(run_dir)
     split = prepare_stage(cfg, run_dir)
     log.info("prompts: %d train / %d eval", len(split.train), len(split.eval))
     base_stage(cfg)

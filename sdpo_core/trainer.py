@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from sdpo_core import checkpoint as ckpt
 from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise
+from sdpo_core.atomic import atomic_write_text, replace_dir
 from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
 from sdpo_core.losses import temporal_weights
@@ -53,6 +55,7 @@ from sdpo_core.models import (
 from sdpo_core.models import save_trained as save_trained_model
 from sdpo_core.plots import save_image_grid
 from sdpo_core.rewards import build_reward, check_rewards
+from sdpo_core.runlock import run_lock
 from sdpo_core.sampling import build_policy, guided_output, sample_pairs, unet_caller
 from sdpo_core.scheduling import ddim_step
 from sdpo_core.tracking import NullTracker, Tracker
@@ -73,6 +76,13 @@ def _to_cpu_copy(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu_copy(v) for v in obj)
     return obj
+
+
+def _epoch_of(metrics_line: str) -> float:
+    try:
+        return json.loads(metrics_line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _seed(*parts: int) -> int:
@@ -437,21 +447,35 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> int:
         state = ckpt.load_checkpoint(path)
         unet = self.acc.unwrap_model(self.unet)
-        if self.cfg.model.finetune == "lora":
-            result = set_peft_model_state_dict(unet, state.weights)
-            if getattr(result, "unexpected_keys", None):
-                raise ResumeError(f"{path}: checkpoint LoRA keys do not match this model")
-        else:
-            unet.load_state_dict(state.weights)
-        self.optimizer.load_state_dict(state.optimizer)
-        if self.stat_tracker is not None and state.tracker is not None:
-            self.stat_tracker.load_state_dict(state.tracker)
+        try:
+            if self.cfg.model.finetune == "lora":
+                result = set_peft_model_state_dict(unet, state.weights)
+                if getattr(result, "unexpected_keys", None):
+                    raise ResumeError(f"{path}: checkpoint LoRA keys do not match this model")
+            else:
+                unet.load_state_dict(state.weights)
+            self.optimizer.load_state_dict(state.optimizer)
+            if self.stat_tracker is not None and state.tracker is not None:
+                self.stat_tracker.load_state_dict(state.tracker)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            if isinstance(exc, ResumeError):
+                raise
+            # a change check_compatible does not know about: still one message, not a traceback
+            raise ResumeError(
+                f"{path} does not fit this run's model or optimizer ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}); compare {path / 'config.yaml'} with this run's config, "
+                "or start a new run with another --run-dir"
+            ) from exc
         torch.set_rng_state(state.rng["torch"])
         self.global_step = state.global_step
         return state.epoch + 1
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False) -> Path:
+        with run_lock(self.run_dir):  # re-entrant: the CLI and the flow already hold it
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> Path:
         cfg, acc = self.cfg, self.acc
         start_epoch = self._prepare_run_dir(resume)
         if acc.is_main_process:
@@ -474,21 +498,31 @@ class Trainer:
         return self._finish()
 
     def _prepare_run_dir(self, resume: bool) -> int:
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        """Check the run dir (ResumeError before anything is written), load the checkpoint to resume."""
+        latest, bad = ckpt.plan_resume(self.run_dir, self.config_yaml, resume)
         if resume and latest is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
-        if not resume and latest is not None:
-            raise ResumeError(
-                f"{self.run_dir} already holds checkpoints (latest {latest.name}); pass --resume to continue "
-                "it, or choose another --run-dir"
-            )
-        start = self.load_checkpoint(latest) if (resume and latest is not None) else 0
+        start = self.load_checkpoint(latest) if latest is not None else 0
+        self.acc.wait_for_everyone()  # every process has read the checkpoints before any is renamed
         if self.acc.is_main_process:
+            for path, problem in bad:  # newer than `latest` and unusable: out of resume's (and pruning's) way
+                log.warning("skipping checkpoint %s: %s; moved to %s", path, problem, ckpt.set_aside(path).name)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             if start:
+                self._drop_metrics_from(start)
                 log.info("resumed from %s: starting at epoch %d", latest, start)
         return start
+
+    def _drop_metrics_from(self, epoch: int) -> None:
+        """Forget metrics lines of epochs >= ``epoch`` (logged before a stop, trained again now)."""
+        path = self.run_dir / "train_metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        kept = [x for x in lines if _epoch_of(x) < epoch]  # a half-written last line goes too
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
 
     def _log_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         if not self.acc.is_main_process:
@@ -510,7 +544,11 @@ class Trainer:
         final = self.run_dir / "final"
         if self.acc.is_main_process:
             unet = self.acc.unwrap_model(self.unet)
-            save_trained_model(unet, final, self.cfg.model.finetune, base=self.cfg.model.pretrained)
+            tmp = final.with_name("final.tmp")  # written aside and renamed: never a half `final/`
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            save_trained_model(unet, tmp, self.cfg.model.finetune, base=self.cfg.model.pretrained)
+            replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()
         return final

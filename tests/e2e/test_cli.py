@@ -70,6 +70,28 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     assert out.returncode == 2 and "no pipeline named" in out.stderr
 
 
+def test_generate_with_zero_steps_exits_2(tmp_path):
+    # was: ZeroDivisionError deep in the scheduler
+    out = sdpo("generate", "--model", str(tmp_path / "none"), "--prompt", "a seven", "--steps", "0",
+               "--out", str(tmp_path / "x.png"))
+    assert out.returncode == 2
+    assert "argument --steps: expected a whole number >= 1, got 0" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_refused_start_builds_no_model_and_opens_no_tracking_run(tmp_path):
+    # checkpoints exist, no --resume: refused before `base` builds the embedded model and before an
+    # MLflow run is opened (was: both happened first, then the refusal)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "epoch_0000").mkdir(parents=True)
+    base, db = tmp_path / "base", tmp_path / "mlflow.db"
+    out = sdpo("train", "--pipeline", "tiny-random", "--run-dir", str(run_dir), "--set", f"model.pretrained={base}",
+               "--set", "tracking.experiment=refused", env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"})
+    assert out.returncode == 2 and "pass --resume to continue it" in out.stderr, out.stderr[-2000:]
+    assert not base.exists() and not db.exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # nothing written, no lock left
+
+
 @pytest.mark.slow
 def test_train_resume_generate_with_mlflow(tiny_base, tmp_path):
     run_dir = tmp_path / "run"
@@ -102,7 +124,7 @@ def test_train_resume_generate_with_mlflow(tiny_base, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("cli-test")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 3  # first train, the refused start (recorded as FAILED), the resumed one
+    assert len(runs) == 2  # first train and the resumed one: the refused start opened no run
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len(finished) == 2
     assert all("reward/last" in r.data.metrics and "train.learning_rate" in r.data.params for r in finished)

@@ -1,0 +1,124 @@
+"""One writer per run directory: an OS file lock on ``RUN_DIR/.lock``.
+
+    with run_lock(run_dir):        # RunLockedError at once if another process holds it
+        ...write into run_dir...
+
+The lock is ``fcntl.flock`` on ``RUN_DIR/.lock``: the kernel drops it when its process exits,
+however it exits (a crash or ``kill -9`` leaves no stale lock to clean up). While holding it the
+process writes its PID, host and start time into the file, which is what a refused second run
+reports. The lock is re-entrant within a process (``sdpo run`` and the Prefect flow hold it around
+stages that take it again). Under ``torchrun`` / ``accelerate launch`` only global rank 0 (the
+process that writes) takes it; the other ranks write nothing.
+
+On release the holder deletes the file, and removes the run directory again if it created it and
+left it empty (a refused or failed start writes nothing). Deleting a lock file is safe here because
+a process that wins ``flock`` checks that the path still names the file it locked, and retries if not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+
+_held: dict[Path, int] = {}  # resolved run dir -> nesting depth, for this process
+_guard = threading.Lock()
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing into this run directory."""
+
+
+def _is_writer_rank() -> bool:
+    """Global rank 0, or not a distributed launch (torchrun and accelerate set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _describe_holder(lock_path: Path) -> str:
+    try:
+        info = json.loads(lock_path.read_text(encoding="utf-8"))
+        return f"PID {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError):  # the holder is between flock and writing its details
+        return "a process that has just started"
+
+
+def _acquire(lock_path: Path) -> int:
+    """Lock ``lock_path`` (created if missing); returns the fd. Raises RunLockedError if held."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(
+                f"{lock_path.parent} is in use by another run ({_describe_holder(lock_path)}); wait for it to "
+                f"finish or stop it, or choose another --run-dir"
+            ) from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the previous holder deleted the file as we locked it: lock the new one
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run directory's lock for the ``with`` block (creating the directory if needed)."""
+    run_dir = Path(run_dir)
+    if not _is_writer_rank():
+        yield run_dir
+        return
+    key = run_dir.resolve()
+    with _guard:
+        if key in _held:
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield run_dir
+        finally:
+            with _guard:
+                _held[key] -= 1
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / LOCK_NAME
+    try:
+        fd = _acquire(lock_path)
+    except BaseException:
+        _remove_if_empty(run_dir, created)
+        raise
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    os.fsync(fd)
+    with _guard:
+        _held[key] = 1
+    try:
+        yield run_dir
+    finally:
+        with _guard:
+            del _held[key]
+        lock_path.unlink(missing_ok=True)  # still locked: a waiter re-checks the path (see _acquire)
+        os.close(fd)
+        _remove_if_empty(run_dir, created)
+
+
+def _remove_if_empty(run_dir: Path, created: bool) -> None:
+    if created:
+        try:
+            run_dir.rmdir()
+        except OSError:  # not empty: the run wrote something
+            pass
