@@ -27,7 +27,7 @@ def test_identical_to_ddim_step(prediction_type):
         out, noise = torch.randn_like(x), torch.randn_like(x)
         got = sampler.step(out, torch.full((3,), i), x, noise=noise)
         want = ddim_step(params, out, t, x, 0.7, noise=noise)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         x = got.prev_sample
 
