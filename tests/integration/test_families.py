@@ -167,3 +167,16 @@ def test_sdxl_vae_stays_float32_in_fp16_unless_replaced(dirs, tmp_path):
     assert swapped.pipe.vae.dtype == torch.float16 and not swapped.pipe.vae.config.force_upcast
     with pytest.raises(ModelLoadError, match="replacement VAE"):
         SDXLFamily.load(str(dirs["sdxl"]), None, "cpu", torch.float32, vae=str(tmp_path / "nothing"))
+
+
+def test_set_denoiser_replaces_the_unet_denoise_uses(dirs, tmp_path):
+    # catches: set_denoiser leaving the old UNet in the pipeline, or the new one trainable / in train mode
+    fam = _load(dirs, "sd")
+    other = type(fam.denoiser).from_config(fam.denoiser.config)  # fresh random weights
+    fam.set_denoiser(other)
+    assert fam.denoiser is other and fam.pipe.unet is other
+    assert not other.training and not any(p.requires_grad for p in other.parameters())
+    cond, x = fam.encode(PROMPTS[:1]), torch.randn(1, *fam.latent_shape(None))
+    with torch.no_grad():
+        torch.testing.assert_close(fam.denoise(fam.denoiser, x, 999, cond),
+                                   other(x, 999, encoder_hidden_states=cond.tensors["encoder_hidden_states"]).sample)
