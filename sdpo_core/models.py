@@ -27,6 +27,39 @@ class ModelLoadError(RuntimeError):
     """A model directory or hub id could not be loaded; the message says what was tried."""
 
 
+def open_pipeline(pipeline_cls: type, pretrained: str, revision: str | None = None, **kwargs):
+    """``pipeline_cls.from_pretrained`` of a local diffusers directory or a hub id, progress bars off.
+
+    Raises ``ModelLoadError`` naming what was tried when the directory is not a pipeline or the
+    hub id cannot be reached (nor found in the HF cache).
+    """
+    local = Path(pretrained).expanduser()
+    source = str(local) if local.exists() else pretrained
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise ModelLoadError(f"{local} exists but is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        pipe = pipeline_cls.from_pretrained(source, revision=revision, **kwargs)
+    except Exception as exc:  # diffusers raises several types for missing / unreachable models
+        raise ModelLoadError(
+            f"cannot load model '{pretrained}': {exc}. Give a local diffusers directory, or a hub id on a "
+            "machine that can reach the hub (or whose HF cache already holds it)"
+        ) from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def freeze_pipeline(pipe, device: torch.device | str, dtypes: dict[str, torch.dtype]) -> None:
+    """Every module of the pipeline frozen, in eval mode and on ``device``; each component named in
+    ``dtypes`` cast to its dtype (the others keep theirs)."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    pipe.to(device)
+    for name, dtype in dtypes.items():
+        getattr(pipe, name).to(dtype=dtype)
+
+
 def load_pipeline(
     pretrained: str,
     revision: str | None = None,
@@ -40,27 +73,11 @@ def load_pipeline(
     The scheduler is rebuilt as ``DDIMScheduler`` from the model's own scheduler config, so the
     timestep schedule (betas, prediction type, spacing) stays the model's.
     """
-    local = Path(pretrained).expanduser()
-    source = str(local) if local.exists() else pretrained
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise ModelLoadError(f"{local} exists but is not a diffusers pipeline directory (no model_index.json)")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, revision=revision, safety_checker=None)
-    except Exception as exc:  # diffusers raises several types for missing / unreachable models
-        raise ModelLoadError(
-            f"cannot load model '{pretrained}': {exc}. Give a local diffusers directory, or a hub id on a "
-            "machine that can reach the hub (or whose HF cache already holds it)"
-        ) from exc
+    pipe = open_pipeline(StableDiffusionPipeline, pretrained, revision, safety_checker=None)
     extra = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **extra)
     pipe.safety_checker = None
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-        module.eval()
-    pipe.to(device)
-    pipe.vae.to(dtype=dtype)
-    pipe.text_encoder.to(dtype=dtype)
+    freeze_pipeline(pipe, device, {"vae": dtype, "text_encoder": dtype})
     return pipe
 
 

@@ -109,8 +109,9 @@ class Family(ABC):
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
-        """The model's own scheduler config (samplers are built from it)."""
-        return dict(self.pipe.scheduler.config)
+        """The model's own scheduler config (samplers are built from it), with its ``_class_name``
+        (which ``scheduler.config`` leaves out but ``samplers.build_sampler`` reads)."""
+        return {**self.pipe.scheduler.config, "_class_name": type(self.pipe.scheduler).__name__}
 
     # ---------------------------------------------------------------- the three calls
     @abstractmethod

@@ -1,0 +1,98 @@
+"""Stable Diffusion 1.x / 2.x, SD-Turbo and LCM-distilled SD UNets (``StableDiffusionPipeline``).
+
+Loading, prompt encoding, decoding and LoRA saving are ``models.py``'s; the scheduler is kept as
+the model ships it (the sampler is built from its config: DDIM for DDPM-family schedulers, LCM
+for ``LCMScheduler``). A UNet with ``time_cond_proj_dim`` (LCM distillation) is conditioned on
+the guidance-scale embedding of ``lcm_guidance_scale`` as ``timestep_cond``, computed with the
+pipeline's own ``get_guidance_scale_embedding`` from ``w = lcm_guidance_scale - 1`` (diffusers'
+LCM pipeline uses the Imagen CFG convention and subtracts 1; its default scale is 8.5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+
+from sdpo_core import models
+from sdpo_core.families.base import Conditioning, Family
+
+LCM_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline.__call__'s default guidance_scale
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def guidance_embedding(pipe: Any, scale: float) -> torch.Tensor | None:
+    """(1, time_cond_proj_dim) float32 embedding of ``scale - 1`` for an LCM UNet, else None."""
+    dim = pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    w = torch.tensor([scale - 1.0])
+    return pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(pipe.unet.device)
+
+
+class SDFamily(Family):
+    """``StableDiffusionPipeline`` (and ``LatentConsistencyModelPipeline`` directories, loaded as one)."""
+
+    pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
+    default_lora_targets: ClassVar[tuple[str, ...]] = LORA_TARGETS
+    pipeline_cls: ClassVar[type] = StableDiffusionPipeline
+
+    def __init__(self, pipe: Any, lcm_guidance_scale: float = LCM_GUIDANCE_SCALE) -> None:
+        super().__init__(pipe)
+        self.lcm_guidance_scale = lcm_guidance_scale
+        self._timestep_cond = guidance_embedding(pipe, lcm_guidance_scale)
+
+    @classmethod
+    def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
+             lcm_guidance_scale: float = LCM_GUIDANCE_SCALE) -> SDFamily:
+        pipe = models.open_pipeline(StableDiffusionPipeline, pretrained, revision, safety_checker=None)
+        models.freeze_pipeline(pipe, device, {"vae": dtype, "text_encoder": dtype, "unet": torch.float32})
+        return cls(pipe, lcm_guidance_scale=lcm_guidance_scale)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def set_denoiser(self, module: torch.nn.Module) -> None:
+        self.pipe.unet = module.to(self.pipe.device).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return Conditioning({"encoder_hidden_states": models.encode_prompts(self.pipe, prompts)})
+
+    def unet_kwargs(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``timestep_cond`` (N, D) for an LCM UNet, in the latents' dtype as the pipelines pass it."""
+        if self._timestep_cond is None:
+            return {}
+        cond = self._timestep_cond.to(latents.device, latents.dtype)
+        return {"timestep_cond": cond.expand(latents.shape[0], -1)}
+
+    def denoise(self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+                cond: Conditioning) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, device=latents.device)
+        return model(
+            latents, t, encoder_hidden_states=cond.tensors["encoder_hidden_states"], return_dict=False,
+            **self.unet_kwargs(latents),
+        )[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return models.decode_latents(self.pipe, latents)
+
+    def latent_shape(self, resolution: int | None) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor
+        size = resolution or self.pipe.unet.config.sample_size * factor
+        if size % factor:
+            raise ValueError(f"resolution {size} is not a multiple of the VAE's scale factor {factor}")
+        return (self.pipe.unet.config.in_channels, size // factor, size // factor)
+
+    def save_lora(self, lora_layers: dict[str, torch.Tensor], out_dir: Path) -> None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        layers = convert_state_dict_to_diffusers(dict(lora_layers))
+        self.pipeline_cls.save_lora_weights(str(out_dir), unet_lora_layers=layers, safe_serialization=True)
+
+    def load_lora(self, model_dir: Path) -> None:
+        self.pipe.load_lora_weights(str(model_dir))
