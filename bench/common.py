@@ -108,7 +108,7 @@ def eval_prompts(cfg) -> list[str]:
 
 
 def _bench_trainer_class():
-    from sdpo_core.models import save_trained
+    from sdpo_core.loading import save_trained
     from sdpo_core.trainer import Trainer
 
     class BenchTrainer(Trainer):
@@ -143,7 +143,7 @@ def _bench_trainer_class():
             unet.eval()
             out = {}
             for n in self.cfg.evaluate.steps:
-                images = generate(self.pipe, self.light_prompts, self.light_seeds, n, self.cfg)
+                images = generate(self.family, self.light_prompts, self.light_seeds, n, self.cfg)
                 out[str(n)] = float(self._eval_reward(images, self.light_prompts).float().mean())
             unet.train(was_training)
             return out
@@ -157,6 +157,7 @@ def _bench_trainer_class():
             if done in self.spec.snapshots and done != self.cfg.train.epochs:
                 unet = self.acc.unwrap_model(self.unet)
                 save_trained(
+                    self.family,
                     unet,
                     self.bench_dir / f"epoch_{done}",
                     self.cfg.model.finetune,

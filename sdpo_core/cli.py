@@ -180,22 +180,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from sdpo_core.config import ModelConfig, SampleConfig
     from sdpo_core.generate import default_device, generate_trajectories, policy_for
-    from sdpo_core.models import MODEL_META, decode_latents, load_pipeline, load_trained
+    from sdpo_core.loading import load_family, load_trained
+    from sdpo_core.models import MODEL_META
     from sdpo_core.plots import save_image_grid
 
     model, device = Path(args.model), default_device()
     if args.lora:
-        pipe = load_trained(args.lora, base=args.model, device=device)
+        family = load_trained(args.lora, base=args.model, device=device)
     elif (model / MODEL_META).is_file():
-        pipe = load_trained(model, device=device)
+        family = load_trained(model, device=device)
     else:
-        pipe = load_pipeline(args.model, device=device)
+        family = load_family(args.model, device=device)
     # the training sampler; one generator per image so image i is the same whatever --num-images is
-    policy = policy_for(pipe, args.steps, args.eta, args.last_step, args.guidance_scale)
+    sample = SampleConfig(eta=args.eta, last_step=args.last_step, guidance_scale=args.guidance_scale)
+    policy = policy_for(family, args.steps, sample, ModelConfig(pretrained=args.model))
     seeds = [args.seed + i for i in range(args.num_images)]
-    traj = generate_trajectories(pipe, policy, [args.prompt] * args.num_images, seeds, None)
-    images = decode_latents(pipe, traj.x0[:, -1]).cpu()
+    traj = generate_trajectories(family, policy, [args.prompt] * args.num_images, seeds, None)
+    images = family.decode(traj.x0[:, -1]).cpu()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = [f"seed {args.seed + i}" for i in range(args.num_images)] if args.num_images > 1 else [args.prompt]

@@ -50,9 +50,14 @@ class ModelConfig(_Strict):
     )
     lora_rank: int = Field(default=4, ge=1, le=1024, description="LoRA rank")
     lora_alpha: float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
-    lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="UNet modules that get LoRA adapters (the attention projections)",
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
+        default=None, description="model family; read from model_index.json's _class_name when unset")
+    family_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the family's loader (sd: lcm_guidance_scale; sdxl: vae; "
+        "sd3: use_t5, max_sequence_length; flux: max_sequence_length, guidance_scale)")
+    lora_target_modules: list[str] | None = Field(
+        default=None,
+        description="denoiser modules that get LoRA adapters; unset: the family's (the attention projections)",
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         default="no", description="autocast precision of the model (accelerate); log-probs and losses stay float32"
@@ -90,8 +95,13 @@ class SampleConfig(_Strict):
     num_batches_per_epoch: int = Field(default=2, ge=1, description="sampling batches per epoch, per process")
     resolution: int | None = Field(default=None, ge=8, description="image side in pixels; model default if unset")
     last_step: Literal["clamp", "final_alpha"] = Field(
-        default="clamp", description="clamp: the paper's stochastic last step; final_alpha: diffusers exactly"
+        default="clamp", description="clamp: the paper's stochastic last step (LCM: re-noise to t=0); "
+        "final_alpha: diffusers exactly (deterministic, no log-prob at the last step)"
     )
+    sampler: Literal["ddim", "lcm", "flow_sde"] | None = Field(
+        default=None, description="stochastic sampler; read from the model's scheduler class when unset")
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict, description="extra options of the sampler (flow_sde: noise_level, sde_type)")
 
     @field_validator("eta")
     @classmethod

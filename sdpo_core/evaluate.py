@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sdpo_core import models
+from sdpo_core import loading, models
 from sdpo_core.atomic import atomic_write_text
 from sdpo_core.config import Config, ConfigError
 from sdpo_core.generate import compute_dtype, default_device, generate
@@ -135,7 +135,7 @@ def eval_plan(cfg: Config, eval_prompts: list[str]) -> EvalPlan:
 
 
 def evaluate_model(
-    pipe, label: str, plan: EvalPlan, cfg: Config, reward_fn: RewardFn, metric_fns: dict[str, MetricFn],
+    family, label: str, plan: EvalPlan, cfg: Config, reward_fn: RewardFn, metric_fns: dict[str, MetricFn],
     dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[int, dict[str, Any]], torch.Tensor]:
     """Score one model at every step count, sampled with the training policy (``generate``): the
@@ -150,7 +150,7 @@ def evaluate_model(
         rewards, kept = [], []
         for start in range(0, n, bs):
             prompts, seeds = plan.sample_prompts[start : start + bs], plan.seeds[start : start + bs]
-            images = generate(pipe, prompts, seeds, num_steps, cfg, dtype)
+            images = generate(family, prompts, seeds, num_steps, cfg, dtype)
             rewards.append(check_rewards(cfg.reward.name, reward_fn(images, prompts), len(prompts)).cpu())
             if metric_fns:  # metrics see all N images of a step count at once
                 kept.append(images.cpu())
@@ -172,15 +172,15 @@ def evaluate_model(
 
 
 def _load(cfg: Config, base: str, trained_dir: str | Path | None, device: torch.device, dtype: torch.dtype):
-    """The base pipeline as is (``trained_dir`` None), or with the trained weights applied."""
-    spacing, rev = cfg.model.timestep_spacing, cfg.model.revision
+    """The base model's family as is (``trained_dir`` None), or with the trained weights applied."""
+    m, res = cfg.model, cfg.sample.resolution
     if trained_dir is None:
-        return models.load_pipeline(base, revision=rev, device=device, dtype=dtype, timestep_spacing=spacing)
+        return loading.load_family(base, m.revision, device, dtype, m.family, m.family_options, res)
     meta_base = models.read_model_meta(trained_dir)["base_model"]
     if meta_base != base and Path(meta_base).resolve() != Path(base).resolve():
         log.warning("trained model %s was trained on %s but is evaluated on %s", trained_dir, meta_base, base)
-    return models.load_trained(trained_dir, base=base, device=device, dtype=dtype, timestep_spacing=spacing,
-                               revision=rev)
+    return loading.load_trained(trained_dir, base=base, device=device, dtype=dtype, revision=m.revision,
+                                options=m.family_options, resolution=res)
 
 
 def build_eval_dict(
@@ -239,9 +239,9 @@ def evaluate(
     results, grids = {}, {}
     models_to_run = {"base": None} if trained_dir is None else {"base": None, "trained": trained_dir}
     for label, weights in models_to_run.items():
-        pipe = _load(cfg, base, weights, device, dtype)
-        results[label], grids[label] = evaluate_model(pipe, label, plan, cfg, reward_fn, metric_fns, dtype)
-        del pipe
+        family = _load(cfg, base, weights, device, dtype)
+        results[label], grids[label] = evaluate_model(family, label, plan, cfg, reward_fn, metric_fns, dtype)
+        del family
     # 3. Statistics, files, tracking.
     result = build_eval_dict(cfg, base, trained_dir, plan, results)
     out = Path(out_dir)

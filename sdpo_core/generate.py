@@ -9,8 +9,8 @@ last step's predicted clean latent x0, the state the final reward is computed on
 
 Usage::
 
-    pipe = models.load_pipeline("runs/digits-tiny/base")
-    images = generate(pipe, ["a seven"], [0], num_steps=1, cfg=cfg)   # (1, 3, H, W) in [0, 1]
+    family = loading.load_family("runs/digits-tiny/base")
+    images = generate(family, ["a seven"], [0], num_steps=1, cfg=cfg)   # (1, 3, H, W) in [0, 1]
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import contextlib
 
 import torch
 
-from sdpo_core.config import Config
-from sdpo_core.models import DTYPES, decode_latents, encode_prompts, latent_shape
-from sdpo_core.sampling import Policy, Trajectories, build_policy, draw_noise, unet_caller
+from sdpo_core.config import Config, ModelConfig, SampleConfig
+from sdpo_core.families.base import Family
+from sdpo_core.models import DTYPES
+from sdpo_core.sampling import Policy, Trajectories, build_policy, denoiser_caller, draw_noise
 
 
 def compute_dtype(mixed_precision: str) -> torch.dtype:
@@ -34,35 +35,33 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def policy_for(pipe, num_steps: int, eta: float, last_step: str, guidance_scale: float,
+def policy_for(family: Family, num_steps: int, sample_cfg: SampleConfig, model_cfg: ModelConfig,
                dtype: torch.dtype = torch.float32) -> Policy:
-    """The training sampler for ``pipe``'s UNet at ``num_steps``, computing in ``dtype``."""
-    device = pipe.unet.device
+    """The training sampler for ``family``'s denoiser at ``num_steps``, computing in ``dtype``."""
+    device = family.denoiser.device
     if dtype == torch.float32:
         autocast = contextlib.nullcontext
     else:
         def autocast():
             return torch.autocast(device.type, dtype=dtype)
-    neg = encode_prompts(pipe, [""]) if guidance_scale > 1 else None
-    return build_policy(pipe.scheduler, unet_caller(pipe.unet, dtype, autocast), num_steps, eta, last_step,
-                        guidance_scale, neg)
+    denoise = denoiser_caller(family, family.denoiser, dtype, autocast)
+    return build_policy(family, denoise, num_steps, sample_cfg, model_cfg, family.latent_shape(sample_cfg.resolution))
 
 
 @torch.no_grad()
-def generate_trajectories(pipe, policy: Policy, prompts: list[str], seeds: list[int],
+def generate_trajectories(family: Family, policy: Policy, prompts: list[str], seeds: list[int],
                           resolution: int | None) -> Trajectories:
     """len(prompts) trajectories; sample i starts from (and draws its step noise from) seed i."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    init = draw_noise((len(seeds), *latent_shape(pipe, resolution)), gens).to(pipe.unet.device)
-    return policy.sample(encode_prompts(pipe, prompts), init, gens)
+    init = draw_noise((len(seeds), *family.latent_shape(resolution)), gens).to(family.denoiser.device)
+    return policy.sample(family.encode(prompts), init, gens)
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], num_steps: int, cfg: Config,
+def generate(family: Family, prompts: list[str], seeds: list[int], num_steps: int, cfg: Config,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N, 3, H, W) float32 images in [0, 1], sampled with ``cfg.sample``'s policy."""
-    s = cfg.sample
-    policy = policy_for(pipe, num_steps, s.eta, s.last_step, s.guidance_scale, dtype)
-    traj = generate_trajectories(pipe, policy, prompts, seeds, s.resolution)
-    return decode_latents(pipe, traj.x0[:, -1])
+    policy = policy_for(family, num_steps, cfg.sample, cfg.model, dtype)
+    traj = generate_trajectories(family, policy, prompts, seeds, cfg.sample.resolution)
+    return family.decode(traj.x0[:, -1])

@@ -1,8 +1,9 @@
 """Dual-state trajectories: noisy latents x_t, predicted clean latents x0_t and log-probs.
 
 SDPO (paper section 4.1) samples two trajectories per prompt from the same initial noise x_T;
-both go through the UNet as one batch of 2B. Every step records x_t, x0_t and
-log p(x_{t-1} | x_t) under the sampling policy (see ``scheduling.ddim_step``).
+both go through the denoiser as one batch of 2B. Every step records x_t, x0_t and
+log p(x_{t-1} | x_t) under the sampling policy: a family's denoiser call and a sampler's
+stochastic step (``samplers/``), the same for sampling, training and evaluation (``Policy``).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from sdpo_core.scheduling import DDIMParams, ddim_step
+from sdpo_core.families.base import Conditioning
+from sdpo_core.samplers import Sampler, build_sampler
 
-# unet_fn(latents (N,C,H,W), timestep (scalar long), embeds (N,L,D)) -> model output (N,C,H,W)
-UnetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# denoise_fn(latents (N,C,H,W), timesteps (scalar or (N,)), cond (N rows)) -> native output (N,C,H,W)
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 
 @dataclass
@@ -32,13 +35,14 @@ class Trajectories:
         return self.log_probs.shape[1]
 
 
-def unet_caller(model: torch.nn.Module, dtype: torch.dtype, autocast: Callable[[], AbstractContextManager]) -> UnetFn:
-    """The denoiser call that sampling, training and evaluation share: inputs cast to the model's
-    compute dtype, run under ``autocast()`` (accelerate's, or ``torch.autocast``)."""
+def denoiser_caller(family: Any, model: torch.nn.Module, dtype: torch.dtype,
+                    autocast: Callable[[], AbstractContextManager]) -> DenoiseFn:
+    """The denoiser call that sampling, training and evaluation share: the family's ``denoise`` on
+    ``model`` with latents and conditioning cast to the compute dtype, under ``autocast()``."""
 
-    def fn(x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         with autocast():
-            return model(x.to(dtype), t, encoder_hidden_states=e.to(dtype)).sample
+            return family.denoise(model, x.to(dtype), t, cond.to(dtype=dtype))
 
     return fn
 
@@ -53,124 +57,97 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | list[torch.G
     return torch.randn(shape, generator=generator)
 
 
-@dataclass
-class Policy:
-    """How the model samples at T steps: the denoiser call, the DDIM constants and timesteps, eta and
-    CFG. ``build_policy`` makes it for training, evaluation and ``sdpo generate`` alike, so what is
-    evaluated is sampled exactly as what was trained."""
+def guided_output(denoise: DenoiseFn, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                  guidance_scale: float, negative: Conditioning | None) -> torch.Tensor:
+    """Denoiser output with classifier-free guidance when ``guidance_scale > 1``.
 
-    unet_fn: UnetFn
-    params: DDIMParams
-    timesteps: torch.Tensor  # (T,) long, on the CPU
-    eta: float
-    guidance_scale: float = 1.0
-    negative_embeds: torch.Tensor | None = None  # (1, L, D) empty-prompt embedding, CFG only
-
-    def negatives(self, n: int) -> torch.Tensor | None:
-        return None if self.negative_embeds is None else self.negative_embeds.expand(n, -1, -1)
-
-    def sample(self, embeds: torch.Tensor, init_latents: torch.Tensor,
-               generator: torch.Generator | list[torch.Generator] | None) -> Trajectories:
-        """N trajectories from x_T ``init_latents`` (N, C, H, W) for ``embeds`` (N, L, D)."""
-        return sample_trajectories(self.unet_fn, self.params, self.timesteps, embeds, init_latents, self.eta,
-                                   generator, self.guidance_scale, self.negatives(embeds.shape[0]))
-
-
-def build_policy(scheduler, unet_fn: UnetFn, num_steps: int, eta: float, last_step: str,
-                 guidance_scale: float = 1.0, negative_embeds: torch.Tensor | None = None) -> Policy:
-    """A Policy at ``num_steps`` from a diffusers DDIMScheduler (its ``set_timesteps`` is called)."""
-    if num_steps < 1:
-        raise ValueError(f"the number of denoising steps must be >= 1, got {num_steps}")
-    scheduler.set_timesteps(num_steps, device="cpu")
-    params = DDIMParams.from_scheduler(scheduler, num_steps, last_step)
-    neg = negative_embeds if guidance_scale > 1 else None
-    return Policy(unet_fn, params, scheduler.timesteps.clone().long(), eta, guidance_scale, neg)
-
-
-def guided_output(
-    unet_fn: UnetFn,
-    latents: torch.Tensor,
-    t: torch.Tensor,
-    embeds: torch.Tensor,
-    guidance_scale: float,
-    negative_embeds: torch.Tensor | None,
-) -> torch.Tensor:
-    """UNet output with classifier-free guidance when ``guidance_scale > 1``.
-
-    Shapes: latents (N,C,H,W), t scalar or (N,), embeds / negative_embeds (N,L,D).
+    Shapes: latents (N,C,H,W), t scalar or (N,), cond / negative: N rows.
     """
     if guidance_scale <= 1.0:
-        return unet_fn(latents, t, embeds)
-    if negative_embeds is None:
-        raise ValueError("guidance_scale > 1 needs negative (empty-prompt) embeddings")
+        return denoise(latents, t, cond)
+    if negative is None:
+        raise ValueError("guidance_scale > 1 needs negative (empty-prompt) conditioning")
     t2 = torch.cat([t, t]) if t.ndim else t
-    out = unet_fn(torch.cat([latents, latents]), t2, torch.cat([negative_embeds, embeds]))
-    uncond, cond = out.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    out = denoise(torch.cat([latents, latents]), t2, Conditioning.cat([negative, cond]))
+    uncond, c = out.chunk(2)
+    return uncond + guidance_scale * (c - uncond)
 
 
-@torch.no_grad()
-def sample_trajectories(
-    unet_fn: UnetFn,
-    params: DDIMParams,
-    timesteps: torch.Tensor,
-    embeds: torch.Tensor,
-    init_latents: torch.Tensor,
-    eta: float,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    guidance_scale: float = 1.0,
-    negative_embeds: torch.Tensor | None = None,
-) -> Trajectories:
-    """Run the DDIM sampler and record the dual states.
+@dataclass
+class Policy:
+    """How the model samples: the denoiser call, the sampler (timesteps and the stochastic step with
+    its log-prob) and CFG. Built by ``build_policy`` for training, evaluation and ``sdpo generate``
+    alike, so what is evaluated is sampled exactly as what was trained."""
 
-    Args:
-        timesteps: (T,) long, the scheduler's timesteps for T inference steps.
-        embeds: (N, L, D) prompt embeddings; init_latents: (N, C, H, W) x_T.
+    denoise: DenoiseFn
+    sampler: Sampler
+    guidance_scale: float = 1.0
+    negative: Conditioning | None = None  # 1 row: the empty prompt, CFG only
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.sampler.timesteps
+
+    def negatives(self, n: int) -> Conditioning | None:
+        return None if self.negative is None else self.negative.expand(n)
+
+    def output(self, latents: torch.Tensor, step_index: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The (guided) denoiser output of items at step indices ``step_index`` (N,) or a scalar."""
+        t = self.sampler.timesteps[step_index]
+        return guided_output(self.denoise, latents, t, cond, self.guidance_scale, self.negatives(len(cond)))
+
+    @torch.no_grad()
+    def sample(self, cond: Conditioning, init_latents: torch.Tensor,
+               generator: torch.Generator | list[torch.Generator] | None) -> Trajectories:
+        """N trajectories from x_T ``init_latents`` (N, C, H, W) for ``cond`` (N rows).
+
         generator: one CPU generator for the batch, or one per item (see ``draw_noise``).
-    Returns:
-        Trajectories with latents (N,T+1,C,H,W), x0 (N,T,C,H,W), log_probs (N,T).
-    """
-    x = init_latents.float()
-    latents, x0s, log_probs = [x], [], []
-    for t in timesteps:
-        out = guided_output(unet_fn, x, t, embeds, guidance_scale, negative_embeds)
-        noise = draw_noise(tuple(x.shape), generator).to(x.device)
-        x, x0, lp = ddim_step(params, out, t, x, eta, noise=noise)
-        latents.append(x)
-        x0s.append(x0)
-        log_probs.append(lp)
-    return Trajectories(
-        latents=torch.stack(latents, dim=1),
-        x0=torch.stack(x0s, dim=1),
-        log_probs=torch.stack(log_probs, dim=1),
-    )
+        """
+        x = init_latents.float()
+        latents, x0s, log_probs = [x], [], []
+        for i in range(self.sampler.num_steps):
+            out = self.output(x, torch.tensor(i), cond)
+            noise = draw_noise(tuple(x.shape), generator).to(x.device)
+            x, x0, lp = self.sampler.step(out, torch.tensor(i), x, noise=noise)
+            latents.append(x)
+            x0s.append(x0)
+            log_probs.append(lp)
+        return Trajectories(torch.stack(latents, dim=1), torch.stack(x0s, dim=1), torch.stack(log_probs, dim=1))
+
+    @torch.no_grad()
+    def sample_pairs(self, cond: Conditioning, init_latents: torch.Tensor, generator: torch.Generator | None,
+                     paired: bool = True) -> Trajectories:
+        """Two trajectories per prompt in one batch of 2B: cond has B rows; init_latents (B, C, H, W)
+        when ``paired`` (the shared x_T), or (2B, C, H, W) when not (independent trajectories).
+        Items [0:B] are trajectory 1 of each prompt, [B:2B] trajectory 2."""
+        x_t = torch.cat([init_latents, init_latents]) if paired else init_latents
+        if x_t.shape[0] != 2 * len(cond):
+            raise ValueError(f"init_latents {tuple(init_latents.shape)} do not fit {len(cond)} prompts")
+        return self.sample(cond.repeat(2), x_t, generator)
 
 
-@torch.no_grad()
-def sample_pairs(
-    unet_fn: UnetFn,
-    params: DDIMParams,
-    timesteps: torch.Tensor,
-    embeds: torch.Tensor,
-    init_latents: torch.Tensor,
-    eta: float,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    guidance_scale: float = 1.0,
-    negative_embeds: torch.Tensor | None = None,
-    paired: bool = True,
-) -> Trajectories:
-    """Two trajectories per prompt, in one batch of 2B.
+def sampler_options(sample_cfg: Any, model_cfg: Any, family: Any, latent_shape: tuple[int, int, int],
+                    name: str) -> dict[str, Any]:
+    """The sampler's options from the config: the sampler class's own mapping of ``sample.*``, the
+    family's (a flow family's sigma schedule and shift), then ``sample.sampler_options``."""
+    from sdpo_core.samplers import SAMPLERS
 
-    Args:
-        embeds: (B, L, D); init_latents: (B, C, H, W) when ``paired`` (the shared x_T), or
-            (2B, C, H, W) when not (DDPO: independent trajectories).
-    Returns:
-        Trajectories of N = 2B: items [0:B] are trajectory 1 of each prompt, [B:2B] trajectory 2.
-    """
-    x_t = torch.cat([init_latents, init_latents]) if paired else init_latents
-    if x_t.shape[0] != 2 * embeds.shape[0]:
-        raise ValueError(f"init_latents {tuple(init_latents.shape)} do not fit {embeds.shape[0]} prompts")
-    neg = torch.cat([negative_embeds, negative_embeds]) if negative_embeds is not None else None
-    return sample_trajectories(
-        unet_fn, params, timesteps, torch.cat([embeds, embeds]), x_t, eta, generator, guidance_scale, neg
-    )
+    opts = dict(SAMPLERS[name].options_from_config(sample_cfg, model_cfg))
+    opts.update(family.sampler_options(latent_shape))
+    opts.update(sample_cfg.sampler_options)
+    return opts
+
+
+def build_policy(family: Any, denoise: DenoiseFn, num_steps: int, sample_cfg: Any, model_cfg: Any,
+                 latent_shape: tuple[int, int, int]) -> Policy:
+    """A Policy at ``num_steps`` for ``family`` (the sampler from its scheduler config)."""
+    if num_steps < 1:
+        raise ValueError(f"the number of denoising steps must be >= 1, got {num_steps}")
+    from sdpo_core.samplers import sampler_name_for
+
+    config = family.scheduler_config
+    name = sample_cfg.sampler or sampler_name_for(config)
+    opts = sampler_options(sample_cfg, model_cfg, family, latent_shape, name)
+    sampler = build_sampler(config, num_steps, name, **opts)
+    neg = family.encode([""]) if sample_cfg.guidance_scale > 1 else None
+    return Policy(denoise, sampler, sample_cfg.guidance_scale, neg)

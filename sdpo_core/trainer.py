@@ -41,23 +41,16 @@ from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise
 from sdpo_core.atomic import atomic_write_text, replace_dir
 from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
+from sdpo_core.families.base import Conditioning
+from sdpo_core.loading import load_family
+from sdpo_core.loading import save_trained as save_trained_model
 from sdpo_core.losses import temporal_weights
 from sdpo_core.methods import build_method
-from sdpo_core.models import (
-    DTYPES,
-    add_lora,
-    decode_latents,
-    encode_prompts,
-    latent_shape,
-    load_pipeline,
-    lora_param_keys,
-)
-from sdpo_core.models import save_trained as save_trained_model
+from sdpo_core.models import DTYPES, add_lora, lora_param_keys
 from sdpo_core.plots import save_image_grid
 from sdpo_core.rewards import build_reward, check_rewards
 from sdpo_core.runlock import run_lock
-from sdpo_core.sampling import build_policy, guided_output, sample_pairs, unet_caller
-from sdpo_core.scheduling import ddim_step
+from sdpo_core.sampling import build_policy, denoiser_caller, guided_output
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -97,7 +90,7 @@ def _seed(*parts: int) -> int:
 class EpochSamples:
     """One process's samples of an epoch. M items: pairs (sdpo) or trajectories (ddpo)."""
 
-    embeds: torch.Tensor  # (M, L, D)
+    cond: Conditioning  # M rows: the prompt conditioning of each item
     latents: list[torch.Tensor]  # one (M, T+1, C, H, W) per trajectory of an item (2 for sdpo)
     log_probs: list[torch.Tensor]  # one (M, T) per trajectory
     advantages: list[torch.Tensor] = field(default_factory=list)  # one (M, T) per trajectory
@@ -151,14 +144,16 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg, acc = self.cfg, self.acc
         self.infer_dtype = DTYPES[acc.mixed_precision] if acc.mixed_precision != "no" else torch.float32
-        self.pipe = load_pipeline(
-            cfg.model.pretrained, cfg.model.revision, acc.device, self.infer_dtype, cfg.model.timestep_spacing
-        )
-        unet = self.pipe.unet
+        m = cfg.model
+        self.family = load_family(m.pretrained, m.revision, acc.device, self.infer_dtype, m.family, m.family_options,
+                                  cfg.sample.resolution)
+        self.pipe = self.family.pipe
+        unet = self.family.denoiser  # a UNet or a transformer: the trainer only calls it through the family
         torch.manual_seed(cfg.seed)  # LoRA init: the same in every process and every run of a config
         if cfg.model.finetune == "lora":
             unet.to(dtype=self.infer_dtype)
-            add_lora(unet, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules)
+            targets = m.lora_target_modules or list(self.family.default_lora_targets)
+            add_lora(unet, m.lora_rank, m.lora_alpha, targets)
         else:
             unet.requires_grad_(True)
         if cfg.model.gradient_checkpointing:
@@ -174,16 +169,14 @@ class Trainer:
         # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call)
         self.lora_params = lora_param_keys(unet) if cfg.model.finetune == "lora" else None
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
-        self.latent_shape = latent_shape(self.pipe, cfg.sample.resolution)
+        self.latent_shape = self.family.latent_shape(cfg.sample.resolution)
         # the sampling policy that evaluation and `sdpo generate` rebuild the same way (build_policy)
-        s = cfg.sample
-        self.policy = build_policy(self.pipe.scheduler, self._unet_fn(unet), s.num_steps, s.eta, s.last_step,
-                                   s.guidance_scale, encode_prompts(self.pipe, [""]))
-        self.timesteps, self.ddim = self.policy.timesteps, self.policy.params
-        self.negative_embed = self.policy.negative_embeds
+        self.policy = build_policy(self.family, self._denoise_fn(unet), cfg.sample.num_steps, cfg.sample,
+                                   cfg.model, self.latent_shape)
+        self.sampler, self.timesteps = self.policy.sampler, self.policy.timesteps
 
-    def _unet_fn(self, model: torch.nn.Module) -> Callable:
-        return unet_caller(model, self.infer_dtype, self.acc.autocast)
+    def _denoise_fn(self, model: torch.nn.Module) -> Callable:
+        return denoiser_caller(self.family, model, self.infer_dtype, self.acc.autocast)
 
     # ------------------------------------------------------------------ sampling + rewards
     def _reward_job(self, x0: torch.Tensor, steps: torch.Tensor, prompts: list[str],
@@ -200,7 +193,7 @@ class Trainer:
         n, t = x0.shape[:2]
         flat = (torch.arange(n)[:, None] * t + steps).flatten()
         unique, inverse = torch.unique(flat, return_inverse=True)
-        images = decode_latents(self.pipe, x0.flatten(0, 1)[unique].to(self.acc.device))
+        images = self.family.decode(x0.flatten(0, 1)[unique].to(self.acc.device))
         item_prompts = [prompts[int(i) // t] for i in unique]
         values = check_rewards(self.cfg.reward.name, self.reward_fn(images, item_prompts), len(unique))
         # combined rewards expose each component's values of the last call: log their means
@@ -213,27 +206,23 @@ class Trainer:
             for step in (0, t - 1):
                 for i in range(min(grid, n)):
                     j = where.get(i * t + step)
-                    tiles.append(images[j] if j is not None else decode_latents(
-                        self.pipe, x0[i, step][None].to(self.acc.device))[0])
+                    tiles.append(images[j] if j is not None else self.family.decode(
+                        x0[i, step][None].to(self.acc.device))[0])
             panel = (torch.stack(tiles).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
             panel = panel.reshape(2, min(grid, n), *panel.shape[1:])
         return values.cpu()[inverse].reshape(steps.shape), time.perf_counter() - start, components, panel
 
     def _sample_batch(self, prompts: list[str], gen: torch.Generator, grid: int = 0) -> tuple[dict, Future]:
-        cfg, b = self.cfg, len(prompts)
+        b = len(prompts)
         paired = self.method.paired
-        embeds = encode_prompts(self.pipe, prompts)
+        cond = self.family.encode(prompts)
         noise = torch.randn((b if paired else 2 * b, *self.latent_shape), generator=gen)
-        neg = self.negative_embed.expand(b, -1, -1) if self.negative_embed is not None else None
         model = self.acc.unwrap_model(self.unet)
         model.eval()
-        traj = sample_pairs(
-            self._unet_fn(model), self.ddim, self.timesteps, embeds, noise.to(self.acc.device),
-            cfg.sample.eta, gen, cfg.sample.guidance_scale, neg, paired=paired,
-        )
+        traj = self.policy.sample_pairs(cond, noise.to(self.acc.device), gen, paired=paired)
         steps, extras = self.method.scored_steps(traj.x0)
         future = self.executor.submit(self._reward_job, traj.x0.cpu(), steps, prompts * 2, grid)
-        out = {"embeds": embeds.cpu(), "latents": traj.latents.cpu(), "log_probs": traj.log_probs.cpu(),
+        out = {"cond": cond.cpu(), "latents": traj.latents.cpu(), "log_probs": traj.log_probs.cpu(),
                "extras": extras, "prompts": prompts}
         return out, future
 
@@ -302,7 +291,7 @@ class Trainer:
         """Regroup per-batch [traj 1 of B; traj 2 of B] tensors into trajectory-1 / trajectory-2 arrays."""
         t = self.cfg.sample.num_steps
         adv = adv.expand(-1, t) if adv.shape[1] == 1 else adv
-        sizes = [bt["embeds"].shape[0] for bt in batches]
+        sizes = [len(bt["cond"]) for bt in batches]
         adv_chunks = torch.split(adv, [2 * b for b in sizes])
 
         def halves(key_tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,15 +299,15 @@ class Trainer:
             second = torch.cat([x[b:] for x, b in zip(key_tensors, sizes, strict=True)])
             return first, second
 
-        embeds = torch.cat([bt["embeds"] for bt in batches])
+        cond = Conditioning.cat([bt["cond"] for bt in batches])
         lat1, lat2 = halves([bt["latents"] for bt in batches])
         lp1, lp2 = halves([bt["log_probs"] for bt in batches])
         adv1, adv2 = halves(list(adv_chunks))
         prompts = [p for bt in batches for p in bt["prompts"]]
         if self.method.trajectories_per_item == 2:
-            return EpochSamples(embeds, [lat1, lat2], [lp1, lp2], [adv1, adv2], prompts)
+            return EpochSamples(cond, [lat1, lat2], [lp1, lp2], [adv1, adv2], prompts)
         # every trajectory is its own item
-        return EpochSamples(torch.cat([embeds, embeds]), [torch.cat([lat1, lat2])],
+        return EpochSamples(cond.repeat(2), [torch.cat([lat1, lat2])],
                             [torch.cat([lp1, lp2])], [torch.cat([adv1, adv2])], prompts + prompts)
 
     # ------------------------------------------------------------------ training
@@ -329,12 +318,12 @@ class Trainer:
         k = len(s.latents)
         x_t = torch.cat([lat[rows, steps] for lat in s.latents]).to(dev)
         x_prev = torch.cat([lat[rows, steps + 1] for lat in s.latents]).to(dev)
-        t_cpu = self.timesteps[steps].repeat(k)  # ddim_step reads schedule values on the host
-        t = t_cpu.to(dev)
-        embeds = s.embeds[rows].repeat(k, 1, 1).to(dev)
-        neg = self.negative_embed.expand(len(t), -1, -1) if self.negative_embed is not None else None
-        out = guided_output(self._unet_fn(self.unet), x_t, t, embeds, cfg.sample.guidance_scale, neg)
-        _, _, lp = ddim_step(self.ddim, out, t_cpu, x_t, cfg.sample.eta, prev_sample=x_prev)
+        index = steps.repeat(k)  # step indices stay on the host: the sampler reads its schedule there
+        cond = s.cond[rows].repeat(k).to(dev)
+        neg = self.policy.negatives(len(index))
+        out = guided_output(self._denoise_fn(self.unet), x_t, self.timesteps[index], cond,
+                            cfg.sample.guidance_scale, neg)
+        _, _, lp = self.sampler.step(out, index, x_t, prev_sample=x_prev)
         return lp.chunk(k)
 
     def _batch_loss(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor):
@@ -364,7 +353,7 @@ class Trainer:
     def train_epoch(self, s: EpochSamples, epoch: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.acc
         gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, acc.process_index, 3))
-        m, t = s.embeds.shape[0], cfg.sample.num_steps
+        m, t = len(s.cond), cfg.sample.num_steps
         n_steps = max(1, math.ceil(t * cfg.train.timestep_fraction))
         info: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.unet.train()
@@ -547,7 +536,7 @@ class Trainer:
             tmp = final.with_name("final.tmp")  # written aside and renamed: never a half `final/`
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_trained_model(unet, tmp, self.cfg.model.finetune, base=self.cfg.model.pretrained)
+            save_trained_model(self.family, unet, tmp, self.cfg.model.finetune, base=self.cfg.model.pretrained)
             replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()

@@ -36,6 +36,11 @@ class Sampler(ABC):
         self.scheduler_config = dict(scheduler_config)
         self.num_steps = num_steps
 
+    @classmethod
+    def options_from_config(cls, sample_cfg: Any, model_cfg: Any) -> dict[str, Any]:
+        """This sampler's constructor options from the ``sample`` / ``model`` config sections."""
+        return {}
+
     @property
     @abstractmethod
     def timesteps(self) -> torch.Tensor:

@@ -54,6 +54,11 @@ class DDIMSampler(Sampler):
         self.params = DDIMParams.from_scheduler(scheduler, num_steps, last_step=last_step)
         self._timesteps = scheduler.timesteps.to("cpu", torch.long)
 
+    @classmethod
+    def options_from_config(cls, sample_cfg: Any, model_cfg: Any) -> dict[str, Any]:
+        return {"eta": sample_cfg.eta, "last_step": sample_cfg.last_step,
+                "timestep_spacing": model_cfg.timestep_spacing}
+
     @property
     def timesteps(self) -> torch.Tensor:
         return self._timesteps

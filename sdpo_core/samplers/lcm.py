@@ -84,6 +84,12 @@ class LCMSampler(Sampler):
         self.alpha_prev = torch.cat([ac[ts[1:]], last])
         self.c_skip, self.c_out = boundary_scalings(ts.float() * float(cfg.timestep_scaling))
 
+    @classmethod
+    def options_from_config(cls, sample_cfg: Any, model_cfg: Any) -> dict[str, Any]:
+        # sample.last_step names DDIM's two behaviours; LCM's counterparts: the paper's stochastic
+        # last step (re-noise to t = 0, as clamp does) or diffusers exactly
+        return {"last_step": {"clamp": "renoise", "final_alpha": "deterministic"}[sample_cfg.last_step]}
+
     @property
     def timesteps(self) -> torch.Tensor:
         return self._timesteps

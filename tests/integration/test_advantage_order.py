@@ -17,21 +17,18 @@ import torch
 
 from sdpo_core.advantages import discounted_returns, reference_per_prompt_advantages
 from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
-from sdpo_core.models import decode_latents
 from sdpo_core.rewards import build_reward
-from sdpo_core.scheduling import ddim_step
 from sdpo_core.trainer import EpochSamples, Trainer
 
 
 @torch.no_grad()
-def _x0_states(tr: Trainer, latents: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+def _x0_states(tr: Trainer, latents: torch.Tensor, cond) -> torch.Tensor:
     """(M, T+1, C, H, W) stored latents -> (M, T, C, H, W) x0 at every step, recomputed."""
-    model = tr.acc.unwrap_model(tr.unet)
     x0s = []
-    for j, t in enumerate(tr.timesteps):
+    for j in range(len(tr.timesteps)):
         x_t = latents[:, j]
-        out = tr._unet_fn(model)(x_t, t, embeds)
-        x0s.append(ddim_step(tr.ddim, out, t, x_t, tr.cfg.sample.eta, prev_sample=latents[:, j + 1])[1])
+        out = tr.policy.output(x_t, torch.tensor(j), cond)
+        x0s.append(tr.sampler.step(out, torch.tensor(j), x_t, prev_sample=latents[:, j + 1]).x0)
     return torch.stack(x0s, dim=1)
 
 
@@ -40,7 +37,7 @@ def reference_advantages(tr: Trainer, s: EpochSamples, sdpo: bool) -> list[torch
     cfg, reward = tr.cfg, build_reward(tr.cfg.reward.name, tr.cfg.reward.options)
     returns = []
     for lat in s.latents:
-        x0 = _x0_states(tr, lat, s.embeds)
+        x0 = _x0_states(tr, lat, s.cond)
         m, t = x0.shape[:2]
         if sdpo:
             anchor, sims = similarities(x0)
@@ -48,7 +45,7 @@ def reference_advantages(tr: Trainer, s: EpochSamples, sdpo: bool) -> list[torch
         else:
             steps = torch.full((m, 1), t - 1)
         picked = x0[torch.arange(m)[:, None], steps]  # (M, Q, C, H, W)
-        r = reward(decode_latents(tr.pipe, picked.flatten(0, 1)), [p for p in s.prompts for _ in steps[0]])
+        r = reward(tr.family.decode(picked.flatten(0, 1)), [p for p in s.prompts for _ in steps[0]])
         r = r.reshape(steps.shape).float()
         if sdpo:
             dense = predict_dense_rewards(r, sims, anchor)

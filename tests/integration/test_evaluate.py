@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from sdpo_core import models
+from sdpo_core import loading, models
 from sdpo_core.config import validate_dict
 from sdpo_core.evaluate import EvaluateError, evaluate, format_table
 from sdpo_core.metrics import register_metric
@@ -156,16 +156,15 @@ def test_evaluation_samples_exactly_as_training(tiny_cfg, tmp_path, last_step, e
     cfg = tiny_cfg(f"sample.last_step={last_step}", f"sample.eta={eta}", "sample.num_steps=3")
     tr = Trainer(cfg, tmp_path / "run")  # fresh LoRA: lora_B is zero, so the policy is the base model's
     prompts, seeds = ["a red fox", "a dog"], [11, 12]
-    trained_side = generate_trajectories(tr.pipe, tr.policy, prompts, seeds, cfg.sample.resolution)
-    pipe = models.load_pipeline(cfg.model.pretrained)
-    s = cfg.sample
-    eval_side = generate_trajectories(pipe, policy_for(pipe, 3, s.eta, s.last_step, s.guidance_scale), prompts,
-                                      seeds, s.resolution)
+    trained_side = generate_trajectories(tr.family, tr.policy, prompts, seeds, cfg.sample.resolution)
+    family = loading.load_family(cfg.model.pretrained)
+    eval_side = generate_trajectories(family, policy_for(family, 3, cfg.sample, cfg.model), prompts, seeds,
+                                      cfg.sample.resolution)
     for name in ("latents", "x0", "log_probs"):
         assert torch.equal(getattr(trained_side, name), getattr(eval_side, name)), name
     # and the policy is the one training samples its batches with
-    assert tr.policy.params == tr.ddim and torch.equal(tr.policy.timesteps, tr.timesteps)
+    assert tr.policy.sampler is tr.sampler and torch.equal(tr.policy.timesteps, tr.timesteps)
     # the images evaluated are the last step's predicted x0, under the stochastic clamp step
-    diffusers = pipe(prompts, num_inference_steps=3, eta=eta, output_type="latent",
+    diffusers = family.pipe(prompts, num_inference_steps=3, eta=eta, output_type="latent",
                      generator=[torch.Generator().manual_seed(x) for x in seeds]).images
     assert not torch.allclose(diffusers, eval_side.x0[:, -1])

@@ -6,7 +6,7 @@ import pytest
 import reward_fixtures  # tests/ is on sys.path
 import torch
 
-from sdpo_core import models
+from sdpo_core import loading
 from sdpo_core.generate import generate
 from sdpo_core.trainer import Trainer
 
@@ -18,11 +18,11 @@ def test_mean_reward_goes_up(tiny_cfg, tmp_path):
                    "train.learning_rate=3e-3", "sample.batch_size=4", "sample.num_batches_per_epoch=2",
                    "train.batch_size=4", "tracking.log_images_every=100")
     prompts, seeds = ["a handwritten digit 3", "the number seven"] * 8, list(range(100, 116))
-    base = models.load_pipeline(cfg.model.pretrained)
+    base = loading.load_family(cfg.model.pretrained)
     before = reward_fixtures.brightness(generate(base, prompts, seeds, 2, cfg), prompts)
     tr = Trainer(cfg, tmp_path)
     tr.run()
-    after = reward_fixtures.brightness(generate(tr.pipe, prompts, seeds, 2, cfg), prompts)
+    after = reward_fixtures.brightness(generate(tr.family, prompts, seeds, 2, cfg), prompts)
     gain = after - before  # paired: the same seeds and prompts
     assert gain.mean() > 4 * gain.std() / len(gain) ** 0.5, (before.mean(), after.mean())
     assert (gain > 0).float().mean() >= 0.75

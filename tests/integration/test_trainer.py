@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from sdpo_core.checkpoint import checkpoint_dirs
-from sdpo_core.scheduling import ddim_step
 from sdpo_core.trainer import Trainer
 
 
@@ -22,17 +21,16 @@ def _frozen_and_lora(trainer: Trainer):
 def test_recomputed_log_probs_equal_sampled_ones(tiny_cfg, tmp_path):
     tr = Trainer(tiny_cfg("sample.num_steps=3"), tmp_path)
     samples, _, _ = tr.sample_epoch(0)
-    model = tr.acc.unwrap_model(tr.unet)
     dev = tr.acc.device
     for j in range(3):
         # the same batch layout as sampling ([traj 1; traj 2]) gives bit-identical log-probs
         x_t = torch.cat([lat[:, j] for lat in samples.latents]).to(dev)
         prev = torch.cat([lat[:, j + 1] for lat in samples.latents]).to(dev)
-        e = torch.cat([samples.embeds, samples.embeds]).to(dev)
-        t = tr.timesteps[j].repeat(len(x_t)).to(dev)
+        cond = samples.cond.repeat(2).to(dev)
+        index = torch.full((len(x_t),), j)
         with torch.no_grad():
-            out = tr._unet_fn(model)(x_t, t, e)
-        _, _, lp = ddim_step(tr.ddim, out, t.cpu(), x_t, 1.0, prev_sample=prev)
+            out = tr.policy.output(x_t, index, cond)
+        _, _, lp = tr.sampler.step(out, index, x_t, prev_sample=prev)
         old = torch.cat([p[:, j] for p in samples.log_probs]).to(dev)
         assert torch.equal(lp, old), f"step {j}: ratio != 1 before any update"
     # the two trajectories of a pair start from the same x_T and then differ
