@@ -92,9 +92,10 @@ def commit_and_push(
 
 def remote_description(remote: str | None, settings: Settings, project: str | Path = ".") -> str:
     """``remote 's3' (s3://bucket/prefix/dvc at endpoint http://...)``: where a push goes."""
-    urls = dict(line.split(None, 1) for line in dvc("remote", "list", project=project).splitlines() if line.strip())
+    rows = [line.split(None, 1) for line in dvc("remote", "list", project=project).splitlines()]
+    urls = {row[0]: row[1].strip() for row in rows if len(row) == 2}
     name = remote or dvc("remote", "default", project=project).strip()
-    url = urls.get(name, "?").strip()
+    url = urls.get(name, "?")
     endpoint = f" at endpoint {settings.s3.endpoint_url}" if remote == "s3" and settings.s3.endpoint_url else ""
     return f"remote {name!r} ({url}{endpoint})"
 

@@ -128,6 +128,10 @@ class TcpForwarder:
 
     def stop(self) -> None:
         if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of its thread (Linux)
+            except OSError:
+                pass
             self.sock.close()
             self.sock = None
 
