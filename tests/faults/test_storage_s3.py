@@ -72,7 +72,7 @@ def test_dvc_push_to_a_down_endpoint_retries_names_it_and_a_rerun_pushes(moto, t
     assert _s3_keys(endpoint.url) == []
 
     assert versioning.commit_and_push("tiny-random", ["prepare"], settings) == ["prepare@tiny-random"]
-    cached = {p.relative_to(project / ".dvc/cache").as_posix() for p in (project / ".dvc/cache").rglob("*")
-              if p.is_file()}
+    cache = project / ".dvc/cache"
+    cached = {p.relative_to(cache).as_posix() for p in (cache / "files").rglob("*") if p.is_file()}
     pushed = {k.removeprefix("sdpo/dvc/") for k in _s3_keys(endpoint.url)}
     assert cached and cached == pushed
