@@ -2,7 +2,7 @@
 
 Each task is a thin wrapper over the ``sdpo_core`` function the CLI calls, passing paths and run
 ids only. One flow run = one MLflow parent run (a nested run per stage) = one ``dvc.lock`` state.
-Only the network steps (version: dvc push, register: MLflow) retry; a retried flow run resumes
+Only the network steps (version: dvc push, inside ``versioning.push``; register: MLflow) retry; a retried flow run resumes
 training from its last checkpoint. Run it directly::
 
     python -c "from flows.sdpo_flow import sdpo; sdpo('tiny-random', ['train.epochs=1'])"
@@ -151,9 +151,10 @@ def evaluate_task(job: Job, final: str, parent_run_id: str | None) -> str:
     return str(stages.eval_dir(job.run_dir) / "eval.json")
 
 
-@task(name="version", cache_policy=NO_CACHE, retry_delay_seconds=5, retry_condition_fn=_not_a_config_error)
+@task(name="version", cache_policy=NO_CACHE)
 def version_task(job: Job, executed: list[str]) -> dict[str, str]:
-    """dvc commit + push of the stages this run executed; returns the provenance tags."""
+    """dvc commit + push of the stages this run executed; returns the provenance tags. The push
+    retries ``prefect.network_retries`` times, then fails naming the remote and its endpoint."""
     settings = load_settings()
     if settings.dvc.enabled:
         versioning.commit_and_push(job.pipeline, executed, settings)
@@ -219,7 +220,7 @@ def _run_stages(job: Job, cfg: Config, parent) -> dict:
     eval_json = evaluate_task(job, final, parent_run_id)
     executed += ["train", "evaluate"]
     retries = load_settings().prefect.network_retries
-    tags = version_task.with_options(retries=retries)(job, executed)
+    tags = version_task(job, executed)  # dvc push retries itself (versioning.push)
     parent.set_tags(tags)
     summary = {
         "pipeline": job.pipeline,

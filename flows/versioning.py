@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from flows.settings import Settings
@@ -80,12 +81,43 @@ def commit_and_push(
     dvc("commit", "--force", *targets, project=project)
     log.info("dvc commit: %s", " ".join(targets))
     if settings.dvc.push:
-        remote = configure_remote(settings, project)
-        dvc("push", *(["--remote", remote] if remote else []), *targets, project=project)
-        log.info("dvc push to %s: %s", remote or "the default remote", " ".join(targets))
+        push(targets, settings, project)
     if settings.dvc.git_commit:
         git_commit_lock(pipeline, project)
     return targets
+
+
+def remote_description(remote: str | None, settings: Settings, project: str | Path = ".") -> str:
+    """``remote 's3' (s3://bucket/prefix/dvc at endpoint http://...)``: where a push goes."""
+    rows = [line.split(None, 1) for line in dvc("remote", "list", project=project).splitlines()]
+    urls = {row[0]: row[1].strip() for row in rows if len(row) == 2}
+    name = remote or dvc("remote", "default", project=project).strip()
+    url = urls.get(name, "?")
+    endpoint = f" at endpoint {settings.s3.endpoint_url}" if remote == "s3" and settings.s3.endpoint_url else ""
+    return f"remote {name!r} ({url}{endpoint})"
+
+
+def push(targets: list[str], settings: Settings, project: str | Path = ".") -> None:
+    """``dvc push`` of ``targets``, tried 1 + ``prefect.network_retries`` times (waits 2, 4, ... s);
+    then VersioningError naming the remote and its endpoint. DVC pushes only what the remote lacks,
+    so a later rerun completes a push that failed half-way."""
+    remote = configure_remote(settings, project)
+    where = remote_description(remote, settings, project)
+    attempts = 1 + settings.prefect.network_retries
+    for attempt in range(attempts):
+        try:
+            dvc("push", *(["--remote", remote] if remote else []), *targets, project=project)
+        except VersioningError as exc:
+            if attempt + 1 == attempts:
+                raise VersioningError(
+                    f"dvc push to {where} failed after {attempts} attempt(s); outputs are committed "
+                    f"locally and a rerun pushes what the remote is missing. Last error: {exc}"
+                ) from None
+            log.warning("dvc push to %s failed (attempt %d of %d); retrying", where, attempt + 1, attempts)
+            time.sleep(2 * 2**attempt)
+        else:
+            break
+    log.info("dvc push to %s: %s", where, " ".join(targets))
 
 
 def pull(pipeline: str, settings: Settings, project: str | Path = ".") -> list[str]:

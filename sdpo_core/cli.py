@@ -4,6 +4,7 @@
     sdpo train --pipeline NAME [--run-dir DIR] [--set k=v ...] [--resume]
     sdpo generate --model DIR --prompt "a seven" --steps 2 --out seven.png
     sdpo register --pipeline NAME              # MLflow registry; champion only if it beats the current one
+    sdpo sync --run-dir DIR                    # send what MLflow missed while it was down
     sdpo config show NAME [--json]
     sdpo config docs [--write docs/config.md]  # the config key reference, from sdpo_core/config.py
 
@@ -49,8 +50,10 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from sdpo_core.models import ModelLoadError
     from sdpo_core.rewards import RewardError
     from sdpo_core.runlock import RunLockedError
+    from sdpo_core.tracking import TrackingUnavailable
 
-    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError]
+    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError,
+                                         TrackingUnavailable]
     try:
         from sdpo_core.prompts import PromptError
 
@@ -151,8 +154,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     with run_lock(run_dir):  # one writer per run dir; refusals come before a model or a tracking run
         check_train_start(cfg, run_dir, args.resume)
         print(dump_yaml(cfg), end="", flush=True)
+        tracker = _tracker(cfg, "train")  # an unreachable tracking server stops here, before any model
         base_stage(cfg)
-        tracker = _tracker(cfg, "train")
         status = "FAILED"
         try:
             final = train_stage(cfg, run_dir, resume=args.resume, tracker=tracker)
@@ -236,6 +239,16 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from sdpo_core.tracking_sync import sync_run_dir
+
+    res = sync_run_dir(args.run_dir)
+    state = "complete" if res.complete else "incomplete (the server went away again; run it again)"
+    print(f"run {res.run_id} at {res.tracking_uri}: sent epochs {res.metric_steps}, "
+          f"{res.artifacts} artifact(s); {state}")
+    return 0 if res.complete else 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from sdpo_core.pipeline import run_pipeline
 
@@ -295,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--model", help="trained model dir (default: RUN_DIR/final if present)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sync", help="send to MLflow what a run kept while its server was down")
+    p.add_argument("--run-dir", required=True, help="run folder holding tracking_sync.json")
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("generate", help="generate images with a base or trained model")
     p.add_argument("--model", required=True, help="base model (dir or hub id) or a trained model dir")

@@ -106,9 +106,10 @@ def run_pipeline(cfg: Config, run_dir: str | Path, resume: bool = False) -> RunR
 
 def _run_pipeline(cfg: Config, run_dir: Path, resume: bool) -> RunResult:
     from sdpo_core.evaluate import format_table
-    from sdpo_core.tracking import make_tracker
+    from sdpo_core.tracking import make_tracker, preflight
 
     start = time.perf_counter()
+    preflight(cfg.tracking.backend)  # an unreachable tracking server stops the run before any work
     split = prepare_stage(cfg, run_dir)
     log.info("prompts: %d train / %d eval", len(split.train), len(split.eval))
     base_stage(cfg)

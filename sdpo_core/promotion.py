@@ -13,7 +13,9 @@ For each step count ``n`` of the new evaluation, with ``m(n)`` a model's mean re
 * ``mean_over_steps``: promote iff the mean of ``m_new`` over the step counts is larger than the
   champion's over the same step counts.
 
-No champion yet (or one whose numbers cannot be read): the new model becomes champion. Models
+No champion yet (or one whose numbers cannot be read): the base model is the incumbent. The new
+model becomes champion only if it beats the base (``steps.<n>.base`` of its own ``eval.json``)
+under the same rule, else challenger; without base numbers it stays challenger. Models
 scored with another reward, or a champion not evaluated at one of the new step counts, are not
 comparable: the new model becomes challenger. An evaluation that is missing or invalid raises
 :class:`PromotionError`; nothing is registered then.
@@ -135,25 +137,28 @@ def eval_from_tags(tags: dict[str, str]) -> dict | None:
     return result
 
 
-def decide(rule: str, new: dict, champion: dict | None) -> Decision:
-    """Alias for the new model under ``rule`` (see the module docstring) given the champion's eval."""
-    if rule not in RULES:
-        raise PromotionError(f"unknown register.rule {rule!r}; expected one of {', '.join(RULES)}")
-    new_scores = trained_scores(new)
-    if champion is None:
-        return Decision(CHAMPION, "no current champion with a readable evaluation")
-    if champion.get("reward") != new.get("reward"):
-        return Decision(
-            CHALLENGER,
-            f"not comparable: champion scored with {champion.get('reward')!r}, new with {new['reward']!r}",
-        )
-    champ_scores = trained_scores(champion)
-    missing = sorted(set(new_scores) - set(champ_scores))
-    if missing:
-        return Decision(CHALLENGER, f"not comparable: champion was not evaluated at step count(s) {missing}")
-    margins = {n: new_scores[n].mean - champ_scores[n].mean for n in sorted(new_scores)}
+def base_eval(eval_dict: dict) -> dict | None:
+    """The base model's numbers of ``eval_dict`` as an eval dict of their own (the incumbent of a
+    first version); None when some step count has no readable base numbers."""
+    steps = {}
+    for key, entry in eval_dict["steps"].items():
+        base = entry.get("base") if isinstance(entry, dict) else None
+        if not isinstance(base, dict):
+            return None
+        steps[key] = {"trained": base}
+    result = {"reward": eval_dict.get("reward"), "steps": steps}
+    try:
+        trained_scores(result)
+    except PromotionError:
+        return None
+    return result
+
+
+def _compare(rule: str, new: dict[int, StepScore], inc: dict[int, StepScore]) -> tuple[bool, str, dict]:
+    """(does ``new`` beat the incumbent ``inc`` under ``rule``, a detail line, margins per step)."""
+    margins = {n: new[n].mean - inc[n].mean for n in sorted(new)}
     if rule == "all_steps_ci":
-        needed = {n: math.hypot(new_scores[n].half_width, champ_scores[n].half_width) for n in margins}
+        needed = {n: math.hypot(new[n].half_width, inc[n].half_width) for n in margins}
         wins = all(margins[n] > needed[n] for n in margins)
         detail = ", ".join(f"{n} steps: {margins[n]:+.4g} vs CI {needed[n]:.4g}" for n in margins)
     elif rule == "all_steps_mean":
@@ -163,5 +168,35 @@ def decide(rule: str, new: dict, champion: dict | None) -> Decision:
         avg = sum(margins.values()) / len(margins)
         wins = avg > 0
         detail = f"mean over steps {avg:+.4g}"
+    return wins, detail, margins
+
+
+def decide(rule: str, new: dict, champion: dict | None) -> Decision:
+    """Alias for the new model under ``rule`` (see the module docstring) given the champion's eval
+    (None: no champion yet, the base model of ``new`` is the incumbent)."""
+    if rule not in RULES:
+        raise PromotionError(f"unknown register.rule {rule!r}; expected one of {', '.join(RULES)}")
+    new_scores = trained_scores(new)
+    if champion is None:
+        base = base_eval(new)
+        if base is None:
+            return Decision(CHALLENGER, "no current champion, and eval.json has no base numbers to beat")
+        wins, detail, margins = _compare(rule, new_scores, trained_scores(base))
+        verdict = "beats" if wins else "does not beat"
+        return Decision(
+            CHAMPION if wins else CHALLENGER,
+            f"{rule}: no current champion; {verdict} the base model ({detail})",
+            margins,
+        )
+    if champion.get("reward") != new.get("reward"):
+        return Decision(
+            CHALLENGER,
+            f"not comparable: champion scored with {champion.get('reward')!r}, new with {new['reward']!r}",
+        )
+    champ_scores = trained_scores(champion)
+    missing = sorted(set(new_scores) - set(champ_scores))
+    if missing:
+        return Decision(CHALLENGER, f"not comparable: champion was not evaluated at step count(s) {missing}")
+    wins, detail, margins = _compare(rule, new_scores, champ_scores)
     verdict = "beats" if wins else "does not beat"
     return Decision(CHAMPION if wins else CHALLENGER, f"{rule}: {verdict} the champion ({detail})", margins)

@@ -6,9 +6,16 @@ default), the base model itself, so the registered model is self-contained; a hu
 by id. The version is tagged with the evaluation numbers (``eval.*``, see ``sdpo_core.promotion``)
 plus whatever provenance the caller passes (git commit, ``dvc.lock`` hashes, the parent run).
 
-Alias ``champion`` moves to the new version only when it beats the current champion by
-``register.rule`` (docs/orchestration.md); otherwise the new version gets ``challenger``. An
-invalid or missing ``eval.json`` stops everything before MLflow is touched.
+Alias ``champion`` moves to the new version only when it beats the current champion (for a first
+version: the base model) by ``register.rule`` (docs/orchestration.md); otherwise the new version gets
+``challenger``. An invalid or missing ``eval.json`` stops everything before MLflow is touched, and
+an unreachable tracking server before anything is logged.
+
+Never half-way: a version is tagged ``sdpo.register_key`` (a hash of the trained weights and the
+parent run) when it is created and ``sdpo.complete`` after its alias is set, as the last step. A
+registration that failed in between (the server went away) leaves an incomplete version; the next
+attempt with the same weights and parent run (the flow's register task retries) completes that
+version instead of adding one, and removes any duplicate of it.
 
 Usage::
 
@@ -18,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from sdpo_core.pipeline import eval_dir
 from sdpo_core.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
+KEY_TAG, COMPLETE_TAG = "sdpo.register_key", "sdpo.complete"
 MODEL_CODE = Path(__file__).with_name("tracking_pyfunc.py")
 # what the pyfunc imports when it loads (sdpo_core itself travels as code with the model)
 REQUIREMENTS = (
@@ -129,6 +138,33 @@ def current_champion(client, name: str) -> tuple[str | None, dict | None]:
     return mv.version, promotion.eval_from_tags(mv.tags)
 
 
+def register_key(trained_dir: Path, parent_run_id: str | None) -> str:
+    """Identifies one registration across its retries: the trained files' bytes and the parent run."""
+    h = hashlib.sha256(f"parent={parent_run_id}\n".encode())
+    for path in sorted(p for p in trained_dir.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(trained_dir).as_posix()}\n".encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def incomplete_version(client, name: str, key: str):
+    """The version an earlier attempt of this registration left without its alias (None if none);
+    duplicates of it (a create request retried after its answer was lost) are deleted."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    mine = sorted((v for v in versions if v.tags.get(KEY_TAG) == key and COMPLETE_TAG not in v.tags),
+                  key=lambda v: int(v.version))
+    for extra in mine[1:]:
+        log.warning("deleting version %s of %s: a duplicate of half-registered version %s",
+                    extra.version, name, mine[0].version)
+        client.delete_model_version(name, extra.version)
+    return mine[0] if mine else None
+
+
 def register_model(
     cfg: Config,
     run_dir: str | Path,
@@ -155,8 +191,9 @@ def register_model(
         # 2. Decide against the champion as it is before this version exists.
         champ_version, champ_eval = current_champion(client, name)
         decision = promotion.decide(rule, new_eval, champ_eval)
-        # 3. Log and register the model; tag the version; move one alias.
-        info = log_pyfunc(cfg, trained, tracker.run_id)
+        # 3. Log and register the model (or complete a version an earlier attempt left half-way);
+        #    tag the version; move one alias; mark it complete.
+        key = register_key(trained, parent_run_id)
         all_tags = {
             **promotion.eval_tags(new_eval),
             **(tags or {}),
@@ -167,8 +204,18 @@ def register_model(
         }
         if parent_run_id:
             all_tags["sdpo.parent_run_id"] = parent_run_id
-        mv = mlflow.register_model(info.model_uri, name, tags=all_tags)
+        mv = incomplete_version(client, name, key)
+        if mv is None:
+            model_uri = log_pyfunc(cfg, trained, tracker.run_id).model_uri
+            mv = mlflow.register_model(model_uri, name, tags={**all_tags, KEY_TAG: key})
+        else:
+            log.warning("completing version %s of %s, left without its alias by an earlier attempt",
+                        mv.version, name)
+            model_uri = mv.source
+            for k, v in all_tags.items():
+                client.set_model_version_tag(name, mv.version, k, v)
         client.set_registered_model_alias(name, decision.alias, mv.version)
+        client.set_model_version_tag(name, mv.version, COMPLETE_TAG, "true")
         tracker.set_tags(
             {
                 "sdpo.registered_model": name,
@@ -179,7 +226,7 @@ def register_model(
         log.info("registered %s version %s as %s: %s", name, mv.version, decision.alias, decision.reason)
         status = "FINISHED"
         return Registration(
-            name, str(mv.version), decision.alias, decision.reason, tracker.run_id, info.model_uri
+            name, str(mv.version), decision.alias, decision.reason, tracker.run_id, model_uri
         )
     finally:
         tracker.end(status)

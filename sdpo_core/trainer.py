@@ -468,6 +468,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         start_epoch = self._prepare_run_dir(resume)
         if acc.is_main_process:
+            self.tracker.bind_run_dir(self.run_dir)  # what MLflow misses while down waits there
             self.tracker.log_params(cfg.to_dict())
         log.info("batch plan: %s", self.plan)
         try:
@@ -516,9 +517,9 @@ class Trainer:
     def _log_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         if not self.acc.is_main_process:
             return
-        self.tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
         with open(self.run_dir / "train_metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(stats) + "\n")
+        self.tracker.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch)
         r = " ".join(f"{k.split('/')[1]}={stats[k]:.4f}" for k in ("reward/first", "reward/anchor", "reward/last")
                      if k in stats)
         log.info("epoch %d: %s loss=%.4g kl=%.2e clipfrac=%.3f grad_norm=%.3g time: sample %.1fs reward %.1fs "

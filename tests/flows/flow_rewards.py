@@ -20,3 +20,9 @@ def flaky_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         marker.touch()
         raise RuntimeError("flaky reward: simulated failure after the first checkpoint")
     return images.mean(dim=(1, 2, 3))
+
+
+def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean pixel value: a reward one epoch of tiny-random at a high learning rate clearly improves
+    (the first registered version must beat the base model to become champion)."""
+    return images.mean(dim=(1, 2, 3))

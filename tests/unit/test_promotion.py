@@ -32,8 +32,33 @@ def _eval(means: dict[int, float], half: float = 0.1, reward: str = "r") -> dict
     return {"pipeline": "p", "reward": reward, "steps": steps}
 
 
-def test_no_champion_promotes():
-    assert decide("all_steps_ci", _eval({1: 0.5}), None).alias == CHAMPION
+def test_first_version_that_beats_the_base_is_champion():
+    # base 0.0 +- 0.1 (see _eval); trained 0.5 +- 0.1: margin 0.5 > hypot(0.1, 0.1) = 0.1414
+    decision = decide("all_steps_ci", _eval({1: 0.5}), None)
+    assert decision.alias == CHAMPION and "beats the base model" in decision.reason
+    assert decision.margins == {1: pytest.approx(0.5)}
+
+
+@pytest.mark.parametrize("rule", ["all_steps_ci", "all_steps_mean", "mean_over_steps"])
+def test_first_version_that_does_not_beat_the_base_is_challenger(rule):
+    # the incident: gain -0.001 at 1 step (CI across zero) was promoted because nothing held the title
+    decision = decide(rule, _eval({1: -0.001}), None)
+    assert decision.alias == CHALLENGER
+    assert "no current champion; does not beat the base model" in decision.reason
+
+
+def test_first_version_inside_the_base_ci_is_challenger():
+    # +0.14 over the base is inside the needed 0.1414 under all_steps_ci, a win under all_steps_mean
+    new = _eval({1: 0.14})
+    assert decide("all_steps_ci", new, None).alias == CHALLENGER
+    assert decide("all_steps_mean", new, None).alias == CHAMPION
+
+
+def test_first_version_without_base_numbers_is_challenger():
+    new = _eval({1: 0.5})
+    del new["steps"]["1"]["base"]
+    decision = decide("all_steps_mean", new, None)
+    assert decision.alias == CHALLENGER and "no base numbers" in decision.reason
 
 
 @pytest.mark.parametrize(

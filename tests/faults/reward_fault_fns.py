@@ -1,0 +1,20 @@
+"""Rewards for ``sdpo reward-server`` in tests/faults (served as ``reward_fault_fns:NAME``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+_calls = 0
+
+
+def dying_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean pixel value; the server process SIGKILLs itself at call ``SDPO_TEST_DIE_AT`` (a crash
+    while it serves a request: the client sees its connection dropped, then nothing listens)."""
+    global _calls
+    _calls += 1
+    if _calls == int(os.environ.get("SDPO_TEST_DIE_AT", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return images.float().mean(dim=(1, 2, 3))
