@@ -174,21 +174,19 @@ class Floor:
     """
 
     def __init__(self, tr, decoded: int):
-        from sdpo_core.models import decode_latents, encode_prompts
-
         cfg = tr.cfg
         b, tb = cfg.sample.batch_size, cfg.train.batch_size
         c, h, w = tr.latent_shape
         self.tr, self.unet = tr, tr.acc.unwrap_model(tr.unet)
         self.t = cfg.sample.num_steps
         self.n_train = self.t * (b // tb)  # step positions x train batches (full timestep fraction)
-        e1 = encode_prompts(tr.pipe, ["a handwritten digit 7"])
-        x_s, e_s, ts = torch.randn(2 * b, c, h, w), e1.expand(2 * b, -1, -1).contiguous(), tr.timesteps[0]
-        x_t, e_t = torch.randn(2 * tb, c, h, w), e1.expand(2 * tb, -1, -1).contiguous()
+        e1 = tr.family.encode(["a handwritten digit 7"])
+        x_s, e_s, ts = torch.randn(2 * b, c, h, w), e1.repeat(2 * b), tr.timesteps[0]
+        x_t, e_t = torch.randn(2 * tb, c, h, w), e1.repeat(2 * tb)
         t_t = tr.timesteps[torch.zeros(2 * tb, dtype=torch.long)]
-        sample_fn, train_fn = tr._unet_fn(self.unet), tr._unet_fn(tr.unet)
+        sample_fn, train_fn = tr._denoise_fn(self.unet), tr._denoise_fn(tr.unet)
         lat = torch.randn(max(decoded, 1), c, h, w)
-        images = decode_latents(tr.pipe, lat)
+        images = tr.family.decode(lat)
         prompts = ["a handwritten digit 7"] * len(images)
 
         def sample_call():
@@ -203,7 +201,7 @@ class Floor:
         self.calls = {
             "unet_forward_2B": sample_call,
             "unet_fwd_bwd_2b": train_call,
-            "decode": lambda: decode_latents(tr.pipe, lat),
+            "decode": lambda: tr.family.decode(lat),
             "reward": lambda: tr.reward_fn(images, prompts),
         }
 

@@ -46,8 +46,6 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(tr, pairs: int, batch: int, seed: int) -> dict:
     from sdpo_core.advantages import discounted_returns
     from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
-    from sdpo_core.models import decode_latents, encode_prompts
-    from sdpo_core.sampling import sample_pairs
 
     gen = torch.Generator().manual_seed(seed)
     prompts_all = tr.train_prompts
@@ -56,12 +54,12 @@ def measure(tr, pairs: int, batch: int, seed: int) -> dict:
         b = min(batch, pairs - start)
         idx = torch.randint(0, len(prompts_all), (b,), generator=gen)
         prompts = [prompts_all[i] for i in idx]
-        embeds = encode_prompts(tr.pipe, prompts)
+        cond = tr.family.encode(prompts)
         noise = torch.randn((b, *tr.latent_shape), generator=gen)
-        model = tr.acc.unwrap_model(tr.unet).eval()
-        traj = sample_pairs(tr._unet_fn(model), tr.ddim, tr.timesteps, embeds, noise, tr.cfg.sample.eta, gen)
+        tr.acc.unwrap_model(tr.unet).eval()
+        traj = tr.policy.sample_pairs(cond, noise, gen)  # the trainer's own sampling policy
         n, t = traj.x0.shape[:2]
-        images = decode_latents(tr.pipe, traj.x0.flatten(0, 1))
+        images = tr.family.decode(traj.x0.flatten(0, 1))
         r_all = tr.reward_fn(images, [p for p in prompts * 2 for _ in range(t)]).float().reshape(n, t)
         anchor, sims = similarities(traj.x0)
         q = query_steps(anchor, t)
@@ -84,7 +82,7 @@ def measure(tr, pairs: int, batch: int, seed: int) -> dict:
         rows.append(
             {
                 "step": j,
-                "timestep": int(tr.timesteps[j]),
+                "timestep": float(tr.timesteps[j]),
                 "mean_reward": float(r[:, j].mean()),
                 "corr_with_final": corr(r[:, j], final),
                 "pair_diff_corr_with_final_diff": corr(first[:, j] - second[:, j], final_diff),

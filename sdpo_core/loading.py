@@ -27,7 +27,7 @@ def denoiser_folder(family: Family) -> str:
 
 
 def family_name(family: Family) -> str:
-    return next(name for name, cls in FAMILIES.items() if isinstance(family, cls))
+    return next(name for name, cls in FAMILIES.items() if type(family) is cls)
 
 
 def load_family(pretrained: str, revision: str | None = None, device: torch.device | str = "cpu",

@@ -81,11 +81,14 @@ def load_pipeline(
     return pipe
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None, target_modules: list[str]) -> None:
-    """Add a trainable LoRA adapter (peft) to the UNet's attention projections; base stays frozen."""
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, target_modules: list[str],
+             exclude_modules: list[str] | None = None) -> None:
+    """Add a trainable LoRA adapter (peft) to the denoiser's attention projections; base stays frozen.
+    ``exclude_modules``: full names of matching modules that must not get one (no path to the output)."""
     unet.requires_grad_(False)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules
+        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=target_modules,
+        exclude_modules=exclude_modules or None,
     )
     unet.add_adapter(config)
     for p in unet.parameters():  # LoRA weights train in float32 even when the base is half

@@ -153,7 +153,7 @@ class Trainer:
         if cfg.model.finetune == "lora":
             unet.to(dtype=self.infer_dtype)
             targets = m.lora_target_modules or list(self.family.default_lora_targets)
-            add_lora(unet, m.lora_rank, m.lora_alpha, targets)
+            add_lora(unet, m.lora_rank, m.lora_alpha, targets, self.family.lora_exclude_modules())
         else:
             unet.requires_grad_(True)
         if cfg.model.gradient_checkpointing:

@@ -113,6 +113,11 @@ class Family(ABC):
         (which ``scheduler.config`` leaves out but ``samplers.build_sampler`` reads)."""
         return {**self.pipe.scheduler.config, "_class_name": type(self.pipe.scheduler).__name__}
 
+    def lora_exclude_modules(self) -> list[str]:
+        """Full names of denoiser modules that match the LoRA targets but cannot affect the output
+        (an adapter there would never train)."""
+        return []
+
     def sampler_options(self, latent_shape: tuple[int, int, int]) -> dict[str, Any]:
         """Sampler options this model's pipeline implies (a flow model's sigma schedule and shift)."""
         return {}

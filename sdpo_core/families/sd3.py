@@ -9,6 +9,7 @@ and both CLIPs' pooled projections concatenated as ``pooled_projections`` (N, P)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,6 +27,16 @@ from sdpo_core.families.flow_common import (
 from sdpo_core.samplers.flow_sde import calculate_shift
 
 
+def _has_t5(pretrained: str) -> bool:
+    """Whether a local SD3 directory ships T5 (``text_encoder_3`` named in model_index.json); a hub
+    id is assumed to (SD3 / SD3.5 releases do)."""
+    index = Path(pretrained).expanduser() / "model_index.json"
+    if not index.is_file():
+        return True
+    entry = json.loads(index.read_text()).get("text_encoder_3")
+    return bool(entry and entry[0])
+
+
 class SD3Family(Family):
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
     default_lora_targets: ClassVar[tuple[str, ...]] = MMDIT_LORA_TARGETS
@@ -36,11 +47,14 @@ class SD3Family(Family):
 
     @classmethod
     def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
-             use_t5: bool = True, max_sequence_length: int = 256, **options: Any) -> SD3Family:
+             use_t5: bool | None = None, max_sequence_length: int = 256, **options: Any) -> SD3Family:
         """``use_t5=False`` loads without T5 (``text_encoder_3=None``): its hidden states are zeros,
-        as the pipeline makes them; ``max_sequence_length`` is the pipeline's T5 length (256)."""
+        as the pipeline makes them; None (default): T5 if the model directory has one.
+        ``max_sequence_length`` is the pipeline's T5 length (256)."""
         if options:
             raise ValueError(f"unknown SD3 family options {sorted(options)}; known: use_t5, max_sequence_length")
+        if use_t5 is None:
+            use_t5 = _has_t5(pretrained)
         kwargs = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
         pipe = load_flow_pipeline(StableDiffusion3Pipeline, pretrained, revision, device, dtype, **kwargs)
         return cls(pipe, max_sequence_length=max_sequence_length)
@@ -92,6 +106,11 @@ class SD3Family(Family):
 
     def save_lora(self, lora_layers: dict[str, torch.Tensor], out_dir: Path) -> None:
         save_transformer_lora(StableDiffusion3Pipeline, lora_layers, out_dir)
+
+    def lora_exclude_modules(self) -> list[str]:
+        # the last joint block is context_pre_only: its text-stream query feeds nothing downstream
+        blocks = self.pipe.transformer.transformer_blocks
+        return [f"transformer_blocks.{i}.attn.add_q_proj" for i, b in enumerate(blocks) if b.context_pre_only]
 
     def load_lora(self, model_dir: Path) -> None:
         self.pipe.load_lora_weights(str(model_dir))
