@@ -52,6 +52,10 @@ class ModelConfig(_Strict):
     lora_alpha: float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
     family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
         default=None, description="model family; read from model_index.json's _class_name when unset")
+    base_lora: str | None = Field(
+        default=None, description="a few-step LoRA (LCM-LoRA, Hyper-SD, TCD; local dir or hub id) fused into the "
+        "base before training, e.g. SDXL + LCM-LoRA")
+    base_lora_scale: float = Field(default=1.0, gt=0, description="scale at which model.base_lora is fused")
     family_options: dict[str, Any] = Field(
         default_factory=dict, description="options of the family's loader (sd: lcm_guidance_scale; sdxl: vae; "
         "sd3: use_t5, max_sequence_length; flux: max_sequence_length, guidance_scale)")

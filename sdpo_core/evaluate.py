@@ -175,7 +175,8 @@ def _load(cfg: Config, base: str, trained_dir: str | Path | None, device: torch.
     """The base model's family as is (``trained_dir`` None), or with the trained weights applied."""
     m, res = cfg.model, cfg.sample.resolution
     if trained_dir is None:
-        return loading.load_family(base, m.revision, device, dtype, m.family, m.family_options, res)
+        return loading.load_family(base, m.revision, device, dtype, m.family, m.family_options, res, m.base_lora,
+                                   m.base_lora_scale)
     meta_base = models.read_model_meta(trained_dir)["base_model"]
     if meta_base != base and Path(meta_base).resolve() != Path(base).resolve():
         log.warning("trained model %s was trained on %s but is evaluated on %s", trained_dir, meta_base, base)

@@ -32,9 +32,13 @@ def family_name(family: Family) -> str:
 
 def load_family(pretrained: str, revision: str | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, family: str | None = None,
-                options: dict[str, Any] | None = None, resolution: int | None = None) -> Family:
+                options: dict[str, Any] | None = None, resolution: int | None = None,
+                base_lora: str | None = None, base_lora_scale: float = 1.0) -> Family:
     """The base model as its family; ``options`` go to the family's ``load`` (e.g. SDXL's ``vae``),
-    and ``resolution`` to families that condition on the image size (SDXL's time ids)."""
+    and ``resolution`` to families that condition on the image size (SDXL's time ids).
+    ``base_lora``: a few-step LoRA (LCM-LoRA, Hyper-SD, TCD; a local dir or hub id) loaded with the
+    pipeline's own ``load_lora_weights`` and fused into the denoiser at ``base_lora_scale``: the
+    result is the base that training starts from."""
     cls = family_for(pretrained, family, revision)
     kwargs = dict(options or {})
     accepted = inspect.signature(cls.load).parameters
@@ -44,10 +48,35 @@ def load_family(pretrained: str, revision: str | None = None, device: torch.devi
     if unknown:
         raise ModelLoadError(f"model.family_options {unknown} are not options of the {cls.__name__} family; "
                              f"it takes {sorted(set(accepted) - {'cls', 'pretrained', 'revision', 'device', 'dtype'})}")
-    return cls.load(pretrained, revision, device, dtype, **kwargs)
+    loaded = cls.load(pretrained, revision, device, dtype, **kwargs)
+    if base_lora:
+        fuse_base_lora(loaded, base_lora, base_lora_scale)
+    return loaded
 
 
-def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path, finetune: str, base: str) -> Path:
+def fuse_base_lora(family: Family, source: str, scale: float) -> None:
+    """Fuse a LoRA into the frozen denoiser (diffusers' load_lora_weights + fuse_lora), then drop
+    the adapter so that only the training LoRA is ever an adapter."""
+    pipe = family.pipe
+    try:
+        pipe.load_lora_weights(source, adapter_name="sdpo_base_lora")
+    except Exception as exc:  # missing dir, hub id not reachable, keys of another family
+        raise ModelLoadError(f"model.base_lora '{source}': cannot load it into {type(pipe).__name__} ({exc})") from exc
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["sdpo_base_lora"])
+    pipe.unload_lora_weights()
+    family.denoiser.requires_grad_(False)
+
+
+def load_for_config(model_cfg: Any, device: torch.device | str, dtype: torch.dtype,
+                    resolution: int | None) -> Family:
+    """``load_family`` with a ``ModelConfig``'s keys."""
+    m = model_cfg
+    return load_family(m.pretrained, m.revision, device, dtype, m.family, m.family_options, resolution,
+                       m.base_lora, m.base_lora_scale)
+
+
+def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path, finetune: str, base: str,
+                 base_lora: str | None = None, base_lora_scale: float = 1.0) -> Path:
     """Final weights: LoRA in the family's diffusers format, or the full denoiser."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +85,8 @@ def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path,
     else:
         denoiser.save_pretrained(out / denoiser_folder(family), safe_serialization=True)
     meta = {"base_model": base, "finetune": finetune, "family": family_name(family)}
+    if base_lora:  # the trained LoRA applies on top of the base with this LoRA fused in
+        meta.update({"base_lora": base_lora, "base_lora_scale": base_lora_scale})
     (out / MODEL_META).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -66,7 +97,7 @@ def load_trained(model_dir: str | Path, base: str | None = None, device: torch.d
     """The base model (``base``, else the one the trained dir names) with the trained weights applied."""
     meta = read_model_meta(model_dir)
     family = load_family(base or meta["base_model"], revision, device, dtype, meta.get("family"), options,
-                         resolution)
+                         resolution, meta.get("base_lora"), meta.get("base_lora_scale", 1.0))
     if meta["finetune"] == "lora":
         family.load_lora(Path(model_dir))
     else:

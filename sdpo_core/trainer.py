@@ -42,7 +42,7 @@ from sdpo_core.atomic import atomic_write_text, replace_dir
 from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
 from sdpo_core.families.base import Conditioning
-from sdpo_core.loading import load_family
+from sdpo_core.loading import load_for_config
 from sdpo_core.loading import save_trained as save_trained_model
 from sdpo_core.losses import temporal_weights
 from sdpo_core.methods import build_method
@@ -145,8 +145,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         self.infer_dtype = DTYPES[acc.mixed_precision] if acc.mixed_precision != "no" else torch.float32
         m = cfg.model
-        self.family = load_family(m.pretrained, m.revision, acc.device, self.infer_dtype, m.family, m.family_options,
-                                  cfg.sample.resolution)
+        self.family = load_for_config(m, acc.device, self.infer_dtype, cfg.sample.resolution)
         self.pipe = self.family.pipe
         unet = self.family.denoiser  # a UNet or a transformer: the trainer only calls it through the family
         torch.manual_seed(cfg.seed)  # LoRA init: the same in every process and every run of a config
@@ -537,7 +536,9 @@ class Trainer:
             tmp = final.with_name("final.tmp")  # written aside and renamed: never a half `final/`
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_trained_model(self.family, unet, tmp, self.cfg.model.finetune, base=self.cfg.model.pretrained)
+            m = self.cfg.model
+            save_trained_model(self.family, unet, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
+                               base_lora_scale=m.base_lora_scale)
             replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()

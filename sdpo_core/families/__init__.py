@@ -43,11 +43,14 @@ def pipeline_class_of(pretrained: str, revision: str | None = None) -> str:
         try:
             from huggingface_hub import hf_hub_download
 
-            index = Path(hf_hub_download(pretrained, "model_index.json", revision=revision, local_files_only=True))
-        except Exception as exc:  # not installed, not a repo id, or not in the cache
+            # the cache first; the hub only where it can be reached (HF_HUB_OFFLINE unset)
+            index = Path(hf_hub_download(pretrained, "model_index.json", revision=revision))
+        except Exception as exc:  # not installed, not a repo id, not in the cache and no network
             raise ModelLoadError(
-                f"cannot read model_index.json of '{pretrained}' without the network ({exc}); "
-                f"set model.family to one of {sorted(FAMILIES)}"
+                f"cannot load model '{pretrained}': its model_index.json is neither a local directory nor in "
+                f"the Hugging Face cache, and the hub cannot be reached from here ({type(exc).__name__}). "
+                "Download it on a machine with network access (huggingface-cli download "
+                f"{pretrained}) or set model.pretrained to a local diffusers directory"
             ) from exc
     try:
         return json.loads(index.read_text())["_class_name"]

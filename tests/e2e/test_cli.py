@@ -128,3 +128,16 @@ def test_train_resume_generate_with_mlflow(tiny_base, tmp_path):
     finished = [r for r in runs if r.info.status == "FINISHED"]
     assert len(finished) == 2
     assert all("reward/last" in r.data.metrics and "train.learning_rate" in r.data.params for r in finished)
+
+
+@pytest.mark.parametrize("pipeline,model_id", [
+    ("sdxl-turbo-pickscore", "stabilityai/sdxl-turbo"),
+    ("lcm-pickscore", "SimianLuo/LCM_Dreamshaper_v7"),
+    ("sd35-large-turbo-pickscore", "stabilityai/stable-diffusion-3.5-large-turbo"),
+    ("flux-schnell-pickscore", "black-forest-labs/FLUX.1-schnell"),
+])
+def test_hub_pipelines_validate_and_stop_at_the_download(tmp_path, pipeline, model_id):
+    # offline, with no cached weights: one line naming the model and what to do, exit 2
+    proc = sdpo("train", "--pipeline", pipeline, "--run-dir", str(tmp_path / "run"), "--set", "tracking.backend=none")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"cannot load model '{model_id}'" in proc.stderr and "Traceback" not in proc.stderr
