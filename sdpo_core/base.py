@@ -55,6 +55,13 @@ def ensure_base(cfg: Config, force: bool = False) -> str:
     log.info("base model: building '%s' into %s", cfg.model.build, target)
     if cfg.model.build == "random-tiny":
         build_random_tiny(target, seed=cfg.model.build_seed)
+    elif cfg.model.build == "digits-flow-tiny":
+        from sdpo_core.tiny.repro import fixed_threads
+        from sdpo_core.tiny.train_flow import build_digits_flow_tiny
+
+        with fixed_threads():  # the same bits whatever the machine's core count (tiny/repro.py)
+            build_digits_flow_tiny(target, seed=cfg.model.build_seed, steps=cfg.model.build_steps,
+                                   vae_steps=cfg.model.build_vae_steps, force=force)
     else:
         from sdpo_core.tiny.train_base import build_digits_base
 

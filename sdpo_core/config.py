@@ -39,7 +39,7 @@ class ModelConfig(_Strict):
 
     pretrained: str = Field(description="hub id or local diffusers directory")
     revision: str | None = Field(default=None, description="hub revision (branch, tag or commit) of `pretrained`")
-    build: Literal["digits-tiny", "random-tiny"] | None = Field(
+    build: Literal["digits-tiny", "digits-flow-tiny", "random-tiny"] | None = Field(
         default=None, description="embedded builder that `sdpo base` runs when `pretrained` does not exist"
     )
     build_seed: int = Field(default=0, description="seed of the embedded builder (independent of `seed`)")
