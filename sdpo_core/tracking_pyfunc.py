@@ -1,9 +1,9 @@
 """The registered model as MLflow "models from code": this file is logged with the model and run
 by MLflow when the model loads (never imported by sdpo itself), so no pickle is involved.
 
-It loads the base pipeline (the ``base`` artifact when the model carries one, else the hub id or
-path in the model config) with the trained weights (the ``trained`` artifact) and turns prompts into
-PNG images::
+It loads the base model as its family (the ``base`` artifact when the model carries one, else the
+hub id or path in the model config) with the trained weights (the ``trained`` artifact) and turns
+prompts into PNG images, sampled with the sampler training used (the model config's ``sample``)::
 
     model = mlflow.pyfunc.load_model("models:/sdpo-digits-tiny@champion")
     out = model.predict(pd.DataFrame({"prompt": ["a seven"]}), params={"num_steps": 2, "seed": 0})
@@ -24,14 +24,16 @@ class SdpoImageModel(PythonModel):
     """prompts (DataFrame column ``prompt``) -> DataFrame column ``image``: base64 PNG, one per prompt."""
 
     def load_context(self, context) -> None:
-        from sdpo_core.models import load_trained
+        from sdpo_core.config import ModelConfig, SampleConfig
+        from sdpo_core.loading import load_trained
 
         cfg = context.model_config or {}
         base = context.artifacts.get("base") or cfg["base_model"]
         self.defaults = {k: cfg[k] for k in ("num_steps", "seed", "eta", "guidance_scale")}
-        self.pipe: Any = load_trained(  # a diffusers pipeline (its __call__ is untyped)
-            context.artifacts["trained"], base=base, timestep_spacing=cfg.get("timestep_spacing")
-        )
+        self.sample = SampleConfig(**cfg["sample"])
+        self.model_cfg = ModelConfig(**{**cfg["model"], "pretrained": base})
+        self.family: Any = load_trained(context.artifacts["trained"], base=base,
+                                        options=self.model_cfg.family_options, resolution=self.sample.resolution)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
@@ -41,17 +43,19 @@ class SdpoImageModel(PythonModel):
             str(p) for p in (model_input["prompt"] if hasattr(model_input, "columns") else model_input)
         ]
         p = {**self.defaults, **(params or {})}
-        # one generator per image, seeded seed + i: an image does not depend on its batch
-        generators = [torch.Generator("cpu").manual_seed(int(p["seed"]) + i) for i in range(len(prompts))]
-        images = self.pipe(
-            prompts,
-            num_inference_steps=int(p["num_steps"]),
-            eta=float(p["eta"]),
-            guidance_scale=float(p["guidance_scale"]),
-            generator=generators,
-            output_type="pil",
-        ).images
-        return pd.DataFrame({"image": [_png_base64(img) for img in images]})
+        from PIL import Image
+
+        from sdpo_core.generate import generate_trajectories, policy_for
+
+        # the training sampler; one generator per image, seeded seed + i: an image does not depend on its batch
+        sample = self.sample.model_copy(update={"eta": float(p["eta"]), "guidance_scale": float(p["guidance_scale"])})
+        policy = policy_for(self.family, int(p["num_steps"]), sample, self.model_cfg)
+        seeds = [int(p["seed"]) + i for i in range(len(prompts))]
+        with torch.no_grad():
+            traj = generate_trajectories(self.family, policy, prompts, seeds, sample.resolution)
+            images = (self.family.decode(traj.x0[:, -1]) * 255).round().to(torch.uint8).cpu()
+        pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+        return pd.DataFrame({"image": [_png_base64(img) for img in pil]})
 
 
 def _png_base64(image) -> str:

@@ -114,6 +114,9 @@ def log_pyfunc(cfg: Config, trained_dir: Path, run_id: str):
         "seed": 0,
         "eta": cfg.sample.eta,
         "guidance_scale": cfg.sample.guidance_scale,
+        # the rest of the training sampler, so the registered model samples as it was trained
+        "sample": cfg.sample.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
     }
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is explicit; an input example would load the model and generate at logging time

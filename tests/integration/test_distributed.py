@@ -24,8 +24,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sdpo", "ddpo"])
-def test_two_processes_stay_in_sync(tiny_base, tmp_path, method):
+@pytest.mark.parametrize("method,family", [("sdpo", "sd"), ("ddpo", "sd"), ("sdpo", "sdxl")])
+def test_two_processes_stay_in_sync(tiny_base, tmp_path, method, family):
+    if family == "sdxl":  # a tiny SDXL-Turbo-layout pipeline: the family is read from its model_index.json
+        from sdpo_core.tiny.families import build_tiny_sdxl
+
+        tiny_base = build_tiny_sdxl(tmp_path / "sdxl")
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
