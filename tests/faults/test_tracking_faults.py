@@ -168,11 +168,11 @@ def test_registration_cut_before_the_alias_is_completed_on_retry(use_server, tin
     leaves one version without alias; the retry (same weights, same parent run) completes that
     version instead of adding one: exactly one version, with its tags, alias and complete mark."""
     from sdpo_core.tracking_registry import COMPLETE_TAG, register_model
-    from sdpo_core.trainer import train
+    from sdpo_core.trainer import Trainer
 
     cfg = tiny_cfg("train.epochs=1", "tracking.backend=mlflow", "register.model_name=faults-half")
     run_dir = tmp_path / "run"
-    train(cfg, run_dir)
+    Trainer(cfg, run_dir).run()
     _eval_json(run_dir)
     proxy = FailingProxy(use_server.url, lambda m, path: m == "POST" and path.endswith("registered-models/alias"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)

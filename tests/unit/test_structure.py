@@ -23,6 +23,8 @@ PACKAGES = ("sdpo_core", "flows")
 NOT_RESULTS = {
     "sdpo_core.cli": "argument parsing; the stages' inputs are the config (params) and paths",
     "sdpo_core.tracking": "MLflow / null tracking only: nothing a stage writes depends on it",
+    "sdpo_core.runlock": "the run directory's lock: who may write, not what is written",
+    "sdpo_core.atomic": "write-then-rename: how files land, not their content",
 }
 
 
