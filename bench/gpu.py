@@ -200,7 +200,7 @@ def markdown(result: dict) -> str:
             continue
         m = r["median"]
         lines.append(
-            f"| {name} | {r['family']} / {r['sampler']} | {r['denoiser_params'] / 1e9:.2f}B | {r['resolution']} | "
+            f"| {name} | {r['family']} / {r['sampler']} | {r['denoiser_params'] / 1e6:.1f}M | {r['resolution']} | "
             f"{r['steps']} | {r['sample_batch']} | {m['sample_epoch_s']:.2f} | {r['sampling_trajectories_per_s']:.2f} | "
             f"{100 * r['sampling_mfu']:.1f}% | {m['train_epoch_s']:.2f} | {r['train_step_s']:.3f} | "
             f"{100 * r['train_mfu']:.1f}% | {gb(r['load_peak_gb'])} / {gb(m.get('sample_peak_gb'))} / "

@@ -196,7 +196,8 @@ CASES: dict[str, Case] = {
     "sd-turbo": Case("sd", 512, 4, sd_turbo, _tiny_sd),
     "sdxl-turbo": Case("sdxl", 512, 4, sdxl_turbo, _tiny_sdxl),
     "sd35-large-turbo": Case("sd3", 1024, 4, sd35_large_turbo, _tiny_sd3),
-    "flux-schnell": Case("flux", 1024, 4, flux_schnell, _tiny_flux),
+    # FluxPipeline's default size is 128 x vae scale (512 px for the tiny VAE): ask for the tiny 32 px
+    "flux-schnell": Case("flux", 1024, 4, flux_schnell, _tiny_flux, smoke_resolution=32),
 }
 
 
