@@ -98,7 +98,7 @@ class Case:
     family: str  # the sdpo family the trainer should read from model_index.json
     resolution: int  # px, the model card's
     steps: int  # denoising steps the model card samples with (few-step models)
-    build: Callable[[], object]  # the full-size random pipeline
+    build: Callable[[torch.device], object]  # the full-size random pipeline, modules made on the device
     build_smoke: Callable[[], object]  # the tiny pipeline of the same family
     smoke_resolution: int | None = None  # None: the tiny pipeline's default
 
@@ -122,47 +122,54 @@ def _vae(kind: str) -> AutoencoderKL:
     return AutoencoderKL(**VAE_BLOCKS, **VAES[kind])
 
 
-def sd_turbo():
+# Each builder makes its modules under ``torch.device(device)`` (initialised there) and everything
+# else outside it: schedulers compute their tables with numpy, which a device context breaks.
+def sd_turbo(device):
     tok = _clip_tokenizer()
+    with torch.device(device):
+        m = dict(vae=_vae("sd"), text_encoder=_clip(tok, 1024), unet=UNet2DConditionModel(**SD_TURBO_UNET))
     return StableDiffusionPipeline(
-        vae=_vae("sd"), text_encoder=_clip(tok, 1024), tokenizer=tok, unet=UNet2DConditionModel(**SD_TURBO_UNET),
-        scheduler=DDIMScheduler(**SD_TURBO_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        **m, tokenizer=tok, scheduler=DDIMScheduler(**SD_TURBO_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def sdxl_turbo():
+def sdxl_turbo(device):
     tok = _clip_tokenizer()
+    with torch.device(device):
+        m = dict(vae=_vae("sdxl"), text_encoder=_clip(tok, 768), text_encoder_2=_clip(tok, 1280, projection=1280),
+                 unet=UNet2DConditionModel(**SDXL_TURBO_UNET))
     return StableDiffusionXLPipeline(
-        vae=_vae("sdxl"), text_encoder=_clip(tok, 768), text_encoder_2=_clip(tok, 1280, projection=1280),
-        tokenizer=tok, tokenizer_2=tok, unet=UNet2DConditionModel(**SDXL_TURBO_UNET),
+        **m, tokenizer=tok, tokenizer_2=tok,
         scheduler=EulerAncestralDiscreteScheduler(**SDXL_TURBO_SCHEDULER), force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
 
 
-def sd35_large_turbo():
+def sd35_large_turbo(device):
     tok = _clip_tokenizer()
+    with torch.device(device):
+        m = dict(transformer=SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER), vae=_vae("sd3"),
+                 text_encoder=_clip(tok, 768, projection=768), text_encoder_2=_clip(tok, 1280, projection=1280))
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=_vae("sd3"),
-        text_encoder=_clip(tok, 768, projection=768), tokenizer=tok,
-        text_encoder_2=_clip(tok, 1280, projection=1280), tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
+        **m, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), tokenizer=tok,
+        tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
     )
 
 
-def flux_schnell():
+def flux_schnell(device):
     tok = _clip_tokenizer()
     tok5 = build_t5_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))])
-    t5 = T5EncoderModel(T5Config(
+    t5_cfg = T5Config(
         d_model=FLUX_SCHNELL_TRANSFORMER["joint_attention_dim"], d_ff=256, d_kv=64, num_layers=1, num_heads=2,
         vocab_size=len(tok5), feed_forward_proj="gated-gelu", pad_token_id=tok5.pad_token_id,
         eos_token_id=tok5.eos_token_id, decoder_start_token_id=0,
-    ))
+    )
+    with torch.device(device):
+        m = dict(transformer=FluxTransformer2DModel(**FLUX_SCHNELL_TRANSFORMER), vae=_vae("flux"),
+                 text_encoder=_clip(tok, 768), text_encoder_2=T5EncoderModel(t5_cfg))
     return FluxPipeline(
-        transformer=FluxTransformer2DModel(**FLUX_SCHNELL_TRANSFORMER),
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=_vae("flux"),
-        text_encoder=_clip(tok, 768), tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok5,
+        **m, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), tokenizer=tok, tokenizer_2=tok5,
     )
 
 
@@ -207,8 +214,7 @@ def build_pipeline(case: Case, smoke: bool, device: torch.device, dtype: torch.d
     torch.manual_seed(0)
     if smoke:
         return case.build_smoke()
-    with torch.device(device):
-        pipe = case.build()
+    pipe = case.build(device)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.to(dtype=dtype)
