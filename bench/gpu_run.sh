@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
-# The one command the lead runs on the GPU machine, from the repository root:
+# The one command a GPU session runs, from the repository root:
 #
-#     bash bench/gpu_run.sh
+#     bash bench/gpu_run.sh [extra bench/gpu.py flags]
 #
-# Installs the wheels carried in .whl/ (if any; the GPU image lacks diffusers) into /tmp/site,
-# prints the versions it will use, then runs bench/gpu.py (< 6 min on an H100). Results go to
-# $OUT/gpu.json (the device tool's output folder) or bench/results/gpu.json without $OUT.
-set -euo pipefail
+# Installs the wheels carried in .whl/ (if any; a bare GPU image may lack diffusers / peft /
+# accelerate) into /tmp/site, prints versions, then runs bench/gpu.py once per case, each in its
+# own process under its own time limit (an out-of-memory or slow case loses only itself), in
+# increasing size: sd-turbo, sdxl-turbo, sd35-large-turbo, flux-schnell. Budget on one H200:
+# ~8 minutes in all (the 8B / 12B cases spend most of theirs writing and reading their random
+# weights). Results: $OUT/gpu_<case>.json and $OUT/gpu_run_log.txt (bench/results/ without $OUT).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
 fi
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-python3 -c "import sys, torch, diffusers, transformers, peft, safetensors; print('python', sys.version.split()[0], \
-'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, \
-'peft', peft.__version__, 'safetensors', safetensors.__version__)"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
 OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
-python3 bench/gpu.py --out "$OUT_DIR/gpu.json" "$@"
+LOG="$OUT_DIR/gpu_run_log.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  python3 -c "import sys, torch, diffusers, transformers, peft, accelerate; print('python', sys.version.split()[0], \
+'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, \
+'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+  df -h /tmp | tail -1
+} 2>&1 | tee "$LOG"
+# case:seconds (the whole budget is ~470 s)
+for spec in sd-turbo:60 sdxl-turbo:80 sd35-large-turbo:150 flux-schnell:180; do
+  name="${spec%%:*}"; limit="${spec##*:}"
+  start=$SECONDS
+  timeout "$limit" python3 bench/gpu.py --case "$name" --work-dir /tmp --out "$OUT_DIR/gpu_$name.json" "$@" 2>&1 \
+    | tee -a "$LOG"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG"
+done
