@@ -54,6 +54,8 @@ from sdpo_core.sampling import build_policy, denoiser_caller, guided_output
 from sdpo_core.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
+# x0 states the VAE decodes per call in the reward job
+DECODE_CHUNK = 8
 # trajectories shown in the sample grid of a logging epoch (tracking.log_images_every)
 GRID_TRAJECTORIES = 4
 # pre-update approx KL above which sampling and training disagree (float32 agrees to ~1e-12)
@@ -192,7 +194,9 @@ class Trainer:
         n, t = x0.shape[:2]
         flat = (torch.arange(n)[:, None] * t + steps).flatten()
         unique, inverse = torch.unique(flat, return_inverse=True)
-        images = self.family.decode(x0.flatten(0, 1)[unique].to(self.acc.device))
+        # decoded in chunks: at 1024 px a whole batch's queried states would take tens of GB at once
+        picked = x0.flatten(0, 1)[unique]
+        images = torch.cat([self.family.decode(c.to(self.acc.device)) for c in picked.split(DECODE_CHUNK)])
         item_prompts = [prompts[int(i) // t] for i in unique]
         values = check_rewards(self.cfg.reward.name, self.reward_fn(images, item_prompts), len(unique))
         # combined rewards expose each component's values of the last call: log their means

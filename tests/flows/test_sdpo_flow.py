@@ -173,28 +173,30 @@ def test_deployments_on_a_work_pool_take_the_schedule_from_settings(in_project: 
     assert retrain.parameters == {"pipeline": "digits-tiny", "overrides": []}
 
 
-def test_flow_registers_a_tiny_sdxl_model_end_to_end(in_project: Path, tmp_path: Path):
-    # the same flow on another family: only the model directory changes (an SDXL-Turbo-layout
-    # pipeline where the pipeline's base lives, runs/tiny-random/base: DVC tracks that path). Last
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_flow_registers_another_family_end_to_end(in_project: Path, family: str):
+    # the same flow on other families: only the model directory changes (a tiny SDXL-Turbo or SD3
+    # layout where the pipeline's base lives, runs/tiny-random/base: DVC tracks that path). Last
     # in this module: it replaces the tiny base the tests above share.
     import shutil
 
     import mlflow
     import pandas as pd
 
-    from sdpo_core.tiny.families import build_tiny_sdxl
+    from sdpo_core.tiny.families import build_tiny_sdxl, save_tiny
+    from sdpo_core.tiny.flow import build_tiny_sd3
 
     base = in_project / "runs/tiny-random/base"
     shutil.rmtree(base, ignore_errors=True)
-    build_tiny_sdxl(base)
-    name = "sdpo-tiny-sdxl"
+    build_tiny_sdxl(base) if family == "sdxl" else save_tiny(build_tiny_sd3(seed=0), base)
+    name = f"sdpo-tiny-{family}"
     state = _run([*IMPROVING, f"register.model_name={name}"])
     assert state.is_completed(), state.message
     result = state.result()
     version = _client().get_model_version(name, result["version"])
     assert version.tags and result["alias"] in ("champion", "challenger")
     meta = json.loads((in_project / "runs/tiny-random/final/sdpo_model.json").read_text())
-    assert meta["family"] == "sdxl"
+    assert meta["family"] == family
     # the registered model loads as its family and samples with the training sampler
     model = mlflow.pyfunc.load_model(f"models:/{name}/{result['version']}")
     out = model.predict(pd.DataFrame({"prompt": ["a seven"]}), params={"num_steps": 1})

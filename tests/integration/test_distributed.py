@@ -24,12 +24,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,family", [("sdpo", "sd"), ("ddpo", "sd"), ("sdpo", "sdxl")])
+@pytest.mark.parametrize("method,family", [("sdpo", "sd"), ("ddpo", "sd"), ("sdpo", "sdxl"), ("sdpo", "sd3")])
 def test_two_processes_stay_in_sync(tiny_base, tmp_path, method, family):
-    if family == "sdxl":  # a tiny SDXL-Turbo-layout pipeline: the family is read from its model_index.json
+    # other families: tiny SDXL-Turbo / SD3 layouts, the family read from their model_index.json
+    if family == "sdxl":
         from sdpo_core.tiny.families import build_tiny_sdxl
 
         tiny_base = build_tiny_sdxl(tmp_path / "sdxl")
+    elif family == "sd3":
+        from sdpo_core.tiny.families import save_tiny
+        from sdpo_core.tiny.flow import build_tiny_sd3
+
+        tiny_base = save_tiny(build_tiny_sd3(seed=0), tmp_path / "sd3")
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

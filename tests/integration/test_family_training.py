@@ -37,8 +37,10 @@ def family_dirs(tmp_path_factory):
 
 
 def _cfg(tiny_cfg, path, *extra):
+    # FLUX's pipeline default size is 512 px whatever the VAE: the tiny one runs at 32 px like the others
+    size = ["sample.resolution=32"] if "flux" in str(path) else []
     return tiny_cfg(f"model.pretrained={path}", "sample.num_steps=2", "sample.batch_size=2", "train.batch_size=2",
-                    "tracking.log_images_every=100", *extra)
+                    "tracking.log_images_every=100", *size, *extra)
 
 
 def _params(tr: Trainer):
@@ -73,14 +75,16 @@ def test_saved_lora_reloads_into_the_same_policy_and_evaluates(tiny_cfg, family_
     tr = Trainer(cfg, tmp_path / "run", train_prompts=PROMPTS)
     final = tr.run()
     seeds = [5, 6]
-    trained = generate_trajectories(tr.family, tr.policy, PROMPTS[:2], seeds, None)
+    trained = generate_trajectories(tr.family, tr.policy, PROMPTS[:2], seeds, cfg.sample.resolution)
     # a fresh base model with the saved LoRA applied by its own diffusers pipeline (load_lora_weights)
     reloaded = loading.load_trained(final)
     assert type(reloaded).__name__ == type(tr.family).__name__
-    again = generate_trajectories(reloaded, policy_for(reloaded, 2, cfg.sample, cfg.model), PROMPTS[:2], seeds, None)
+    again = generate_trajectories(reloaded, policy_for(reloaded, 2, cfg.sample, cfg.model), PROMPTS[:2], seeds,
+                                  cfg.sample.resolution)
     torch.testing.assert_close(again.latents, trained.latents, atol=1e-5, rtol=1e-5)
     base = loading.load_family(str(family_dirs[name]))
-    untrained = generate_trajectories(base, policy_for(base, 2, cfg.sample, cfg.model), PROMPTS[:2], seeds, None)
+    untrained = generate_trajectories(base, policy_for(base, 2, cfg.sample, cfg.model), PROMPTS[:2], seeds,
+                                      cfg.sample.resolution)
     assert not torch.allclose(untrained.latents, trained.latents, atol=1e-4)  # the LoRA did change the model
     result = evaluate(cfg, str(family_dirs[name]), final, PROMPTS, tmp_path / "eval")
     assert set(result["steps"]) == {"1", "2"} and "gain" in result["steps"]["2"]
@@ -97,3 +101,22 @@ def test_resume_is_bit_exact(tiny_cfg, family_dirs, tmp_path, name):
     rest.run(resume=True)
     a, b = whole.trainable_state(), rest.trainable_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "lcm", "flux"])
+def test_sdpo_generate_on_a_trained_model(tiny_cfg, family_dirs, tmp_path, name):
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    final = Trainer(_cfg(tiny_cfg, family_dirs[name], "train.epochs=1"), tmp_path / "run",
+                    train_prompts=PROMPTS).run()
+    out = tmp_path / "img.png"
+    proc = subprocess.run([sys.executable, "-m", "sdpo_core.cli", "generate", "--model", str(final), "--prompt",
+                           PROMPTS[0], "--steps", "2", "--num-images", "2", "--out", str(out)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 64
