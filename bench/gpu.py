@@ -14,7 +14,7 @@ batch sizes, ``tracking.backend=none``), so the family is read from the director
   * MFU: FLOPs of one denoiser forward counted by ``FlopCounterMode`` on the trainer's own
     ``_denoise_fn`` (at the sampling batch of 2B items), times the forwards an epoch makes:
     sampling T x 2B; training 3 forward-equivalents (forward + backward) per trained item, plus
-    one no-grad forward per item when the trainer recomputes old log-probs (bf16: it does).
+    one no-grad forward per item when the trainer recomputes old log-probs (train.recompute_log_probs).
     Recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs).
     Against ``--peak-tflops`` (default 989: dense bf16 of an H100 SXM / H200; H100 PCIe: 756).
 
