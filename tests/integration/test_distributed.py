@@ -24,13 +24,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,family", [("sdpo", "sd"), ("ddpo", "sd"), ("sdpo", "sdxl"), ("sdpo", "sd3")])
+@pytest.mark.parametrize("method,family", [("sdpo", "sd"), ("ddpo", "sd"), ("sdpo", "sdxl"), ("sdpo", "lcm"),
+                                           ("sdpo", "sd3")])
 def test_two_processes_stay_in_sync(tiny_base, tmp_path, method, family):
     # other families: tiny SDXL-Turbo / SD3 layouts, the family read from their model_index.json
     if family == "sdxl":
         from sdpo_core.tiny.families import build_tiny_sdxl
 
         tiny_base = build_tiny_sdxl(tmp_path / "sdxl")
+    elif family == "lcm":
+        from sdpo_core.tiny.families import build_tiny_lcm
+
+        tiny_base = build_tiny_lcm(tmp_path / "lcm")
     elif family == "sd3":
         from sdpo_core.tiny.families import save_tiny
         from sdpo_core.tiny.flow import build_tiny_sd3

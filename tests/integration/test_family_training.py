@@ -90,7 +90,7 @@ def test_saved_lora_reloads_into_the_same_policy_and_evaluates(tiny_cfg, family_
     assert set(result["steps"]) == {"1", "2"} and "gain" in result["steps"]["2"]
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_resume_is_bit_exact(tiny_cfg, family_dirs, tmp_path, name):
     # epoch 0, stop, resume for epoch 1 == two epochs in one go, bit for bit
     whole = Trainer(_cfg(tiny_cfg, family_dirs[name], "train.epochs=2"), tmp_path / "whole", train_prompts=PROMPTS)
