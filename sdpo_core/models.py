@@ -137,35 +137,6 @@ def read_model_meta(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_trained(
-    model_dir: str | Path,
-    base: str | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    timestep_spacing: str | None = None,
-    revision: str | None = None,
-) -> StableDiffusionPipeline:
-    """Base pipeline (at ``revision`` of a hub id) with a trained model directory's LoRA or full UNet applied."""
-    meta = read_model_meta(model_dir)
-    pipe = load_pipeline(base or meta["base_model"], revision=revision, device=device, dtype=dtype,
-                         timestep_spacing=timestep_spacing)
-    if meta["finetune"] == "lora":
-        pipe.load_lora_weights(str(model_dir))
-    else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet").to(device)
-        pipe.unet.requires_grad_(False).eval()
-    return pipe
-
-
-def latent_shape(pipe: StableDiffusionPipeline, resolution: int | None) -> tuple[int, int, int]:
-    """(C, h, w) latents of square ``resolution`` px images (the UNet's own size if None)."""
-    f = pipe.vae_scale_factor
-    size = resolution or pipe.unet.config.sample_size * f
-    if size % f:
-        raise ValueError(f"resolution {size} is not a multiple of the VAE's scale factor {f}")
-    return (pipe.unet.config.in_channels, size // f, size // f)
-
-
 @torch.no_grad()
 def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) latents -> (N, 3, H, W) images in [0, 1], float32."""
