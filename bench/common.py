@@ -10,7 +10,9 @@ Runs are cached under ``runs/bench/<name>-<hash>/record.json`` (``runs/`` is git
 hash covers the resolved config (pipelines.yaml defaults + overrides, seed, epochs) and the
 harness settings, so a benchmark re-run, or another benchmark asking for the same run, reuses
 it, and a change of the pipeline's defaults retrains. Pass ``fresh=True``
-(``--fresh``) to retrain.
+(``--fresh``) to retrain. A run checkpoints every epoch and appends each epoch's row (timings,
+queries, light eval) to ``history.jsonl``: a benchmark stopped half-way resumes the run it was
+in from its last checkpoint (the trainer's bit-exact resume) and keeps the rows before it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ROOT = ROOT / "runs" / "bench"
 PIPELINES = {"file": ROOT / "pipelines.yaml"}  # frozen per benchmark process by freeze_pipelines()
-HARNESS_VERSION = 1  # bump when a change here invalidates cached runs
+HARNESS_VERSION = 2  # bump when a change here invalidates cached runs
 log = logging.getLogger("bench")
 
 
@@ -80,7 +82,8 @@ class RunSpec:
                 "tracking.backend=none",
                 f"seed={self.seed}",
                 f"train.epochs={self.epochs}",
-                f"train.checkpoint_every={self.epochs}",
+                # a checkpoint every epoch: an interrupted benchmark resumes its run (train_run)
+                "train.checkpoint_every=1",
                 "train.keep_checkpoints=1",
                 *self.overrides,
                 *(extra or []),
@@ -119,6 +122,7 @@ def _bench_trainer_class():
 
         def setup_bench(self, spec: RunSpec, run_dir: Path) -> None:
             self.spec, self.bench_dir = spec, run_dir
+            self.history_path = run_dir / "history.jsonl"
             self.queries = 0
             inner = self.reward_fn
 
@@ -164,7 +168,29 @@ def _bench_trainer_class():
                     base=self.cfg.model.pretrained,
                 )
             self.history.append(row)
+            with open(self.history_path, "a", encoding="utf-8") as fh:  # a row per epoch: what a resume keeps
+                fh.write(json.dumps({**row, "epoch": epoch}) + "\n")
             super()._log_epoch(epoch, stats)
+
+        def _prepare_run_dir(self, resume: bool) -> int:
+            """The trainer's resume, plus the rows and the query count of the epochs it keeps."""
+            start = super()._prepare_run_dir(resume)
+            rows = []
+            if self.history_path.is_file():
+                for line in self.history_path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:  # a half-written last line
+                        break
+            self.history = [r for r in rows if r.get("epoch", 1e9) < start]
+            if len(self.history) != start:  # rows lost (never on a clean stop): train those epochs again
+                raise RuntimeError(f"{self.history_path}: {len(self.history)} rows for {start} resumed epochs; "
+                                   f"delete {self.bench_dir} to retrain this run")
+            self.queries = self.history[-1]["queries_cum"] if self.history else 0
+            self.history_path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
+            if start:
+                log.info("%s: resumed at epoch %d", self.spec.name, start)
+            return start
 
     return BenchTrainer
 
@@ -182,14 +208,21 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
         return json.loads(record_path.read_text())
     if not fresh and (found := _compatible_run(spec, run_root)) is not None:
         return found
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
     cfg = spec.config()
     ensure_base(cfg)
     start = time.perf_counter()
     tr = _bench_trainer_class()(cfg, run_dir / "train")
     tr.setup_bench(spec, run_dir)
-    light_base = tr.light_eval()
-    final = tr.run()
+    base_path = run_dir / "light_base.json"
+    if base_path.is_file():
+        light_base = json.loads(base_path.read_text())
+    else:
+        light_base = tr.light_eval()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        base_path.write_text(json.dumps(light_base) + "\n")
+    final = tr.run(resume=(run_dir / "train").is_dir())  # a run stopped half-way goes on
     record = {
         "name": spec.name,
         "key": spec.key(),

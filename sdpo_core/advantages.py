@@ -38,6 +38,33 @@ def batch_normalise(values: torch.Tensor) -> torch.Tensor:
     return ((v - v.mean(0)) / (v.std(0, unbiased=False) + EPS)).float()
 
 
+def group_normalise(prompts: list[str], values: torch.Tensor, std: str = "batch") -> torch.Tensor:
+    """GRPO's advantages: (value - mean of its prompt's group) / (std + eps), per column.
+
+    Groups are the items of the same prompt string in this batch (no history across epochs).
+    ``std="batch"``: one std over all items (Flow-GRPO's ``global_std``); ``"group"``: the
+    group's own std (population std in both). values: (N, K) -> (N, K) float32.
+    """
+    if values.shape[0] != len(prompts):
+        raise ValueError(f"{values.shape[0]} values for {len(prompts)} prompts")
+    v = values.detach().cpu().double()
+    _, group = np.unique(np.array(prompts, dtype=object), return_inverse=True)
+    g = torch.as_tensor(group.reshape(-1), dtype=torch.long)
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    count = torch.bincount(g, minlength=n_groups).double()[:, None]  # (G, 1)
+    total = torch.zeros(n_groups, v.shape[1], dtype=torch.float64).index_add_(0, g, v)
+    mean = total / count
+    centred = v - mean[g]
+    if std == "batch":
+        sd = v.std(0, unbiased=False, keepdim=True)
+    elif std == "group":
+        var = torch.zeros_like(total).index_add_(0, g, centred**2) / count
+        sd = var.sqrt()[g]
+    else:
+        raise ValueError(f"std must be 'batch' or 'group', got {std!r}")
+    return (centred / (sd + EPS)).float()
+
+
 class PerStepPromptStatTracker:
     """Running per-(prompt, step) mean and std over the last ``buffer_size`` values."""
 

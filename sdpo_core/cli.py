@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
     p.set_defaults(func=cmd_base)
 
-    p = sub.add_parser("train", help="SDPO (or DDPO) online training")
+    p = sub.add_parser("train", help="SDPO (or DDPO, GRPO) online training")
     _add_common(p)
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.set_defaults(func=cmd_train)

@@ -143,14 +143,30 @@ class StatTrackingConfig(_Strict):
         return self
 
 
+class GRPOConfig(_Strict):
+    """GRPO's groups (Flow-GRPO, DanceGRPO): read only when ``train.method: grpo``."""
+
+    group_size: int = Field(
+        default=8, ge=2,
+        description="trajectories per prompt in an epoch (each from its own x_T); advantages are normalised "
+        "within the group (train.stat_tracking is not used)",
+    )
+    std: Literal["batch", "group"] = Field(
+        default="batch",
+        description="divisor of the advantage: the std over the whole epoch's rewards (Flow-GRPO's global_std, "
+        "its default) or the group's own std (DanceGRPO)",
+    )
+
+
 class TrainConfig(_Strict):
     """The RL method, its hyper-parameters (DESIGN section 2), the update loop and checkpoints."""
 
-    method: Literal["sdpo", "ddpo"] = Field(
-        default="sdpo", description="sdpo (paired dense-reward difference loss) or ddpo (PPO-clip on the final reward)"
+    method: Literal["sdpo", "ddpo", "grpo"] = Field(
+        default="sdpo", description="sdpo (paired dense-reward difference loss), ddpo (PPO-clip on the final reward) "
+        "or grpo (PPO-clip on final rewards normalised within groups of train.grpo.group_size samples of a prompt)"
     )
     epochs: int = Field(default=2, ge=1, description="epochs of sampling + updates")
-    batch_size: int = Field(default=4, ge=1, description="pairs (sdpo) or trajectories (ddpo) per backward")
+    batch_size: int = Field(default=4, ge=1, description="pairs (sdpo) or trajectories (ddpo, grpo) per backward")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="train batches per optimizer step")
     learning_rate: float = Field(default=1e-4, gt=0, le=1.0, description="AdamW learning rate")
     adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1")
@@ -176,7 +192,7 @@ class TrainConfig(_Strict):
         default="auto",
         description="per_step: an optimizer step per step position (every gradient_accumulation_steps "
         "batches; SDPO's loop); per_trajectory: gradients accumulated over all trained steps of "
-        "gradient_accumulation_steps batches (DDPO's loop); auto: per_step for sdpo, per_trajectory for ddpo",
+        "gradient_accumulation_steps batches (DDPO's loop); auto: per_step for sdpo, per_trajectory for ddpo and grpo",
     )
     recompute_log_probs: Literal["auto", "always", "never"] = Field(
         default="never",
@@ -188,6 +204,7 @@ class TrainConfig(_Strict):
     dense_reward: bool = Field(default=True, description="ablation: false gives the final reward at every step")
     anchor: bool = Field(default=True, description="ablation: false predicts from first and last only")
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: int = Field(default=2, ge=1, description="most recent checkpoints kept (older ones deleted)")
     async_checkpoint: bool = Field(
@@ -262,18 +279,18 @@ class BatchPlan:
     num_processes: int
     prompts_per_process: int  # sample.batch_size * num_batches_per_epoch
     trajectories_per_process: int  # x2 for the pairs (both methods sample pairs)
-    train_items_per_process: int  # pairs (sdpo) or trajectories (ddpo)
+    train_items_per_process: int  # pairs (sdpo) or trajectories (ddpo, grpo)
     train_batches_per_process: int
     optimizer_steps_per_epoch: int
     samples_per_epoch: int  # trajectories over all processes
 
 
 # each method's own update loop, what `train.update_schedule: auto` means for it
-METHOD_UPDATE_SCHEDULES = {"sdpo": "per_step", "ddpo": "per_trajectory"}
+METHOD_UPDATE_SCHEDULES = {"sdpo": "per_step", "ddpo": "per_trajectory", "grpo": "per_trajectory"}
 
 
 def resolve_update_schedule(t: TrainConfig) -> str:
-    """``train.update_schedule`` with ``auto`` resolved: per_step (sdpo) or per_trajectory (ddpo)."""
+    """``train.update_schedule`` with ``auto`` resolved: per_step (sdpo) or per_trajectory (ddpo, grpo)."""
     if t.update_schedule != "auto":
         return t.update_schedule
     return METHOD_UPDATE_SCHEDULES[t.method]
@@ -301,6 +318,17 @@ def batch_plan(cfg: Config, num_processes: int = 1) -> BatchPlan:
             f"{'pairs' if t.method == 'sdpo' else 'trajectories'} each process samples per epoch "
             f"(sample.batch_size={s.batch_size} x sample.num_batches_per_epoch={s.num_batches_per_epoch}"
             f"{'' if t.method == 'sdpo' else ' x 2'}); choose a train.batch_size that divides {items}"
+        )
+    if t.method == "grpo" and trajectories % t.grpo.group_size:
+        raise ConfigError(
+            f"train.grpo.group_size={t.grpo.group_size} does not divide the {trajectories} trajectories each process "
+            f"samples per epoch (2 x sample.batch_size={s.batch_size} x sample.num_batches_per_epoch="
+            f"{s.num_batches_per_epoch}); choose a group size that divides {trajectories}"
+        )
+    if t.method == "grpo" and t.grpo.group_size % 2:
+        raise ConfigError(
+            f"train.grpo.group_size={t.grpo.group_size} must be even: the trainer samples each prompt of a "
+            "batch twice; choose an even group size"
         )
     batches = items // t.batch_size
     if batches % t.gradient_accumulation_steps:

@@ -37,7 +37,7 @@ from peft.utils import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from sdpo_core import checkpoint as ckpt
-from sdpo_core.advantages import PerStepPromptStatTracker, batch_normalise
+from sdpo_core.advantages import PerStepPromptStatTracker
 from sdpo_core.atomic import atomic_write_text, replace_dir
 from sdpo_core.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
@@ -90,7 +90,7 @@ def _seed(*parts: int) -> int:
 
 @dataclass
 class EpochSamples:
-    """One process's samples of an epoch. M items: pairs (sdpo) or trajectories (ddpo)."""
+    """One process's samples of an epoch. M items: pairs (sdpo) or trajectories (ddpo, grpo)."""
 
     cond: Conditioning  # M rows: the prompt conditioning of each item
     latents: list[torch.Tensor]  # one (M, T+1, C, H, W) per trajectory of an item (2 for sdpo)
@@ -134,7 +134,7 @@ class Trainer:
         self.method = build_method(cfg.train, cfg.sample.num_steps)
         st = cfg.train.stat_tracking
         self.stat_tracker = (PerStepPromptStatTracker(st.buffer_size, st.min_count, self.method.tracked_steps)
-                             if st.enabled else None)
+                             if st.enabled and self.method.uses_stat_tracker else None)
         rc = cfg.train.recompute_log_probs
         self.recompute_log_probs = rc == "always" or (rc == "auto" and self.acc.mixed_precision != "no")
         self.weights = temporal_weights(cfg.sample.num_steps, cfg.train.lam, cfg.train.log_scale)
@@ -237,10 +237,10 @@ class Trainer:
         # the sample grid: the first batch's first trajectories, on the main process, every N epochs
         grid = GRID_TRAJECTORIES if self.acc.is_main_process and epoch % cfg.tracking.log_images_every == 0 else 0
         t0 = time.perf_counter()
-        for k in tqdm(range(cfg.sample.num_batches_per_epoch), desc=f"epoch {epoch}: sampling",
-                      disable=not self.acc.is_local_main_process, leave=False):
-            idx = prompt_rng.integers(0, len(self.train_prompts), cfg.sample.batch_size)
-            prompts = [self.train_prompts[i] for i in idx]
+        epoch_prompts = self.method.epoch_prompts(prompt_rng, self.train_prompts, cfg.sample.num_batches_per_epoch,
+                                                  cfg.sample.batch_size)
+        for k, prompts in enumerate(tqdm(epoch_prompts, desc=f"epoch {epoch}: sampling",
+                                         disable=not self.acc.is_local_main_process, leave=False)):
             out, fut = self._sample_batch(prompts, gen, grid if k == 0 else 0)
             batches.append(out)
             futures.append(fut)
@@ -276,14 +276,11 @@ class Trainer:
         traj_prompts: list[str] = []
         for prompts in prompts_all:
             traj_prompts += prompts * 2
-        # (N, T) dense returns (sdpo) or (N, 1) final rewards (ddpo), N = 2 * prompts of this process
+        # (N, T) dense returns (sdpo) or (N, 1) final rewards (ddpo, grpo), N = 2 * prompts of this process
         returns = torch.cat([self.method.returns(rq, bt["extras"]) for bt, rq in zip(batches, queried, strict=True)])
         all_returns = self.acc.gather(returns.to(self.acc.device)).cpu()
         all_prompts = gather_object(traj_prompts) if self.acc.num_processes > 1 else traj_prompts
-        if self.stat_tracker is not None:
-            adv_all = self.stat_tracker.update(list(all_prompts), all_returns)
-        else:
-            adv_all = batch_normalise(all_returns)
+        adv_all = self.method.advantages(list(all_prompts), all_returns, self.stat_tracker)
         n = returns.shape[0]
         adv = adv_all[self.acc.process_index * n:(self.acc.process_index + 1) * n]
         all_q = self.acc.gather(torch.cat(queried).to(self.acc.device)).cpu()

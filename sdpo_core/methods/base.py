@@ -12,7 +12,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+
+from sdpo_core.advantages import batch_normalise
 
 
 class Method(ABC):
@@ -21,6 +24,9 @@ class Method(ABC):
     paired: ClassVar[bool]
     #: trajectories per training item (2: a pair scored jointly; 1: each trajectory alone)
     trajectories_per_item: ClassVar[int]
+    #: advantages from the per-step, per-prompt stat tracker (train.stat_tracking) across epochs
+    uses_stat_tracker: ClassVar[bool] = True
+
     def __init__(self, train: Any, num_steps: int) -> None:
         """``train``: the ``TrainConfig`` (not imported: the config schema imports no method code)."""
         self.train, self.num_steps = train, num_steps
@@ -44,6 +50,20 @@ class Method(ABC):
              advantages: list[torch.Tensor], weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Loss of b items: one (b,) tensor per trajectory of an item in each list; ``weights`` (b,)
         the temporal weights of the items' steps. Returns (scalar loss, diagnostics)."""
+
+    def epoch_prompts(self, rng: np.random.Generator, train_prompts: list[str], num_batches: int,
+                      batch_size: int) -> list[list[str]]:
+        """The prompts of an epoch's sampling batches (each prompt yields two trajectories):
+        drawn uniformly with replacement, batch by batch."""
+        return [[train_prompts[i] for i in rng.integers(0, len(train_prompts), batch_size)]
+                for _ in range(num_batches)]
+
+    def advantages(self, prompts: list[str], returns: torch.Tensor, stat_tracker: Any) -> torch.Tensor:
+        """(N, tracked_steps) returns of all processes' trajectories -> advantages: the stat tracker's
+        per-(prompt, step) normalisation, or batch statistics when it is off (``stat_tracker`` None)."""
+        if stat_tracker is not None:
+            return stat_tracker.update(list(prompts), returns)
+        return batch_normalise(returns)
 
     def reward_stats(self, rewards_queried: torch.Tensor) -> dict[str, float]:
         """Per-epoch reward metrics from all processes' (N, Q) measured rewards (last column: final)."""

@@ -152,3 +152,64 @@ def test_dense_check_smoke(tmp_path):
     last = result["rows"][-1]
     assert last["corr_with_final"] == pytest.approx(1.0)  # the final x0 is the final image
     assert sum(r["anchor_share"] for r in result["rows"]) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_paper_regime_smoke(tmp_path):
+    proc = run_script("paper_regime.py", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "summary.json").read_text())
+    by_t = result["by_T"]["3"]
+    s = by_t["summary"]
+    assert set(s) >= {"sdpo", "sdpo_eq_queries", "ddpo", "ddpo_pytorch", "grpo"}
+    # equal queries: SDPO's snapshot at E // 3 of the same run, with fewer queries than at E
+    assert s["sdpo_eq_queries"]["epochs"] == 1 and s["sdpo"]["epochs"] == s["grpo"]["epochs"] == 3
+    assert s["sdpo_eq_queries"]["queries"] < s["sdpo"]["queries"]
+    # the baselines score the final x0 only: one query per trajectory
+    assert s["ddpo"]["queries"] == s["grpo"]["queries"] == s["ddpo"]["trajectories"]
+    for other in ("ddpo", "ddpo_pytorch", "grpo"):
+        for budget in ("equal_traj", "equal_queries"):
+            assert set(s[f"sdpo_minus_{other}_{budget}"]["diff"]) == {"1", "2"}
+    runs = by_t["runs"]
+    assert len(runs["sdpo_eq_queries"][0]["history"]) == 1 and len(runs["grpo"][0]["history"]) == 3
+    assert (tmp_path / "curves_T3.png").stat().st_size > 10_000
+    md = (tmp_path / "paper_regime.md").read_text()
+    assert "Equal reward queries" in md and "Time to quality" in md and "GRPO" in md
+    assert "## Trained at T = 3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_interrupted_benchmark_run_resumes_where_it_stopped(tiny_base, tmp_path, monkeypatch):
+    # a stop in epoch 2 of 3, then the same call again: the run resumes from its epoch-1 checkpoint,
+    # keeps the rows of epochs 0 and 1, and ends with the weights of a run that was never stopped
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    from safetensors.torch import load_file
+
+    from sdpo_core.trainer import Trainer
+
+    spec = common.RunSpec("r", "tiny-random", [f"model.pretrained={tiny_base}", "evaluate.num_prompts=2"], 0, 3)
+    straight = common.train_run(spec, run_root=tmp_path / "a")
+    real = Trainer.train_epoch
+
+    def stop_in_epoch_2(self, samples, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, samples, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        common.train_run(spec, run_root=tmp_path / "b")
+    monkeypatch.setattr(Trainer, "train_epoch", real)
+    resumed = common.train_run(spec, run_root=tmp_path / "b")
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    assert [h["queries_cum"] for h in resumed["history"]] == [h["queries_cum"] for h in straight["history"]]
+    assert [h["light"] for h in resumed["history"]] == [h["light"] for h in straight["history"]]
+    weights = "pytorch_lora_weights.safetensors"
+    a, b = load_file(Path(straight["final"]) / weights), load_file(Path(resumed["final"]) / weights)
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))

@@ -32,6 +32,16 @@ def _x0_states(tr: Trainer, latents: torch.Tensor, cond) -> torch.Tensor:
     return torch.stack(x0s, dim=1)
 
 
+def _reference_group_advantages(prompts: list[str], r: np.ndarray, std: str) -> np.ndarray:
+    """GRPO by the book, one prompt at a time: (r - group mean) / (std + 1e-6)."""
+    out = np.empty_like(r, dtype=np.float64)
+    for p in set(prompts):
+        mask = np.array([q == p for q in prompts])
+        sd = r.std() if std == "batch" else r[mask].std()
+        out[mask] = (r[mask] - r[mask].mean()) / (sd + 1e-6)
+    return out
+
+
 def reference_advantages(tr: Trainer, s: EpochSamples, sdpo: bool) -> list[torch.Tensor]:
     """Advantages of every stored trajectory, one (M, T) per trajectory slot of an item."""
     cfg, reward = tr.cfg, build_reward(tr.cfg.reward.name, tr.cfg.reward.options)
@@ -54,21 +64,31 @@ def reference_advantages(tr: Trainer, s: EpochSamples, sdpo: bool) -> list[torch
             returns.append(r)
     st = cfg.train.stat_tracking
     all_r = torch.cat(returns).numpy()
-    adv = reference_per_prompt_advantages(s.prompts * len(returns), all_r, {}, st.buffer_size, st.min_count)
+    if cfg.train.method == "grpo":
+        adv = _reference_group_advantages(s.prompts * len(returns), all_r.astype(np.float64), cfg.train.grpo.std)
+    else:
+        adv = reference_per_prompt_advantages(s.prompts * len(returns), all_r, {}, st.buffer_size, st.min_count)
     adv = torch.from_numpy(adv).float().clamp(-1e9, 1e9)
     per_slot = list(adv.split(len(s.prompts)))
     return [a.expand(-1, cfg.sample.num_steps) if a.shape[1] == 1 else a for a in per_slot]
 
 
-@pytest.mark.parametrize("method", ["sdpo", "ddpo"])
+@pytest.mark.parametrize("method", ["sdpo", "ddpo", "grpo", "grpo-group-std"])
 def test_every_item_gets_the_advantage_of_its_own_trajectory(tiny_cfg, tmp_path, method):
-    # brightness: a property each image has by itself; 3 batches of 3 prompts, 3 steps
+    # brightness: a property each image has by itself; 3 batches of 3 prompts, 3 steps;
+    # GRPO: 3 groups of 6 trajectories, one of them spread over two batches
+    grpo = ["train.grpo.group_size=6", *(["train.grpo.std=group"] if method == "grpo-group-std" else [])]
+    method = method.split("-")[0]
     tr = Trainer(tiny_cfg(f"train.method={method}", "reward.name=reward_fixtures:brightness",
                           "sample.num_steps=3", "sample.batch_size=3", "sample.num_batches_per_epoch=3",
-                          "train.batch_size=3", "train.stat_tracking.buffer_size=64", "train.stat_tracking.min_count=2"), tmp_path)
+                          "train.batch_size=3", "train.stat_tracking.buffer_size=64", "train.stat_tracking.min_count=2",
+                          *grpo), tmp_path)
     samples, _, _ = tr.sample_epoch(0)
     expected = reference_advantages(tr, samples, method == "sdpo")
     assert len(samples.advantages) == len(expected) == (2 if method == "sdpo" else 1)
+    if method == "grpo":  # every prompt of the epoch is one group of 6 trajectories
+        counts = {p: samples.prompts.count(p) for p in samples.prompts}
+        assert sorted(counts.values()) == [6, 6, 6], counts
     for got, want in zip(samples.advantages, expected, strict=True):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     # the check has teeth: the two trajectories of a pair do get different advantages

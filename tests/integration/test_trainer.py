@@ -49,10 +49,10 @@ def test_training_batches_score_log_probs_as_sampled(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("method,schedule", [("sdpo", "auto"), ("ddpo", "auto"), ("sdpo", "per_trajectory"),
-                                             ("ddpo", "per_step")])
+                                             ("ddpo", "per_step"), ("grpo", "auto")])
 def test_two_epochs_update_every_lora_weight_and_nothing_else(tiny_cfg, tmp_path, method, schedule):
     tr = Trainer(tiny_cfg(f"train.method={method}", f"train.update_schedule={schedule}",
-                          "sample.num_steps=3"), tmp_path)
+                          "sample.num_steps=3", "train.grpo.group_size=4"), tmp_path)
     updates = []
     tr.on_optimizer_step = lambda t: updates.append(t.global_step)
     lora0, base0, others0 = _frozen_and_lora(tr)

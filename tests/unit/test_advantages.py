@@ -8,6 +8,7 @@ from sdpo_core.advantages import (
     PerStepPromptStatTracker,
     batch_normalise,
     discounted_returns,
+    group_normalise,
     reference_per_prompt_advantages,
 )
 
@@ -22,6 +23,20 @@ def test_discounted_returns_by_hand():
 def test_batch_normalise():
     out = batch_normalise(torch.tensor([[1.0], [3.0]]))  # mean 2, population std 1
     torch.testing.assert_close(out, torch.tensor([[-1.0], [1.0]]), atol=1e-5, rtol=0)
+
+
+def test_group_normalise_by_hand():
+    prompts = ["a", "b", "a", "b"]
+    r = torch.tensor([[1.0], [10.0], [3.0], [14.0]])
+    # group means: a 2, b 12 -> centred -1, -2, 1, 2
+    # batch std of r (population): mean 7, deviations -6, 3, -4, 7 -> var (36+9+16+49)/4 = 27.5
+    want_batch = torch.tensor([[-1.0], [-2.0], [1.0], [2.0]]) / 27.5 ** 0.5
+    torch.testing.assert_close(group_normalise(prompts, r, "batch"), want_batch, atol=1e-5, rtol=0)
+    # group stds: a 1, b 2 -> every advantage is -1 or +1
+    torch.testing.assert_close(group_normalise(prompts, r, "group"), torch.tensor([[-1.0], [-1.0], [1.0], [1.0]]),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="3 values for 4 prompts"):
+        group_normalise(prompts, r[:3])
 
 
 def test_tracker_uses_batch_stats_before_min_count():

@@ -115,3 +115,13 @@ def test_config_docs_cli_writes_the_file(tmp_path, capsys):
     out = tmp_path / "config.md"
     assert main(["config", "docs", "--write", str(out)]) == 0
     assert out.read_text(encoding="utf-8") == config_markdown()
+
+
+def test_grpo_group_size_must_fit_the_epoch():
+    # 2 x 4 prompts x 2 batches = 16 trajectories per process
+    base = ["sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.method=grpo", "train.batch_size=4"]
+    assert batch_plan(load_config("tiny-random", [*base, "train.grpo.group_size=8"], ROOT / "pipelines.yaml")).train_items_per_process == 16
+    with pytest.raises(ConfigError, match=r"train.grpo.group_size=6 does not divide the 16 trajectories"):
+        batch_plan(load_config("tiny-random", [*base, "train.grpo.group_size=6"], ROOT / "pipelines.yaml"))
+    with pytest.raises(ConfigError, match=r"'train.grpo.group_size': Input should be greater than or equal to 2"):
+        load_config("tiny-random", [*base, "train.grpo.group_size=1"], ROOT / "pipelines.yaml")

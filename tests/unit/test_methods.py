@@ -1,5 +1,6 @@
 """The method strategies: which steps each scores, its returns, its loss, its update loop."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,31 @@ def test_losses_dispatch_to_the_methods_own_objective():
 
 def test_auto_update_schedule_is_the_methods_own_loop():
     assert {n: resolve_update_schedule(TrainConfig(method=n)) for n in METHODS} == {
-        "sdpo": "per_step", "ddpo": "per_trajectory"}
+        "sdpo": "per_step", "ddpo": "per_trajectory", "grpo": "per_trajectory"}
     assert set(METHOD_UPDATE_SCHEDULES) == set(METHODS)  # every method has its loop
     assert resolve_update_schedule(TrainConfig(method="sdpo", update_schedule="per_trajectory")) == "per_trajectory"
+
+
+def test_grpo_draws_groups_of_g_trajectories_per_prompt():
+    m = build_method(TrainConfig(method="grpo", grpo={"group_size": 4}), num_steps=3)
+    prompts = [f"p{i}" for i in range(10)]
+    batches = m.epoch_prompts(np.random.default_rng(0), prompts, num_batches=3, batch_size=4)
+    assert [len(b) for b in batches] == [4, 4, 4]
+    # each prompt of a batch gives two trajectories: 6 groups x 4 trajectories = 24 = 3 x 4 x 2
+    trajectories = [p for b in batches for p in b * 2]
+    counts = {p: trajectories.count(p) for p in trajectories}
+    assert sorted(counts.values()) == [4] * 6  # six distinct prompts (drawn without replacement)
+    assert not m.uses_stat_tracker and not m.paired and m.tracked_steps == 1
+    # one step of PPO-clip on its advantages, as DDPO
+    lp = torch.zeros(2)
+    loss, _ = m.loss([lp], [lp], [torch.tensor([1.0, -3.0])], torch.ones(2))
+    assert loss.item() == pytest.approx(1.0)  # mean(-A * 1) = -(1 - 3) / 2
+
+
+def test_sdpo_and_ddpo_draw_prompts_with_replacement_batch_by_batch():
+    # the default draw is the one the trainer always made: rng.integers per batch
+    m = build_method(TrainConfig(method="sdpo"), num_steps=2)
+    got = m.epoch_prompts(np.random.default_rng(3), list("abcdef"), num_batches=2, batch_size=5)
+    rng = np.random.default_rng(3)
+    want = [[list("abcdef")[i] for i in rng.integers(0, 6, 5)] for _ in range(2)]
+    assert got == want
