@@ -15,7 +15,7 @@ Methods (one set of overrides each, on top of the pipeline's defaults and ``--se
   advantage clip 5; our defaults already use that clip and advantage clip);
 * ``grpo``: ``train.method=grpo``: groups of ``train.grpo.group_size`` (8) trajectories of one
   prompt, advantages normalised in the group with the batch std (Flow-GRPO's defaults:
-  ``global_std`` on, KL ``beta`` 0), PPO clip 1e-4, the same learning rate as the others.
+  ``global_std`` on, KL ``beta`` 0), PPO clip 1e-4, the pipeline's learning rate (as SDPO and DDPO).
 
 Budgets, both from the same runs:
 
@@ -79,10 +79,11 @@ COLOURS = {"sdpo": "tab:blue", "ddpo": "tab:orange", "ddpo_pytorch": "tab:red", 
 QUERY_RATIO = 3
 
 
-def spec(pipeline: str, t: int, method: str, seed: int, epochs: int, extra: list[str], light_every: int) -> RunSpec:
+def spec(pipeline: str, t: int, method: str, seed: int, epochs: int, extra: list[str]) -> RunSpec:
+    """One run; the light evaluation after every epoch gives the curves and the time to quality."""
     snapshots = [max(1, epochs // QUERY_RATIO)] if method == "sdpo" else []
     return RunSpec(f"paper-T{t}-{method}-s{seed}", pipeline, [f"sample.num_steps={t}", *METHODS[method], *extra],
-                   seed, epochs, light_every, snapshots=snapshots)
+                   seed, epochs, 1, snapshots=snapshots)
 
 
 def run_all(args) -> dict:
@@ -94,14 +95,14 @@ def run_all(args) -> dict:
             out[t]["sdpo_eq_queries"] = []
         for seed in args.seeds:
             for method in args.methods:
-                sp = spec(args.pipeline, t, method, seed, args.epochs, args.set, args.light_every)
+                sp = spec(args.pipeline, t, method, seed, args.epochs, args.set)
                 rec = train_run(sp, fresh=args.fresh, run_root=args.run_root)
                 run_dir = Path(rec["final"]).parent.parent
                 ev = final_eval(sp, rec["final"], run_dir / "eval", fresh=args.fresh)
                 out[t][method].append({"record": rec, "eval": ev, "epochs": sp.epochs})
                 if method == "sdpo":
                     e = sp.snapshots[0]
-                    model = rec["snapshots"].get(str(e), rec["final"])  # E < 3: the snapshot is the final model
+                    model = rec["snapshots"][str(e)]
                     ev_e = final_eval(sp, model, run_dir / f"eval_epoch_{e}", fresh=args.fresh)
                     hist = rec["history"][:e]
                     out[t]["sdpo_eq_queries"].append({
@@ -190,13 +191,15 @@ def time_to_quality(runs: dict[str, list[dict]], n: int) -> dict:
     ddpos = [m for m in ("ddpo", "ddpo_pytorch") if runs.get(m)]
     if not ddpos:
         return {}
-    target = max(float(_curve(runs[m], n)[0].mean(0).max()) for m in ddpos)
-    out = {"target": target, "methods": {}}
+    # the best after training began (index 0 is the base model, which every method "reaches")
+    target = max(float(_curve(runs[m], n)[0].mean(0)[1:].max()) for m in ddpos)
+    base = float(_curve(runs[ddpos[0]], n)[0].mean(0)[0])
+    out = {"target": target, "base": base, "ddpo_gained": target > base, "methods": {}}
     for m in METHODS:
         if not runs.get(m):
             continue
         r, traj, secs, queries = _curve(runs[m], n)
-        hit = [i for i, v in enumerate(r.mean(0)) if v >= target - 1e-12]
+        hit = [i for i, v in enumerate(r.mean(0)) if i > 0 and v >= target - 1e-12]
         out["methods"][m] = ({"epoch": hit[0], "train_minutes": float(secs[hit[0]]) / 60,
                               "queries": float(queries[hit[0]]), "trajectories": int(traj[hit[0]])}
                              if hit else None)
@@ -291,7 +294,8 @@ def markdown_t(t: int, summary: dict, ttq: dict, steps: list[int], seeds: list[i
                 h = q["methods"].get(m)
                 cells.append("not reached" if h is None else
                              f"epoch {h['epoch']}, {h['train_minutes']:.1f} min, {h['queries']:.0f} queries")
-            lines.append(f"| {n} | {q['target']:.3f} | " + " | ".join(cells) + " |")
+            gained = "" if q["ddpo_gained"] else " (no DDPO gain over base)"
+            lines.append(f"| {n} | {q['target']:.3f}{gained} | " + " | ".join(cells) + " |")
         lines.append("")
     minutes = ", ".join(f"{LABELS[m]} {summary[m]['train_minutes']:.1f} min ({summary[m]['median_epoch_seconds']:.1f} s "
                         "median epoch)" for m in METHODS if m in summary)
@@ -306,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=12, help="epochs of every method (SDPO's equal-query model: E // 3)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    ap.add_argument("--light-every", type=int, default=1, help="epochs between light evaluations")
     ap.add_argument("--set", action="append", default=[], help="config override for every method, key=value")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results/paper_regime"))
     ap.add_argument("--run-root", type=Path, default=RUN_ROOT)
@@ -315,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if "sdpo" not in args.methods:
         ap.error("--methods must include sdpo (every comparison is against it)")
+    if args.epochs < QUERY_RATIO:
+        ap.error(f"--epochs must be >= {QUERY_RATIO}: SDPO's equal-query model is its snapshot at epoch E // {QUERY_RATIO}")
     if args.smoke:
         import tempfile
 

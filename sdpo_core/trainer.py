@@ -478,9 +478,11 @@ class Trainer:
                 stats.update(self.train_epoch(samples, epoch))
                 stats["time/epoch"] = time.perf_counter() - t0
                 stats["epoch"] = epoch
+                # metrics first: a stop between the two retrains this epoch (its line is dropped on
+                # resume); the other order would lose the metrics of a checkpointed epoch for good
+                self._log_epoch(epoch, stats)
                 if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
                     self.save_checkpoint(epoch)
-                self._log_epoch(epoch, stats)
         except BaseException:
             # an interrupted epoch keeps the checkpoint already being written (resume starts there)
             self.checkpoints.close()

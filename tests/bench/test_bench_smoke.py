@@ -178,9 +178,11 @@ def test_paper_regime_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_benchmark_run_resumes_where_it_stopped(tiny_base, tmp_path, monkeypatch):
-    # a stop in epoch 2 of 3, then the same call again: the run resumes from its epoch-1 checkpoint,
-    # keeps the rows of epochs 0 and 1, and ends with the weights of a run that was never stopped
+@pytest.mark.parametrize("where", ["train_epoch", "light_eval"])
+def test_interrupted_benchmark_run_resumes_where_it_stopped(tiny_base, tmp_path, monkeypatch, where):
+    # a stop in epoch 2 of 3 (in its updates, or in the light evaluation after them), then the same
+    # call again: the run resumes from its epoch-1 checkpoint, keeps the rows of epochs 0 and 1, and
+    # ends with the weights of a run that was never stopped
     sys.path.insert(0, str(ROOT / "bench"))
     import common
     from safetensors.torch import load_file
@@ -192,14 +194,18 @@ def test_interrupted_benchmark_run_resumes_where_it_stopped(tiny_base, tmp_path,
     real = Trainer.train_epoch
 
     def stop_in_epoch_2(self, samples, epoch):
-        if epoch == 2:
+        if epoch == 2 and where == "train_epoch":
             raise KeyboardInterrupt
+        if epoch == 2:  # the light eval of epoch 2 comes next (the bench trainer's _log_epoch)
+            self.light_eval = lambda: (_ for _ in ()).throw(KeyboardInterrupt())
         return real(self, samples, epoch)
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         common.train_run(spec, run_root=tmp_path / "b")
     monkeypatch.setattr(Trainer, "train_epoch", real)
+    run_dir = next((tmp_path / "b").glob("r-*"))
+    assert [json.loads(x)["epoch"] for x in (run_dir / "history.jsonl").read_text().splitlines()] == [0, 1]
     resumed = common.train_run(spec, run_root=tmp_path / "b")
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
     assert [h["queries_cum"] for h in resumed["history"]] == [h["queries_cum"] for h in straight["history"]]
