@@ -169,7 +169,7 @@ def summarise(runs: dict, steps: list[int]) -> dict:
         summary[label] = {
             "epochs": entries[0]["epochs"],
             "steps": per_step,
-            "train_minutes": seed_ci(minutes) if len(minutes) > 1 else {"mean": minutes[0]},
+            "train_minutes": seed_ci(minutes),
             "queries": sum(e["record"]["queries"] for e in entries) / len(entries),
             "trajectories": entries[0]["epochs"] * entries[0]["record"]["trajectories_per_epoch"],
             "gain_mean_over_steps": seed_ci(gains_mean),

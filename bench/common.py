@@ -290,15 +290,20 @@ def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool 
 
 
 def seed_ci(values: list[float]) -> dict[str, float]:
-    """Mean over seeds with its 95% t-interval (``sdpo_core.evaluate.mean_ci``); needs >= 2 seeds."""
+    """Mean over seeds with its 95% t-interval (``sdpo_core.evaluate.mean_ci``); one seed: the
+    mean alone (``lo``/``hi`` NaN, ``n`` 1), which ``fmt_ci`` prints as such."""
     from sdpo_core.evaluate import mean_ci
 
+    if len(values) == 1:
+        return {"mean": values[0], "lo": float("nan"), "hi": float("nan"), "n": 1, "values": values}
     mean, lo, hi = mean_ci(torch.tensor(values, dtype=torch.float64))
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(values), "values": values}
 
 
 def fmt_ci(s: dict[str, float], digits: int = 3, sign: bool = False) -> str:
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if s.get("n") == 1:
+        return f"{f.format(s['mean'])} (1 seed)"
     return f"{f.format(s['mean'])} [{f.format(s['lo'])}, {f.format(s['hi'])}]"
 
 

@@ -112,19 +112,6 @@ def run_all(args) -> dict:
     return out
 
 
-def ci(values: list[float]) -> dict:
-    """Mean over seeds with its 95% t-interval; one seed: the mean alone (no interval, n = 1)."""
-    if len(values) > 1:
-        return seed_ci(values)
-    return {"mean": values[0], "lo": float("nan"), "hi": float("nan"), "n": 1, "values": values}
-
-
-def fmt(s: dict, sign: bool = False) -> str:
-    if s["n"] > 1:
-        return fmt_ci(s, sign=sign)
-    return f"{s['mean']:{'+' if sign else ''}.3f} (1 seed)"
-
-
 def _trained(entry: dict, n: int) -> float:
     return entry["eval"]["steps"][str(n)]["trained"]["mean"]
 
@@ -145,10 +132,10 @@ def summarise(runs: dict[str, list[dict]], steps: list[int]) -> dict:
             metrics = {}
             for m in sorted(entries[0]["eval"]["steps"][str(n)]["trained"].get("metrics", {})):
                 metrics[m] = {"base": entries[0]["eval"]["steps"][str(n)]["base"]["metrics"][m],
-                              "trained": ci([e["eval"]["steps"][str(n)]["trained"]["metrics"][m]
+                              "trained": seed_ci([e["eval"]["steps"][str(n)]["trained"]["metrics"][m]
                                                   for e in entries])}
-            per[str(n)] = {"base": _base(entries[0], n), "trained": ci([_trained(e, n) for e in entries]),
-                           "gain": ci(gains), "metrics": metrics}
+            per[str(n)] = {"base": _base(entries[0], n), "trained": seed_ci([_trained(e, n) for e in entries]),
+                           "gain": seed_ci(gains), "metrics": metrics}
         s[label] = {"epochs": entries[0]["epochs"], "steps": per,
                     "trajectories": entries[0]["epochs"] * entries[0]["record"]["trajectories_per_epoch"],
                     "queries": sum(e["record"]["queries"] for e in entries) / len(entries),
@@ -163,7 +150,7 @@ def summarise(runs: dict[str, list[dict]], steps: list[int]) -> dict:
                 continue
             diff, ratio = {}, {}
             for n in steps:
-                diff[str(n)] = ci([_trained(a, n) - _trained(b, n)
+                diff[str(n)] = seed_ci([_trained(a, n) - _trained(b, n)
                                         for a, b in zip(runs[sdpo], runs[other], strict=True)])
                 g_other = s[other]["steps"][str(n)]["gain"]["mean"]
                 ratio[str(n)] = s[sdpo]["steps"][str(n)]["gain"]["mean"] / g_other if abs(g_other) > 1e-9 else None
@@ -255,8 +242,8 @@ def markdown_t(t: int, summary: dict, ttq: dict, steps: list[int], seeds: list[i
                   "|---:|---:|---:|" + "---:|" * len(others)]
         for n in steps:
             k = str(n)
-            lines.append(f"| {n} | {s['steps'][k]['base']:.3f} | {fmt(s['steps'][k]['gain'], sign=True)} | "
-                         + " | ".join(fmt(summary[m]["steps"][k]["gain"], sign=True) for m in others) + " |")
+            lines.append(f"| {n} | {s['steps'][k]['base']:.3f} | {fmt_ci(s['steps'][k]['gain'], sign=True)} | "
+                         + " | ".join(fmt_ci(summary[m]["steps"][k]["gain"], sign=True) for m in others) + " |")
         lines += ["", "SDPO - method (trained reward, paired by seed) [95% t-interval]; ratio of mean gains:", "",
                   "| steps | " + " | ".join(f"SDPO - {LABELS[m]} | gain ratio" for m in others) + " |",
                   "|---:|" + "---:|---:|" * len(others)]
@@ -266,7 +253,7 @@ def markdown_t(t: int, summary: dict, ttq: dict, steps: list[int], seeds: list[i
             for m in others:
                 d = summary[f"sdpo_minus_{m}_{budget}"]
                 r = d["gain_ratio"][k]
-                cells += [fmt(d["diff"][k], sign=True), "-" if r is None else f"{r:.2f}"]
+                cells += [fmt_ci(d["diff"][k], sign=True), "-" if r is None else f"{r:.2f}"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     metrics = sorted(summary["sdpo"]["steps"][str(steps[0])]["metrics"]) if "sdpo" in summary else []

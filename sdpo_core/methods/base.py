@@ -62,7 +62,7 @@ class Method(ABC):
         """(N, tracked_steps) returns of all processes' trajectories -> advantages: the stat tracker's
         per-(prompt, step) normalisation, or batch statistics when it is off (``stat_tracker`` None)."""
         if stat_tracker is not None:
-            return stat_tracker.update(list(prompts), returns)
+            return stat_tracker.update(prompts, returns)
         return batch_normalise(returns)
 
     def reward_stats(self, rewards_queried: torch.Tensor) -> dict[str, float]:
