@@ -13,10 +13,13 @@ ARGS ?=
 # uv installs the same pinned set as pip (reading pip's index config: .ci/uv_pip.py), several times
 # faster; pip does it if uv cannot be installed. torch==2.13.0 is the CPU build (a local wheel
 # here, 2.13.0+cpu); a plain `torch` from PyPI would be a multi-GB CUDA build.
+# --compile-bytecode writes the .pyc files at install (pip does so by default): where
+# PYTHONDONTWRITEBYTECODE is set, as on CI, Python never writes them itself and every new process
+# would recompile torch, diffusers and transformers from source (~8 s of each CLI call here).
 $(STAMP): pyproject.toml constraints.txt .ci/uv_pip.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	if $(BIN)/python -m pip install -q -c constraints.txt uv; then \
-	  $(BIN)/python .ci/uv_pip.py $(BIN)/uv install -q --python $(BIN)/python \
+	  $(BIN)/python .ci/uv_pip.py $(BIN)/uv install -q --compile-bytecode --python $(BIN)/python \
 	    -c constraints.txt torch==2.13.0 -e ".[pipeline,dev]"; \
 	else \
 	  echo "uv could not be installed: installing with pip"; \
