@@ -8,6 +8,9 @@ The tests of this module share one checkout and registry and run in order (about
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +204,24 @@ def test_flow_registers_another_family_end_to_end(in_project: Path, family: str)
     model = mlflow.pyfunc.load_model(f"models:/{name}/{result['version']}")
     out = model.predict(pd.DataFrame({"prompt": ["a seven"]}), params={"num_steps": 1})
     assert len(out["image"][0]) > 100
+
+
+def test_sdpo_core_logs_outside_a_flow_run_warn_nothing(tmp_path: Path):
+    # sdpo_core's loggers carry Prefect's API handler (PREFECT_LOGGING_EXTRA_LOGGERS) so that flow
+    # runs show their records; the same stages also run outside any flow run (a notebook that
+    # imported flows, a worker between runs), where a record must go to the console only, without
+    # a "no flow run id" warning per line. A fresh process: Prefect's logging set up as a run does.
+    code = (
+        "import logging, flows\n"
+        "from prefect.logging.configuration import setup_logging\n"
+        "setup_logging()\n"
+        "assert logging.getLogger('sdpo_core').handlers, 'no Prefect handler on sdpo_core'\n"
+        "logging.getLogger('sdpo_core.trainer').warning('an epoch outside any flow run')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
+    env["PREFECT_HOME"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "an epoch outside any flow run" in proc.stderr
+    assert "flow run id" not in proc.stderr, proc.stderr[-2000:]
