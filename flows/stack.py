@@ -20,6 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows import LOG_ENV
 from flows.settings import Settings, load_settings
 
 BIN = Path(sys.executable).parent
@@ -154,7 +155,7 @@ def _start_mlflow(settings: Settings, env: dict[str, str]) -> tuple[dict, str, s
 
 def shell_env(settings: Settings, prefect_api: str | None, tracking_uri: str | None) -> dict[str, str]:
     """What a shell (and the serve process) needs to talk to this stack."""
-    env = {"PREFECT_LOGGING_EXTRA_LOGGERS": "sdpo_core"}
+    env = dict(LOG_ENV)
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
     if tracking_uri:
