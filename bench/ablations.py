@@ -11,7 +11,7 @@
 
 Every variant trains from the same base with the same seeds and epochs as ``alignment.py``'s
 SDPO runs (the full-SDPO runs are shared with it through the run cache, bench/common.py) and
-is evaluated by ``sdpo_core.evaluate.evaluate`` at every ``evaluate.steps`` count. One table:
+is evaluated by ``sdpo_core.evaluation.evaluate.evaluate`` at every ``evaluate.steps`` count. One table:
 mean eval reward over seeds [95% t-interval], and the change against full SDPO (paired by seed).
 
 Run (in the background, after or before alignment.py; ~20-30 min on 2 cores)::

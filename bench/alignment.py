@@ -2,7 +2,7 @@
 
 Both methods start from the same base model (``model.pretrained`` of the pipeline) with the
 same LoRA init, train prompts, sampling config and seeds, and are evaluated by
-``sdpo_core.evaluate.evaluate`` (the ``sdpo evaluate`` stage) on the held-out prompts at every
+``sdpo_core.evaluation.evaluate.evaluate`` (the ``sdpo evaluate`` stage) on the held-out prompts at every
 ``evaluate.steps`` count with fixed noise seeds. Two budgets, compared separately:
 
 * **equal trajectories**: SDPO and DDPO both train E epochs (the same trajectories per epoch);

@@ -1,9 +1,9 @@
 """Shared harness of the training benchmarks (``alignment.py``, ``ablations.py``).
 
-One training run = ``sdpo_core.trainer.Trainer`` as ``sdpo train`` runs it, plus, after every
+One training run = ``sdpo_core.training.trainer.Trainer`` as ``sdpo train`` runs it, plus, after every
 ``light_every`` epochs, a light evaluation (mean reward of the eval prompts at each
 ``evaluate.steps`` count, fixed seeds, with the model being trained) and optional snapshots of the
-weights in the ``sdpo evaluate`` format. Final numbers come from ``sdpo_core.evaluate.evaluate``
+weights in the ``sdpo evaluate`` format. Final numbers come from ``sdpo_core.evaluation.evaluate.evaluate``
 (the ``sdpo evaluate`` stage: base vs trained on the held-out prompts, fixed seeds).
 
 Runs are cached under ``runs/bench/<name>-<hash>/record.json`` (``runs/`` is git-ignored): the
@@ -112,7 +112,7 @@ def eval_prompts(cfg) -> list[str]:
 
 def _bench_trainer_class():
     from sdpo_core.loading import save_trained
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.training.trainer import Trainer
 
     class BenchTrainer(Trainer):
         """The trainer, plus a light evaluation and snapshots after epochs, and a reward-query count.
@@ -274,7 +274,7 @@ def _compatible_run(spec: RunSpec, run_root: Path) -> dict | None:
 
 def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool = False) -> dict:
     """``sdpo evaluate`` of a trained model directory (cached in ``out_dir/eval.json``)."""
-    from sdpo_core.evaluate import evaluate
+    from sdpo_core.evaluation.evaluate import evaluate
 
     path = out_dir / "eval.json"
     cfg = spec.config()
@@ -290,9 +290,9 @@ def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool 
 
 
 def seed_ci(values: list[float]) -> dict[str, float]:
-    """Mean over seeds with its 95% t-interval (``sdpo_core.evaluate.mean_ci``); one seed: the
+    """Mean over seeds with its 95% t-interval (``sdpo_core.evaluation.evaluate.mean_ci``); one seed: the
     mean alone (``lo``/``hi`` NaN, ``n`` 1), which ``fmt_ci`` prints as such."""
-    from sdpo_core.evaluate import mean_ci
+    from sdpo_core.evaluation.evaluate import mean_ci
 
     if len(values) == 1:
         return {"mean": values[0], "lo": float("nan"), "hi": float("nan"), "n": 1, "values": values}
@@ -333,7 +333,7 @@ def machine_info() -> dict:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("diffusers", "transformers", "accelerate", "sdpo_core.evaluate"):
+    for noisy in ("diffusers", "transformers", "accelerate", "sdpo_core.evaluation.evaluate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         import diffusers

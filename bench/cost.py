@@ -117,7 +117,7 @@ class Timed:
 # ----------------------------------------------------------------------------- one size
 def make_trainer(base: str, batch: int, steps: int, train_batch: int, run_dir: Path, extra: list[str]):
     from sdpo_core.config import load_config
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.training.trainer import Trainer
 
     cfg = load_config(
         "tiny-random",

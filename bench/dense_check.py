@@ -44,8 +44,8 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def measure(tr, pairs: int, batch: int, seed: int) -> dict:
-    from sdpo_core.advantages import discounted_returns
-    from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
+    from sdpo_core.rl.advantages import discounted_returns
+    from sdpo_core.rl.dense_rewards import predict_dense_rewards, query_steps, similarities
 
     gen = torch.Generator().manual_seed(seed)
     prompts_all = tr.train_prompts
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from sdpo_core.base import ensure_base
     from sdpo_core.config import load_config
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.training.trainer import Trainer
 
     tmp = None
     if args.smoke:

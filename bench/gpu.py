@@ -83,7 +83,7 @@ def free_gpu() -> None:
 
 def make_trainer(model_dir: Path, case: Case, args, run_dir: Path):
     from sdpo_core.config import load_config
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.training.trainer import Trainer
 
     resolution = case.smoke_resolution if args.smoke else args.resolution or case.resolution
     overrides = [

@@ -4,7 +4,7 @@ The paper trains on long trajectories (T = 50 DDIM steps for SD-Turbo) and evalu
 and 8 steps: its claim is that SDPO's dense rewards carry the reward of the short samples into
 training on long ones. Here every method trains on T-step trajectories of the pipeline's base
 model (``sample.num_steps=T``, ``train.timestep_fraction`` left at 1) and is evaluated by
-``sdpo_core.evaluate.evaluate`` (the ``sdpo evaluate`` stage) at ``evaluate.steps``.
+``sdpo_core.evaluation.evaluate.evaluate`` (the ``sdpo evaluate`` stage) at ``evaluate.steps``.
 
 Methods (one set of overrides each, on top of the pipeline's defaults and ``--set``):
 

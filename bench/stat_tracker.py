@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdpo_core.advantages import PerStepPromptStatTracker, reference_per_prompt_advantages
+from sdpo_core.rl.advantages import PerStepPromptStatTracker, reference_per_prompt_advantages
 
 DEFAULT_SIZES = ["256x4x32", "1024x16x256", "4096x50x1000"]
 SMOKE_SIZES = ["64x4x16", "128x8x32"]

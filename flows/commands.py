@@ -19,7 +19,7 @@ import sys
 def cmd_version(args: argparse.Namespace) -> int:
     from flows import versioning
     from flows.settings import load_settings
-    from sdpo_core.provenance import provenance_tags
+    from sdpo_core.tracking.provenance import provenance_tags
 
     settings = load_settings()
     try:

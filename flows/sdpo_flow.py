@@ -26,10 +26,10 @@ from flows import versioning
 from flows.settings import load_settings
 from sdpo_core import pipeline as stages
 from sdpo_core.config import Config, ConfigError, load_config
-from sdpo_core.provenance import provenance_tags
-from sdpo_core.register import register_stage
-from sdpo_core.runlock import run_lock
-from sdpo_core.tracking import make_tracker
+from sdpo_core.tracking.provenance import provenance_tags
+from sdpo_core.tracking.register import register_stage
+from sdpo_core.rundir.lock import run_lock
+from sdpo_core.tracking.trackers import make_tracker
 
 
 class Job(BaseModel):
@@ -114,7 +114,7 @@ def base_task(job: Job, parent_run_id: str | None) -> str:
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(job: Job, parent_run_id: str | None) -> str:
     """Train; a retried flow run resumes from the last checkpoint, a new one starts afresh."""
-    from sdpo_core.checkpoint import latest_checkpoint
+    from sdpo_core.training.checkpoint import latest_checkpoint
 
     cfg, logger = job.config(), get_run_logger()
     resume = flow_run.run_count > 1 and latest_checkpoint(job.run_dir) is not None
@@ -136,7 +136,7 @@ def train_task(job: Job, parent_run_id: str | None) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(job: Job, final: str, parent_run_id: str | None) -> str:
-    from sdpo_core.evaluate import format_table
+    from sdpo_core.evaluation.evaluate import format_table
 
     cfg = job.config()
     tracker = _tracker(cfg, "evaluate", parent_run_id)

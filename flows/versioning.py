@@ -1,6 +1,6 @@
 """Data versioning with DVC: `dvc commit` + `dvc push` of the stages a run executed and `dvc pull`
 in a fresh clone. The git / dvc.lock identifiers that tag runs and model versions are
-``sdpo_core.provenance``'s.
+``sdpo_core.tracking.provenance``'s.
 
 DVC runs as a subprocess of this interpreter (``python -m dvc``): its CLI is the stable interface,
 and nothing in ``sdpo_core`` imports it. Remote credentials stay in the environment.

@@ -45,12 +45,12 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from sdpo_core.checkpoint import ResumeError
+    from sdpo_core.training.checkpoint import ResumeError
     from sdpo_core.config import ConfigError
     from sdpo_core.models import ModelLoadError
     from sdpo_core.rewards import RewardError
-    from sdpo_core.runlock import RunLockedError
-    from sdpo_core.tracking import TrackingUnavailable
+    from sdpo_core.rundir.lock import RunLockedError
+    from sdpo_core.tracking.trackers import TrackingUnavailable
 
     errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError,
                                          TrackingUnavailable]
@@ -64,7 +64,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
 
 def _environment_errors() -> tuple[type[BaseException], ...]:
-    from sdpo_core.checkpoint import CheckpointWriteError
+    from sdpo_core.training.checkpoint import CheckpointWriteError
 
     return (CheckpointWriteError,)
 
@@ -94,7 +94,7 @@ def _run_dir(args: argparse.Namespace, cfg) -> Path:
 
 
 def _tracker(cfg, stage: str):
-    from sdpo_core.tracking import make_tracker
+    from sdpo_core.tracking.trackers import make_tracker
 
     return make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-{stage}")
 
@@ -147,7 +147,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from sdpo_core.config import dump_yaml
     from sdpo_core.pipeline import base_stage, check_train_start, train_stage
-    from sdpo_core.runlock import run_lock
+    from sdpo_core.rundir.lock import run_lock
 
     cfg = _load_cfg(args)
     run_dir = _run_dir(args, cfg)
@@ -167,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from sdpo_core.evaluate import format_table
+    from sdpo_core.evaluation.evaluate import format_table
     from sdpo_core.pipeline import evaluate_stage
 
     cfg = _load_cfg(args)
@@ -187,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdpo_core.generate import default_device, generate_trajectories, policy_for
     from sdpo_core.loading import load_family, load_trained
     from sdpo_core.models import MODEL_META
-    from sdpo_core.plots import save_image_grid
+    from sdpo_core.evaluation.plots import save_image_grid
 
     model, device = Path(args.model), default_device()
     if args.lora:
@@ -211,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from sdpo_core.register import register_stage
+    from sdpo_core.tracking.register import register_stage
 
     cfg = _load_cfg(args)
     reg = register_stage(cfg, _run_dir(args, cfg), parent_run_id=args.parent_run_id)
@@ -240,7 +240,7 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from sdpo_core.tracking_sync import sync_run_dir
+    from sdpo_core.tracking.sync import sync_run_dir
 
     res = sync_run_dir(args.run_dir)
     state = "complete" if res.complete else "incomplete (the server went away again; run it again)"
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 def _interrupted_message(args: argparse.Namespace, argv: list[str], signame: str) -> str:
     if args.command not in TRAIN_COMMANDS:
         return f"interrupted by {signame}"
-    from sdpo_core.checkpoint import latest_checkpoint
+    from sdpo_core.training.checkpoint import latest_checkpoint
 
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / args.pipeline
     latest = latest_checkpoint(run_dir)

@@ -220,7 +220,7 @@ class EvaluateConfig(_Strict):
     samples_per_prompt: int = Field(default=2, ge=1, description="images per prompt and step count")
     seed: int = Field(default=1234, description="first sample seed (sample i uses seed + i), the same for base and trained")
     batch_size: int = Field(default=32, ge=1, description="images generated per batch")
-    metrics: list[str] = Field(default_factory=list, description="extra metrics by name (sdpo_core.metrics)")
+    metrics: list[str] = Field(default_factory=list, description="extra metrics by name (sdpo_core.evaluation.metrics)")
 
     @field_validator("steps")
     @classmethod

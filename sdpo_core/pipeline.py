@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdpo_core.config import Config
-from sdpo_core.runlock import run_lock
-from sdpo_core.tracking import NullTracker, Tracker
+from sdpo_core.rundir.lock import run_lock
+from sdpo_core.tracking.trackers import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,14 @@ def check_train_start(cfg: Config, run_dir: str | Path, resume: bool) -> None:
     """Raise ResumeError now if training in ``run_dir`` would refuse to start (checkpoints without
     ``resume``, none usable, or a config change that does not fit them): before a model is built,
     a tracking run opened or a file written."""
-    from sdpo_core.checkpoint import plan_resume
+    from sdpo_core.training.checkpoint import plan_resume
     from sdpo_core.config import dump_yaml
 
     plan_resume(run_dir, dump_yaml(cfg), resume)
 
 
 def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False, tracker: Tracker | None = None) -> Path:
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.training.trainer import Trainer
 
     with run_lock(run_dir):
         check_train_start(cfg, run_dir, resume)
@@ -77,7 +77,7 @@ def evaluate_stage(
     cfg: Config, run_dir: str | Path, model_dir: str | Path | None, tracker: Tracker | None = None
 ) -> dict:
     """Evaluate base (and trained, when ``model_dir``) on the held-out prompts."""
-    from sdpo_core.evaluate import evaluate
+    from sdpo_core.evaluation.evaluate import evaluate
 
     with run_lock(run_dir):
         split = load_or_prepare(cfg, run_dir)
@@ -105,8 +105,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path, resume: bool = False) -> RunR
 
 
 def _run_pipeline(cfg: Config, run_dir: Path, resume: bool) -> RunResult:
-    from sdpo_core.evaluate import format_table
-    from sdpo_core.tracking import make_tracker, preflight
+    from sdpo_core.evaluation.evaluate import format_table
+    from sdpo_core.tracking.trackers import make_tracker, preflight
 
     start = time.perf_counter()
     preflight(cfg.tracking.backend)  # an unreachable tracking server stops the run before any work

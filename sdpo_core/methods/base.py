@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from sdpo_core.advantages import batch_normalise
+from sdpo_core.rl.advantages import batch_normalise
 
 
 class Method(ABC):

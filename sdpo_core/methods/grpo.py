@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sdpo_core.advantages import group_normalise
+from sdpo_core.rl.advantages import group_normalise
 from sdpo_core.methods.ddpo import DDPO
 
 

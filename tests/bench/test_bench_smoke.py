@@ -187,7 +187,7 @@ def test_interrupted_benchmark_run_resumes_where_it_stopped(tiny_base, tmp_path,
     import common
     from safetensors.torch import load_file
 
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.training.trainer import Trainer
 
     spec = common.RunSpec("r", "tiny-random", [f"model.pretrained={tiny_base}", "evaluate.num_prompts=2"], 0, 3)
     straight = common.train_run(spec, run_root=tmp_path / "a")

@@ -14,7 +14,7 @@ from fault_helpers import ROOT, env, sdpo, tiny_args
 
 WRITE_TWO = """
 import sys, torch
-from sdpo_core.checkpoint import CheckpointState, CheckpointWriteError, save_checkpoint
+from sdpo_core.training.checkpoint import CheckpointState, CheckpointWriteError, save_checkpoint
 
 def state(epoch, n):
     return CheckpointState(epoch=epoch, global_step=epoch, weights={"w": torch.zeros(n)},
@@ -42,7 +42,7 @@ def test_file_size_limit_fails_the_checkpoint_cleanly(tmp_path):
     """A checkpoint write hits RLIMIT_FSIZE (EFBIG, a real failed write()): CheckpointWriteError says how
     much space was needed and that the previous checkpoint is intact; no .tmp is left; the previous
     checkpoint still verifies and loads."""
-    from sdpo_core.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, verify_checkpoint
+    from sdpo_core.training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, verify_checkpoint
 
     out = subprocess.run([sys.executable, "-c", WRITE_TWO, str(tmp_path)], cwd=ROOT, env=env(),
                          capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(200_000))
@@ -74,7 +74,7 @@ def test_sdpo_train_on_a_full_disk_keeps_the_last_checkpoint(tiny_base, small_fs
     """`sdpo train` on a filesystem that fills up at the second checkpoint (ENOSPC): exit 1 with one
     message (space needed and free, what to do), no traceback, no .tmp left; epoch_0000 verifies, so
     --resume can continue once there is space."""
-    from sdpo_core.checkpoint import checkpoint_dirs, verify_checkpoint
+    from sdpo_core.training.checkpoint import checkpoint_dirs, verify_checkpoint
 
     run_dir = small_fs / "run"
     out = sdpo("train", *tiny_args(tiny_base, run_dir, "train.epochs=3", "train.keep_checkpoints=2"))

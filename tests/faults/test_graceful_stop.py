@@ -19,7 +19,7 @@ def test_stopped_run_resumes_to_the_uninterrupted_weights(tiny_base, tmp_path, s
     and the --resume command, no traceback; that checkpoint verifies; `--resume` then ends with weights
     bit-identical to an uninterrupted run's (bugs caught: a signal that kills without cleanup, a
     half-written checkpoint picked up, a resume that replays or skips work)."""
-    from sdpo_core.checkpoint import latest_checkpoint, verify_checkpoint
+    from sdpo_core.training.checkpoint import latest_checkpoint, verify_checkpoint
 
     stopped = tmp_path / "stopped"
     args = tiny_args(tiny_base, stopped, f"train.epochs={EPOCHS}")

@@ -14,7 +14,7 @@ from fault_helpers import ROOT, env, sdpo, start, tiny_args
 
 HOLD = (
     "import sys, time\n"
-    "from sdpo_core.runlock import run_lock\n"
+    "from sdpo_core.rundir.lock import run_lock\n"
     "with run_lock(sys.argv[1]):\n"
     "    print('locked', flush=True)\n"
     "    sys.stdin.read()\n"  # hold until the test closes stdin (or kills us)
@@ -31,7 +31,7 @@ def _holder(run_dir) -> subprocess.Popen:
 def test_lock_names_the_holder_and_dies_with_it(tmp_path):
     """A process holds the lock: another one is refused at once with the holder's PID and start time;
     after the holder is SIGKILLed (no cleanup runs) the lock is free: no stale marker is left behind."""
-    from sdpo_core.runlock import RunLockedError, run_lock
+    from sdpo_core.rundir.lock import RunLockedError, run_lock
 
     run_dir = tmp_path / "run"
     holder = _holder(run_dir)
@@ -58,7 +58,7 @@ def test_lock_names_the_holder_and_dies_with_it(tmp_path):
 def test_lock_is_reentrant_in_one_process(tmp_path):
     """`sdpo run` and the flow hold the lock around stages that take it again: no self-deadlock,
     and the lock is held until the outermost block ends."""
-    from sdpo_core.runlock import run_lock
+    from sdpo_core.rundir.lock import run_lock
 
     with run_lock(tmp_path / "r"):
         with run_lock(tmp_path / "r"):
@@ -93,7 +93,7 @@ def test_overlapping_flow_run_fails_clearly(tmp_path, monkeypatch):
     """A second flow run of a pipeline whose run dir is held (by another process) fails at once with
     RunLockedError naming the holder, before it opens an MLflow run or touches the run dir."""
     pytest.importorskip("prefect")
-    from sdpo_core.runlock import RunLockedError
+    from sdpo_core.rundir.lock import RunLockedError
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pipelines.yaml").write_text((ROOT / "pipelines.yaml").read_text())

@@ -44,8 +44,8 @@ def _client(url: str):
 
 def _train(cfg, run_dir: Path, hook) -> object:
     """Three epochs of tiny-random logged to a new MLflow run; ``hook(trainer)`` after each update."""
-    from sdpo_core.tracking import MlflowTracker
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.tracking.trackers import MlflowTracker
+    from sdpo_core.training.trainer import Trainer
 
     tracker = MlflowTracker("faults", run_name="train")
     Trainer(cfg, run_dir, tracker=tracker, on_optimizer_step=hook).run()
@@ -79,7 +79,7 @@ def test_unreachable_server_at_start_stops_train_in_one_line_before_any_model(tm
 def test_server_that_accepts_but_never_answers_is_reported_within_ten_seconds():
     """Fault: a host that accepts connections and never answers (a hung server, a black hole).
     Must hold: the start-up check gives up within ~10 s (two 5 s tries) naming the URI."""
-    from sdpo_core.tracking import TrackingUnavailable, check_reachable
+    from sdpo_core.tracking.trackers import TrackingUnavailable, check_reachable
 
     with socket.socket() as sock:  # listening, never accepting: connect succeeds, no reply ever
         sock.bind(("127.0.0.1", 0))
@@ -167,8 +167,8 @@ def test_registration_cut_before_the_alias_is_completed_on_retry(use_server, tin
     right when the alias of a just-created model version is set. Must hold: that attempt fails and
     leaves one version without alias; the retry (same weights, same parent run) completes that
     version instead of adding one: exactly one version, with its tags, alias and complete mark."""
-    from sdpo_core.tracking_registry import COMPLETE_TAG, register_model
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.tracking.registry import COMPLETE_TAG, register_model
+    from sdpo_core.training.trainer import Trainer
 
     cfg = tiny_cfg("train.epochs=1", "tracking.backend=mlflow", "register.model_name=faults-half")
     run_dir = tmp_path / "run"

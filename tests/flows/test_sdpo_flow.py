@@ -216,7 +216,7 @@ def test_sdpo_core_logs_outside_a_flow_run_warn_nothing(tmp_path: Path):
         "from prefect.logging.configuration import setup_logging\n"
         "setup_logging()\n"
         "assert logging.getLogger('sdpo_core').handlers, 'no Prefect handler on sdpo_core'\n"
-        "logging.getLogger('sdpo_core.trainer').warning('an epoch outside any flow run')\n"
+        "logging.getLogger('sdpo_core.training.trainer').warning('an epoch outside any flow run')\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
     env["PREFECT_HOME"] = str(tmp_path)

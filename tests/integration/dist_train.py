@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather
 
 from sdpo_core.config import load_config
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.trainer import Trainer
 
 
 def main(base: str, run_dir: str, out: str, method: str) -> None:

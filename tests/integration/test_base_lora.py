@@ -9,7 +9,7 @@ from peft.utils import get_peft_model_state_dict
 from sdpo_core import loading
 from sdpo_core.generate import generate_trajectories, policy_for
 from sdpo_core.models import ModelLoadError, add_lora
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.trainer import Trainer
 
 PROMPTS = ["a handwritten digit 3", "the number seven"]
 

@@ -12,7 +12,7 @@ import torch
 from sdpo_core.pipeline import evaluate_stage
 from sdpo_core.rewards import build_reward
 from sdpo_core.tiny import digits
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.trainer import Trainer
 
 
 def test_trainer_and_evaluate_read_the_model_dirs_classifier(tiny_base, tiny_cfg, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sdpo_core.checkpoint import checkpoint_dirs
+from sdpo_core.training.checkpoint import checkpoint_dirs
 
 HERE = Path(__file__).resolve().parent
 

@@ -12,11 +12,11 @@ from scipy import stats
 
 from sdpo_core import loading, models
 from sdpo_core.config import validate_dict
-from sdpo_core.evaluate import EvaluateError, evaluate, format_table
-from sdpo_core.metrics import register_metric
-from sdpo_core.plots import PLOT_DPI, PLOT_SIZE_IN, GridLayout
+from sdpo_core.evaluation.evaluate import EvaluateError, evaluate, format_table
+from sdpo_core.evaluation.metrics import register_metric
+from sdpo_core.evaluation.plots import PLOT_DPI, PLOT_SIZE_IN, GridLayout
 from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
-from sdpo_core.tracking import NullTracker
+from sdpo_core.tracking.trackers import NullTracker
 
 PROMPTS = ["a red fox", "a black cat", "a dog"]
 STEPS = [1, 2]
@@ -151,7 +151,7 @@ def test_evaluation_samples_exactly_as_training(tiny_cfg, tmp_path, last_step, e
     # on a freshly loaded pipeline) give the same trajectory from the same seed: same timesteps, last
     # step, eta and denoiser call. diffusers' pipe() (final_alpha, its own noise order) would not.
     from sdpo_core.generate import generate_trajectories, policy_for
-    from sdpo_core.trainer import Trainer
+    from sdpo_core.training.trainer import Trainer
 
     cfg = tiny_cfg(f"sample.last_step={last_step}", f"sample.eta={eta}", "sample.num_steps=3")
     tr = Trainer(cfg, tmp_path / "run")  # fresh LoRA: lora_B is zero, so the policy is the base model's

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from sdpo_core import loading
-from sdpo_core.evaluate import evaluate
+from sdpo_core.evaluation.evaluate import evaluate
 from sdpo_core.generate import generate_trajectories, policy_for
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.trainer import Trainer
 
 FAMILIES = ["sdxl", "lcm", "sd3", "flux"]
 PROMPTS = ["a handwritten digit 3", "the number seven", "an eight", "digit two"]

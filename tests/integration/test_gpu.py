@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
 

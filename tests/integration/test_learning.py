@@ -8,7 +8,7 @@ import torch
 
 from sdpo_core import loading
 from sdpo_core.generate import generate
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.trainer import Trainer
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sdpo_core.checkpoint import checkpoint_dirs, load_checkpoint
+from sdpo_core.training.checkpoint import checkpoint_dirs, load_checkpoint
 from sdpo_core.rewards import RewardError
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.trainer import Trainer
 
 
 def test_nan_reward_stops_epoch_and_keeps_last_checkpoint(tiny_cfg, tmp_path):

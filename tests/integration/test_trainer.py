@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo_core.checkpoint import checkpoint_dirs
-from sdpo_core.trainer import Trainer
+from sdpo_core.training.checkpoint import checkpoint_dirs
+from sdpo_core.training.trainer import Trainer
 
 
 def _frozen_and_lora(trainer: Trainer):
@@ -121,7 +121,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, reques
 
 
 def test_checkpoint_snapshot_is_a_copy_in_peft_naming(tiny_cfg, tmp_path):
-    from sdpo_core.checkpoint import latest_checkpoint, load_checkpoint
+    from sdpo_core.training.checkpoint import latest_checkpoint, load_checkpoint
     from sdpo_core.models import lora_state_dict
 
     tr = Trainer(tiny_cfg("train.async_checkpoint=true"), tmp_path)
@@ -146,7 +146,7 @@ def test_checkpoint_snapshot_is_a_copy_in_peft_naming(tiny_cfg, tmp_path):
 
 
 def test_existing_checkpoints_need_resume_flag(tiny_cfg, tmp_path):
-    from sdpo_core.checkpoint import ResumeError
+    from sdpo_core.training.checkpoint import ResumeError
 
     Trainer(tiny_cfg("train.epochs=1"), tmp_path).run()
     with pytest.raises(ResumeError, match="--resume"):
@@ -174,7 +174,7 @@ def test_bf16_autocast_ratio_is_one_without_rescoring(tiny_cfg, tmp_path, reques
 def test_sample_grid_every_n_epochs(tiny_cfg, tmp_path, method):
     from PIL import Image
 
-    from sdpo_core.tracking import NullTracker
+    from sdpo_core.tracking.trackers import NullTracker
 
     tracker = NullTracker()
     tr = Trainer(tiny_cfg(f"train.method={method}", "train.epochs=3", "tracking.log_images_every=2",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdpo_core.advantages import (
+from sdpo_core.rl.advantages import (
     PerStepPromptStatTracker,
     batch_normalise,
     discounted_returns,

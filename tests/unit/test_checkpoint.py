@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo_core.checkpoint import (
+from sdpo_core.training.checkpoint import (
     CheckpointState,
     CheckpointWriter,
     checkpoint_dirs,
@@ -65,7 +65,7 @@ def _write(run_dir, epochs, keep=5):
 def test_manifest_is_written_last_and_detects_truncation_and_bit_flips(tmp_path):
     import json
 
-    from sdpo_core.checkpoint import verify_checkpoint
+    from sdpo_core.training.checkpoint import verify_checkpoint
 
     _write(tmp_path, [0])
     ckpt = latest_checkpoint(tmp_path)
@@ -84,7 +84,7 @@ def test_manifest_is_written_last_and_detects_truncation_and_bit_flips(tmp_path)
 
 
 def test_corrupt_latest_is_skipped_for_the_newest_good_one(tmp_path, caplog):
-    from sdpo_core.checkpoint import plan_resume
+    from sdpo_core.training.checkpoint import plan_resume
 
     _write(tmp_path, [0, 1, 2])
     (tmp_path / "checkpoints" / "epoch_0002" / "state.json").write_text('{"epo')  # truncated
@@ -96,7 +96,7 @@ def test_corrupt_latest_is_skipped_for_the_newest_good_one(tmp_path, caplog):
 
 
 def test_resume_with_no_good_checkpoint_names_the_file(tmp_path):
-    from sdpo_core.checkpoint import ResumeError, plan_resume
+    from sdpo_core.training.checkpoint import ResumeError, plan_resume
 
     _write(tmp_path, [0])
     (tmp_path / "checkpoints" / "epoch_0000" / "optimizer.pt").write_bytes(b"")
@@ -110,7 +110,7 @@ def test_resume_with_no_good_checkpoint_names_the_file(tmp_path):
 def test_config_change_that_shapes_the_state_is_refused_with_old_and_new(tmp_path):
     import yaml
 
-    from sdpo_core.checkpoint import ResumeError, check_compatible
+    from sdpo_core.training.checkpoint import ResumeError, check_compatible
 
     cfg = {"model": {"lora_rank": 4, "finetune": "lora"}, "sample": {"num_steps": 2},
            "train": {"method": "sdpo", "epochs": 2, "stat_tracking": {"buffer_size": 8}}}

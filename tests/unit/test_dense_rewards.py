@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdpo_core.dense_rewards import predict_dense_rewards, query_steps, similarities
+from sdpo_core.rl.dense_rewards import predict_dense_rewards, query_steps, similarities
 
 
 def _x0(vectors):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo_core.metrics import get_metric
+from sdpo_core.evaluation.metrics import get_metric
 from sdpo_core.rewards import RewardError, available_rewards, build_reward, check_rewards
 from sdpo_core.tiny import digits
 

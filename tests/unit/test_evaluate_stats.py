@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sdpo_core.config import validate_dict
-from sdpo_core.evaluate import EvaluateError, eval_plan, format_table, mean_ci, paired_stats
-from sdpo_core.plots import GridLayout, image_grid
+from sdpo_core.evaluation.evaluate import EvaluateError, eval_plan, format_table, mean_ci, paired_stats
+from sdpo_core.evaluation.plots import GridLayout, image_grid
 
 
 def test_mean_ci_t_interval_by_hand():

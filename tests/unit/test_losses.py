@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdpo_core.losses import ddpo_loss, sdpo_loss, temporal_weights
+from sdpo_core.rl.losses import ddpo_loss, sdpo_loss, temporal_weights
 
 
 def test_temporal_weights():

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sdpo_core.promotion import (
+from sdpo_core.tracking.promotion import (
     CHALLENGER,
     CHAMPION,
     PromotionError,

@@ -22,9 +22,9 @@ PACKAGES = ("sdpo_core", "flows")
 # imported by the stage commands but unable to change a stage's outputs
 NOT_RESULTS = {
     "sdpo_core.cli": "argument parsing; the stages' inputs are the config (params) and paths",
-    "sdpo_core.tracking": "MLflow / null tracking only: nothing a stage writes depends on it",
-    "sdpo_core.runlock": "the run directory's lock: who may write, not what is written",
-    "sdpo_core.atomic": "write-then-rename: how files land, not their content",
+    "sdpo_core.tracking.trackers": "MLflow / null tracking only: nothing a stage writes depends on it",
+    "sdpo_core.rundir.lock": "the run directory's lock: who may write, not what is written",
+    "sdpo_core.rundir.atomic": "write-then-rename: how files land, not their content",
 }
 
 

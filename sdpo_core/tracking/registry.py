@@ -1,9 +1,9 @@
 """Register a trained model in the MLflow model registry and move its aliases.
 
-The model is an MLflow pyfunc (``sdpo_core/tracking_pyfunc.py``, logged as code): its artifacts are
+The model is an MLflow pyfunc (``sdpo_core/tracking/pyfunc.py``, logged as code): its artifacts are
 the trained weights (``RUN_DIR/final``) and, when the base model is a local directory (the embedded
 default), the base model itself, so the registered model is self-contained; a hub base is referenced
-by id. The version is tagged with the evaluation numbers (``eval.*``, see ``sdpo_core.promotion``)
+by id. The version is tagged with the evaluation numbers (``eval.*``, see ``sdpo_core.tracking.promotion``)
 plus whatever provenance the caller passes (git commit, ``dvc.lock`` hashes, the parent run).
 
 Alias ``champion`` moves to the new version only when it beats the current champion (for a first
@@ -35,11 +35,11 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from sdpo_core import promotion
+from sdpo_core.tracking.trackers import promotion
 from sdpo_core.config import Config, ConfigError
 from sdpo_core.models import read_model_meta
 from sdpo_core.pipeline import eval_dir
-from sdpo_core.tracking import MlflowTracker
+from sdpo_core.tracking.trackers import MlflowTracker
 
 log = logging.getLogger(__name__)
 KEY_TAG, COMPLETE_TAG = "sdpo.register_key", "sdpo.complete"

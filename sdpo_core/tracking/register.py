@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdpo_core.config import Config
-from sdpo_core.provenance import provenance_tags
+from sdpo_core.tracking.provenance import provenance_tags
 
 
 def register_stage(
@@ -30,7 +30,7 @@ def register_stage(
     the checkout at ``project``. Returns ``tracking_registry.Registration``; raises
     ``RegistrationError`` (a ConfigError) before touching MLflow when there is no valid evaluation
     or trained model."""
-    from sdpo_core.tracking_registry import register_model
+    from sdpo_core.tracking.registry import register_model
 
     all_tags = {**provenance_tags(cfg.pipeline, project), **(tags or {})}
     return register_model(cfg, run_dir, parent_run_id=parent_run_id, tags=all_tags)

@@ -1,7 +1,7 @@
 """Promotion rules: does a newly registered model beat the current champion?
 
 Pure functions over ``eval.json`` dicts (schema: docs/eval_schema.md), so the rule is tested
-without MLflow; ``sdpo_core.tracking_registry`` applies the decision to the registry.
+without MLflow; ``sdpo_core.tracking.registry`` applies the decision to the registry.
 
 For each step count ``n`` of the new evaluation, with ``m(n)`` a model's mean reward there and
 ``h(n)`` the half-width of its 95% interval (``(ci95[1] - ci95[0]) / 2``):

@@ -33,7 +33,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from sdpo_core.atomic import fsync_dir, fsync_tree
+from sdpo_core.rundir.atomic import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 PREFIX = "epoch_"

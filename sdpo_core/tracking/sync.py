@@ -1,5 +1,5 @@
 """``sdpo sync --run-dir DIR``: send to MLflow what a run could not send while its tracking
-server was down (``DIR/tracking_sync.json``, written by :class:`sdpo_core.tracking.MlflowTracker`).
+server was down (``DIR/tracking_sync.json``, written by :class:`sdpo_core.tracking.trackers.MlflowTracker`).
 
 The file records the tracking URI, the MLflow run id, the steps already logged and everything
 still pending (params, tags, metrics per epoch, artifact paths, the run's final status). Syncing
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdpo_core.config import ConfigError
-from sdpo_core.tracking import SYNC_FILE, MlflowTracker
+from sdpo_core.tracking.trackers import SYNC_FILE, MlflowTracker
 
 
 @dataclass(frozen=True)

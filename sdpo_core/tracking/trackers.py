@@ -10,7 +10,7 @@ A tracking server that cannot be reached when a run starts stops it at once
 model loads. One that goes away later does not stop training: metrics, tags and artifacts that
 cannot be sent are kept (in memory, and in ``RUN_DIR/tracking_sync.json`` once ``bind_run_dir``
 named the run dir) and sent when the server answers again (the next ``log_metrics`` or ``end``),
-or by ``sdpo sync --run-dir RUN_DIR`` after a run that ended offline (``sdpo_core.tracking_sync``).
+or by ``sdpo sync --run-dir RUN_DIR`` after a run that ended offline (``sdpo_core.tracking.sync``).
 Unless they are set, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_BACKOFF_FACTOR`` / ``_TIMEOUT`` are set
 to 3 / 1 / 60 (MLflow's 7 / 2 / 120 retry a dead server for minutes per call).
 """

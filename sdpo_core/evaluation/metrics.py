@@ -18,7 +18,7 @@ import torch
 MetricFn = Callable[[torch.Tensor, list[str], torch.Tensor], float]
 METRICS: dict[str, tuple[MetricFn, str]] = {}
 # modules imported before a metric is looked up (they register on import)
-_PROVIDERS = ["sdpo_core.metrics", "sdpo_core.tiny.digits"]
+_PROVIDERS = ["sdpo_core.evaluation.metrics", "sdpo_core.tiny.digits"]
 
 
 def register_metric(name: str, description: str) -> Callable[[MetricFn], MetricFn]:
