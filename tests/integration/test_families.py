@@ -12,9 +12,10 @@ from diffusers import (
 )
 
 from sdpo_core.families import FAMILIES, family_for
+from sdpo_core.families.hub import ModelLoadError
+from sdpo_core.families.lora import add_lora, lora_state_dict
 from sdpo_core.families.sd import SDFamily
 from sdpo_core.families.sdxl import SDXLFamily
-from sdpo_core.models import ModelLoadError, add_lora, lora_state_dict
 from sdpo_core.samplers import build_sampler
 from sdpo_core.tiny.families import build_tiny_lcm, build_tiny_sdxl
 

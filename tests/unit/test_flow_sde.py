@@ -135,7 +135,7 @@ def test_per_item_steps_and_bad_input():
     # catches: one item's sigma applied to the whole batch
     torch.testing.assert_close(both.prev_sample, torch.cat([a.prev_sample, b.prev_sample]))
     torch.testing.assert_close(both.log_prob, torch.cat([a.log_prob, b.log_prob]))
-    with pytest.raises(ValueError, match="step_index"):
+    with pytest.raises(IndexError, match="step_index"):
         sampler.step(v, torch.tensor([0, 3]), x)
     with pytest.raises(ValueError, match="sde_type"):
         FlowSDESampler(SD3_CONFIG, 3, sde_type="ode")

@@ -18,7 +18,19 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 from sdpo_core.families import FAMILIES, Family, family_for
-from sdpo_core.models import MODEL_META, ModelLoadError, read_model_meta
+from sdpo_core.families.hub import ModelLoadError
+
+MODEL_META = "sdpo_model.json"
+#: ``model.mixed_precision`` -> the dtype of the frozen modules (and of autocast)
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
+    """``sdpo_model.json`` of a trained model directory: base model, finetune, family, base LoRA."""
+    path = Path(model_dir) / MODEL_META
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir} is not a trained sdpo model directory (no {MODEL_META})")
+    return json.loads(path.read_text())
 
 
 def denoiser_folder(family: Family) -> str:
