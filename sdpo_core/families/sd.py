@@ -1,8 +1,7 @@
 """Stable Diffusion 1.x / 2.x, SD-Turbo and LCM-distilled SD UNets (``StableDiffusionPipeline``).
 
-Loaded through ``hub.py``'s one loader; the scheduler is kept as
-the model ships it (the sampler is built from its config: DDIM for DDPM-family schedulers, LCM
-for ``LCMScheduler``). A UNet with ``time_cond_proj_dim`` (LCM distillation) is conditioned on
+Loaded through ``hub.py``'s one loader, with the scheduler kept as the model ships it (the
+sampler is built from its config: DDIM for DDPM-family schedulers, LCM for ``LCMScheduler``). A UNet with ``time_cond_proj_dim`` (LCM distillation) is conditioned on
 the guidance-scale embedding of ``lcm_guidance_scale`` as ``timestep_cond``, computed with the
 pipeline's own ``get_guidance_scale_embedding`` from ``w = lcm_guidance_scale - 1`` (diffusers'
 LCM pipeline uses the Imagen CFG convention and subtracts 1; its default scale is 8.5).
