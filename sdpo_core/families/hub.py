@@ -45,7 +45,7 @@ def pipeline_class_of(pretrained: str, revision: str | None = None) -> str:
         raise ModelLoadError(f"{index}: expected a JSON object with '_class_name' ({exc})") from exc
 
 
-def open_pipeline(pipeline_cls: type, pretrained: str, revision: str | None = None, **kwargs: Any) -> Any:
+def open_pipeline(pipeline_cls: Any, pretrained: str, revision: str | None = None, **kwargs: Any) -> Any:
     """``pipeline_cls.from_pretrained`` of a local diffusers directory or a hub id, progress bars off.
 
     ``kwargs`` go to ``from_pretrained`` (e.g. a component replaced or left out). Raises

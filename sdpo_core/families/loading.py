@@ -96,7 +96,7 @@ def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path,
         family.save_lora(get_peft_model_state_dict(denoiser), out)
     else:
         denoiser.save_pretrained(out / denoiser_folder(family), safe_serialization=True)
-    meta = {"base_model": base, "finetune": finetune, "family": family_name(family)}
+    meta: dict[str, Any] = {"base_model": base, "finetune": finetune, "family": family_name(family)}
     if base_lora:  # the trained LoRA applies on top of the base with this LoRA fused in
         meta.update({"base_lora": base_lora, "base_lora_scale": base_lora_scale})
     (out / MODEL_META).write_text(json.dumps(meta, indent=2))
