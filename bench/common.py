@@ -111,7 +111,7 @@ def eval_prompts(cfg) -> list[str]:
 
 
 def _bench_trainer_class():
-    from sdpo_core.loading import save_trained
+    from sdpo_core.families.loading import save_trained
     from sdpo_core.training.trainer import Trainer
 
     class BenchTrainer(Trainer):

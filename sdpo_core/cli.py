@@ -47,7 +47,7 @@ def _raise_terminated(signum, frame) -> None:
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from sdpo_core.training.checkpoint import ResumeError
     from sdpo_core.config import ConfigError
-    from sdpo_core.models import ModelLoadError
+    from sdpo_core.families.hub import ModelLoadError
     from sdpo_core.rewards import RewardError
     from sdpo_core.rundir.lock import RunLockedError
     from sdpo_core.tracking.trackers import TrackingUnavailable
@@ -185,8 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdpo_core.config import ModelConfig, SampleConfig
     from sdpo_core.generate import default_device, generate_trajectories, policy_for
-    from sdpo_core.loading import load_family, load_trained
-    from sdpo_core.models import MODEL_META
+    from sdpo_core.families.loading import MODEL_META, load_family, load_trained
     from sdpo_core.evaluation.plots import save_image_grid
 
     model, device = Path(args.model), default_device()

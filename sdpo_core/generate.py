@@ -9,7 +9,7 @@ last step's predicted clean latent x0, the state the final reward is computed on
 
 Usage::
 
-    family = loading.load_family("runs/digits-tiny/base")
+    family = load_family("runs/digits-tiny/base")
     images = generate(family, ["a seven"], [0], num_steps=1, cfg=cfg)   # (1, 3, H, W) in [0, 1]
 """
 
@@ -20,8 +20,8 @@ import contextlib
 import torch
 
 from sdpo_core.config import Config, ModelConfig, SampleConfig
-from sdpo_core.families.base import Family
-from sdpo_core.models import DTYPES
+from sdpo_core.families.family import Family
+from sdpo_core.families.loading import DTYPES
 from sdpo_core.sampling import Policy, Trajectories, build_policy, denoiser_caller, draw_noise
 
 

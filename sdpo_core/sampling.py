@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdpo_core.families.base import Conditioning
+from sdpo_core.families.family import Conditioning
 from sdpo_core.samplers import Sampler, build_sampler
 
 # denoise_fn(latents (N,C,H,W), timesteps (scalar or (N,)), cond (N rows)) -> native output (N,C,H,W)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sdpo_core import loading, models
+from sdpo_core.families import loading
 from sdpo_core.rundir.atomic import atomic_write_text
 from sdpo_core.config import Config, ConfigError
 from sdpo_core.generate import compute_dtype, default_device, generate
@@ -177,7 +177,7 @@ def _load(cfg: Config, base: str, trained_dir: str | Path | None, device: torch.
     if trained_dir is None:
         return loading.load_family(base, m.revision, device, dtype, m.family, m.family_options, res, m.base_lora,
                                    m.base_lora_scale)
-    meta_base = models.read_model_meta(trained_dir)["base_model"]
+    meta_base = loading.read_model_meta(trained_dir)["base_model"]
     if meta_base != base and Path(meta_base).resolve() != Path(base).resolve():
         log.warning("trained model %s was trained on %s but is evaluated on %s", trained_dir, meta_base, base)
     return loading.load_trained(trained_dir, base=base, device=device, dtype=dtype, revision=m.revision,

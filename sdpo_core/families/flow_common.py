@@ -1,4 +1,4 @@
-"""What the flow-matching families (SD3, FLUX) share: loading, decoding, timestep handling, LoRA."""
+"""What the flow-matching families (SD3, FLUX) share: decoding, timestep handling, LoRA."""
 
 from __future__ import annotations
 
@@ -7,36 +7,10 @@ from typing import Any
 
 import torch
 
-from sdpo_core.models import ModelLoadError
-
 # attention projections of MM-DiT blocks: image stream (to_*) and text/context stream (add_*)
 MMDIT_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
 )
-
-
-def load_flow_pipeline(pipeline_cls: Any, pretrained: str, revision: str | None, device: torch.device | str,
-                       dtype: torch.dtype, **kwargs: Any) -> Any:
-    """``pipeline_cls.from_pretrained`` from a local dir or hub id; every module frozen and in eval
-    mode, on ``device``, text encoders and VAE in ``dtype``, the transformer in float32."""
-    local = Path(pretrained).expanduser()
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise ModelLoadError(f"{local} exists but is not a diffusers pipeline directory (no model_index.json)")
-    source = str(local) if local.exists() else pretrained
-    try:
-        pipe = pipeline_cls.from_pretrained(source, revision=revision, **kwargs)
-    except Exception as exc:  # diffusers raises several types for missing / unreachable models
-        raise ModelLoadError(
-            f"cannot load {pipeline_cls.__name__} '{pretrained}': {exc}. Give a local diffusers directory, "
-            "or a hub id on a machine that can reach the hub (or whose HF cache already holds it)"
-        ) from exc
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False).eval()
-            module.to(dtype=torch.float32 if name == "transformer" else dtype)
-    return pipe
 
 
 def batch_timesteps(timesteps: torch.Tensor | float, n: int, device: torch.device,

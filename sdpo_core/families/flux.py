@@ -16,15 +16,14 @@ from typing import Any, ClassVar
 import torch
 from diffusers import FluxPipeline
 
-from sdpo_core.families.base import Conditioning, Family
+from sdpo_core.families.family import Conditioning, Family
 from sdpo_core.families.flow_common import (
     MMDIT_LORA_TARGETS,
     batch_timesteps,
     decode_flow_latents,
-    load_flow_pipeline,
     save_transformer_lora,
 )
-from sdpo_core.samplers.flow_sde import calculate_shift
+from sdpo_core.families.hub import freeze_pipeline, open_pipeline
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -69,7 +68,8 @@ class FluxFamily(Family):
             raise ValueError(
                 f"unknown FLUX family options {sorted(options)}; known: max_sequence_length, guidance_scale"
             )
-        pipe = load_flow_pipeline(FluxPipeline, pretrained, revision, device, dtype)
+        pipe = open_pipeline(FluxPipeline, pretrained, revision)
+        freeze_pipeline(pipe, device, dtype, float32=("transformer",))
         return cls(pipe, max_sequence_length=max_sequence_length, guidance_scale=guidance_scale)
 
     @property
@@ -114,13 +114,9 @@ class FluxFamily(Family):
         return (self.pipe.transformer.config.in_channels // 4, size, size)
 
     def sampler_options(self, latent_shape: tuple[int, int, int]) -> dict[str, Any]:
-        """Options of ``FlowSDESampler`` that make its schedule FluxPipeline's: sigmas
-        linspace(1, 1/T, T) and ``mu`` from the packed token count (used if the config shifts
-        dynamically, as FLUX.1-dev's does)."""
-        cfg = self.pipe.scheduler.config
-        seq_len = (latent_shape[1] // 2) * (latent_shape[2] // 2)
-        mu = calculate_shift(seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
-        return {"sigma_schedule": "uniform", "mu": mu}
+        """FluxPipeline's schedule: sigmas linspace(1, 1/T, T), and the packed token count that its
+        shift ``mu`` depends on (used if the config shifts dynamically, as FLUX.1-dev's does)."""
+        return {"sigma_schedule": "uniform", "image_seq_len": (latent_shape[1] // 2) * (latent_shape[2] // 2)}
 
     def save_lora(self, lora_layers: dict[str, torch.Tensor], out_dir: Path) -> None:
         save_transformer_lora(FluxPipeline, lora_layers, out_dir)

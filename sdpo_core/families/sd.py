@@ -1,8 +1,7 @@
 """Stable Diffusion 1.x / 2.x, SD-Turbo and LCM-distilled SD UNets (``StableDiffusionPipeline``).
 
-Loading, prompt encoding, decoding and LoRA saving are ``models.py``'s; the scheduler is kept as
-the model ships it (the sampler is built from its config: DDIM for DDPM-family schedulers, LCM
-for ``LCMScheduler``). A UNet with ``time_cond_proj_dim`` (LCM distillation) is conditioned on
+Loaded through ``hub.py``'s one loader, with the scheduler kept as the model ships it (the
+sampler is built from its config: DDIM for DDPM-family schedulers, LCM for ``LCMScheduler``). A UNet with ``time_cond_proj_dim`` (LCM distillation) is conditioned on
 the guidance-scale embedding of ``lcm_guidance_scale`` as ``timestep_cond``, computed with the
 pipeline's own ``get_guidance_scale_embedding`` from ``w = lcm_guidance_scale - 1`` (diffusers'
 LCM pipeline uses the Imagen CFG convention and subtracts 1; its default scale is 8.5).
@@ -17,8 +16,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 
-from sdpo_core import models
-from sdpo_core.families.base import Conditioning, Family
+from sdpo_core.families.family import Conditioning, Family
+from sdpo_core.families.hub import freeze_pipeline, open_pipeline
 
 LCM_GUIDANCE_SCALE = 8.5  # LatentConsistencyModelPipeline.__call__'s default guidance_scale
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -31,6 +30,28 @@ def guidance_embedding(pipe: Any, scale: float) -> torch.Tensor | None:
         return None
     w = torch.tensor([scale - 1.0])
     return pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(pipe.unet.device)
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
+    """N prompts -> (N, L, D) text-encoder hidden states (as the pipeline conditions on them)."""
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) latents -> (N, 3, H, W) images in [0, 1], float32."""
+    vae = pipe.vae
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        scaled = scaled + shift
+    images = vae.decode(scaled, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 class SDFamily(Family):
@@ -48,8 +69,8 @@ class SDFamily(Family):
     @classmethod
     def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
              lcm_guidance_scale: float = LCM_GUIDANCE_SCALE) -> SDFamily:
-        pipe = models.open_pipeline(StableDiffusionPipeline, pretrained, revision, safety_checker=None)
-        models.freeze_pipeline(pipe, device, {"vae": dtype, "text_encoder": dtype, "unet": torch.float32})
+        pipe = open_pipeline(StableDiffusionPipeline, pretrained, revision, safety_checker=None)
+        freeze_pipeline(pipe, device, dtype, float32=("unet",))
         return cls(pipe, lcm_guidance_scale=lcm_guidance_scale)
 
     @property
@@ -61,7 +82,7 @@ class SDFamily(Family):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
-        return Conditioning({"encoder_hidden_states": models.encode_prompts(self.pipe, prompts)})
+        return Conditioning({"encoder_hidden_states": encode_prompts(self.pipe, prompts)})
 
     def unet_kwargs(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """``timestep_cond`` (N, D) for an LCM UNet, in the latents' dtype as the pipelines pass it."""
@@ -80,7 +101,7 @@ class SDFamily(Family):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return models.decode_latents(self.pipe, latents)
+        return decode_latents(self.pipe, latents)
 
     def latent_shape(self, resolution: int | None) -> tuple[int, int, int]:
         factor = self.pipe.vae_scale_factor

@@ -16,15 +16,14 @@ from typing import Any, ClassVar
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from sdpo_core.families.base import Conditioning, Family
+from sdpo_core.families.family import Conditioning, Family
 from sdpo_core.families.flow_common import (
     MMDIT_LORA_TARGETS,
     batch_timesteps,
     decode_flow_latents,
-    load_flow_pipeline,
     save_transformer_lora,
 )
-from sdpo_core.samplers.flow_sde import calculate_shift
+from sdpo_core.families.hub import freeze_pipeline, open_pipeline
 
 
 def _has_t5(pretrained: str) -> bool:
@@ -56,7 +55,8 @@ class SD3Family(Family):
         if use_t5 is None:
             use_t5 = _has_t5(pretrained)
         kwargs = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = load_flow_pipeline(StableDiffusion3Pipeline, pretrained, revision, device, dtype, **kwargs)
+        pipe = open_pipeline(StableDiffusion3Pipeline, pretrained, revision, **kwargs)
+        freeze_pipeline(pipe, device, dtype, float32=("transformer",))
         return cls(pipe, max_sequence_length=max_sequence_length)
 
     @property
@@ -94,15 +94,10 @@ class SD3Family(Family):
         return (self.pipe.transformer.config.in_channels, size, size)
 
     def sampler_options(self, latent_shape: tuple[int, int, int]) -> dict[str, Any]:
-        """Options of ``FlowSDESampler`` that make its schedule the pipeline's: ``set_timesteps(T)``,
-        and ``mu`` from the patch count when the scheduler shifts dynamically (as the pipeline does)."""
-        cfg = self.pipe.scheduler.config
-        mu = None
-        if cfg.use_dynamic_shifting:
-            patch = self.pipe.transformer.config.patch_size
-            mu = calculate_shift((latent_shape[1] // patch) * (latent_shape[2] // patch), cfg.base_image_seq_len,
-                                 cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
-        return {"sigma_schedule": "scheduler", "mu": mu}
+        """The pipeline's schedule: ``set_timesteps(T)``, and the patch count that its shift ``mu``
+        depends on (used if the scheduler shifts dynamically, as the pipeline does)."""
+        patch = self.pipe.transformer.config.patch_size
+        return {"sigma_schedule": "scheduler", "image_seq_len": (latent_shape[1] // patch) * (latent_shape[2] // patch)}
 
     def save_lora(self, lora_layers: dict[str, torch.Tensor], out_dir: Path) -> None:
         save_transformer_lora(StableDiffusion3Pipeline, lora_layers, out_dir)

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-from sdpo_core import models
-from sdpo_core.families.base import Conditioning
+from sdpo_core.families.family import Conditioning
+from sdpo_core.families.hub import ModelLoadError, freeze_pipeline, open_pipeline
 from sdpo_core.families.sd import LCM_GUIDANCE_SCALE, SDFamily
 
 
@@ -27,7 +27,7 @@ def check_add_embedding(pipe: Any) -> None:
     passed = pipe.unet.config.addition_time_embed_dim * 6 + pipe.text_encoder_2.config.projection_dim
     expected = pipe.unet.add_embedding.linear_1.in_features
     if passed != expected:
-        raise models.ModelLoadError(
+        raise ModelLoadError(
             f"the SDXL UNet's added embedding takes {expected} values, but 6 time ids x "
             f"addition_time_embed_dim + text_encoder_2's projection_dim make {passed}"
         )
@@ -38,7 +38,7 @@ def open_vae(path: str) -> AutoencoderKL:
     try:
         return AutoencoderKL.from_pretrained(path)
     except Exception as exc:  # diffusers raises several types for missing / malformed models
-        raise models.ModelLoadError(f"cannot load the replacement VAE '{path}': {exc}") from exc
+        raise ModelLoadError(f"cannot load the replacement VAE '{path}': {exc}") from exc
 
 
 class SDXLFamily(SDFamily):
@@ -58,13 +58,11 @@ class SDXLFamily(SDFamily):
              resolution: int | None = None, vae: str | None = None,
              lcm_guidance_scale: float = LCM_GUIDANCE_SCALE) -> SDXLFamily:
         extra = {"vae": open_vae(vae)} if vae else {}
-        pipe = models.open_pipeline(StableDiffusionXLPipeline, pretrained, revision, **extra)
+        pipe = open_pipeline(StableDiffusionXLPipeline, pretrained, revision, **extra)
         if getattr(pipe.vae.config, "latents_mean", None) is not None:
-            raise models.ModelLoadError(f"{pretrained}: a VAE with latents_mean / latents_std is not supported")
+            raise ModelLoadError(f"{pretrained}: a VAE with latents_mean / latents_std is not supported")
         upcast = dtype == torch.float16 and pipe.vae.config.force_upcast
-        dtypes = {"vae": torch.float32 if upcast else dtype, "text_encoder": dtype, "text_encoder_2": dtype,
-                  "unet": torch.float32}
-        models.freeze_pipeline(pipe, device, dtypes)
+        freeze_pipeline(pipe, device, dtype, float32=("unet", "vae") if upcast else ("unet",))
         return cls(pipe, resolution=resolution, lcm_guidance_scale=lcm_guidance_scale)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Stochastic samplers with log-probs (see ``base.py``): one file per sampler.
+"""Stochastic samplers with log-probs (see ``sampler.py``): one file per sampler, the math they share in ``common.py``.
 
 ``build_sampler`` picks the sampler from the model's scheduler class (``_class_name`` of its
 scheduler config) unless a name is given. A new sampler is one file plus one line in
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdpo_core.samplers.base import Sampler, StepOutput
 from sdpo_core.samplers.ddim import DDIMSampler
 from sdpo_core.samplers.flow_sde import FlowSDESampler
 from sdpo_core.samplers.lcm import LCMSampler
+from sdpo_core.samplers.sampler import Sampler, StepOutput
 
 #: sampler name -> class
 SAMPLERS: dict[str, type[Sampler]] = {

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from sdpo_core.samplers.base import Sampler, StepOutput
+from sdpo_core.samplers.common import gaussian_log_prob, per_item, step_indices, step_noise
+from sdpo_core.samplers.sampler import Sampler, StepOutput
 
 SDE_TYPES = ("sde", "cps")
 SIGMA_SCHEDULES = ("scheduler", "uniform")
@@ -62,20 +63,26 @@ def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, bas
 
 
 def flow_sigmas(scheduler_config: dict[str, Any], num_steps: int, mu: float | None = None,
-                schedule: str = "scheduler") -> torch.Tensor:
+                schedule: str = "scheduler", image_seq_len: int | None = None) -> torch.Tensor:
     """(T + 1,) float32 sigmas ending in 0, as diffusers' scheduler sets them.
 
     ``schedule="scheduler"``: ``set_timesteps(num_steps)`` (what StableDiffusion3Pipeline does);
-    ``"uniform"``: ``set_timesteps(sigmas=linspace(1, 1/T, T))`` (what FluxPipeline does). ``mu`` is
-    required when the config has ``use_dynamic_shifting`` (see ``calculate_shift``).
+    ``"uniform"``: ``set_timesteps(sigmas=linspace(1, 1/T, T))`` (what FluxPipeline does). A config
+    with ``use_dynamic_shifting`` needs the shift: ``mu``, or ``image_seq_len`` (the number of image
+    tokens the denoiser sees, which the model family reports) to compute it as the pipelines do
+    (``calculate_shift``); ``mu`` wins when both are given.
     """
     if schedule not in SIGMA_SCHEDULES:
         raise ValueError(f"sigma schedule {schedule!r} not in {SIGMA_SCHEDULES}")
     sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-    if sched.config.use_dynamic_shifting and mu is None:
-        raise ValueError("this scheduler config has use_dynamic_shifting: true, so the sampler needs `mu` "
-                         "(FLUX: calculate_shift(image_seq_len, ...), see FluxFamily.sampler_options)")
-    if sched.config.invert_sigmas:
+    cfg = sched.config
+    if cfg.use_dynamic_shifting and mu is None:
+        if image_seq_len is None:
+            raise ValueError("this scheduler config has use_dynamic_shifting: true, so the sampler needs `mu` "
+                             "or `image_seq_len` (see Family.sampler_options)")
+        mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
+                             cfg.max_shift)
+    if cfg.invert_sigmas:
         raise ValueError("invert_sigmas schedulers (Mochi) are not supported by the flow SDE sampler")
     kwargs = {"mu": mu} if mu is not None else {}
     if schedule == "uniform":
@@ -83,11 +90,6 @@ def flow_sigmas(scheduler_config: dict[str, Any], num_steps: int, mu: float | No
     else:
         sched.set_timesteps(num_steps, **kwargs)
     return sched.sigmas.to(torch.float32).cpu()
-
-
-def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N,) -> (N, 1, 1, 1) matching ``like``'s rank and device, float32."""
-    return x.reshape(x.shape + (1,) * (like.ndim - x.ndim)).to(like.device, torch.float32)
 
 
 def sde_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, sigma_max: float,
@@ -117,16 +119,6 @@ def cps_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor,
     return 1 - sigma_next, c_eps, std
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2) averaged over all but dim 0: (N, ...) x (N, ...) x (N, 1, ...) -> (N,).
-
-    A zero std is a point mass: its items get 0 (the step is deterministic, x equals the mean)."""
-    safe = torch.where(std > 0, std, torch.ones_like(std))
-    lp = -((x.detach() - mean) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
-    lp = torch.where(std > 0, lp, torch.zeros_like(lp))
-    return lp.mean(dim=tuple(range(1, lp.ndim)))
-
-
 class FlowSDESampler(Sampler):
     """Flow-GRPO SDE or CPS steps over a ``FlowMatchEulerDiscreteScheduler`` schedule.
 
@@ -136,19 +128,20 @@ class FlowSDESampler(Sampler):
         noise_level: a (Flow-GRPO's default 0.7); 0 gives the deterministic Euler sampler.
         sde_type: ``"sde"`` or ``"cps"`` (module docstring).
         sigma_max: replaces s = 1 in the SDE's ``1 - s``; None = the schedule's second sigma.
-        mu: FLUX's dynamic shift (required when the config has ``use_dynamic_shifting``).
+        mu: FLUX's dynamic shift (a config with ``use_dynamic_shifting`` needs it or ``image_seq_len``).
+        image_seq_len: image tokens the denoiser sees; gives ``mu`` by ``calculate_shift``.
         sigma_schedule: ``"scheduler"`` (SD3 pipeline) or ``"uniform"`` (FLUX pipeline).
     """
 
     def __init__(self, scheduler_config: dict[str, Any], num_steps: int, noise_level: float = 0.7,
                  sde_type: str = "sde", sigma_max: float | None = None, mu: float | None = None,
-                 sigma_schedule: str = "scheduler") -> None:
+                 sigma_schedule: str = "scheduler", image_seq_len: int | None = None) -> None:
         super().__init__(scheduler_config, num_steps)
         if sde_type not in SDE_TYPES:
             raise ValueError(f"sde_type {sde_type!r} not in {SDE_TYPES}")
         if not 0 <= noise_level <= 1:
             raise ValueError(f"noise_level must be in [0, 1], got {noise_level}")
-        self.sigmas = flow_sigmas(scheduler_config, num_steps, mu=mu, schedule=sigma_schedule)
+        self.sigmas = flow_sigmas(scheduler_config, num_steps, mu, sigma_schedule, image_seq_len)
         if sigma_max is None:
             sigma_max = float(self.sigmas[1])
         if not 0 <= sigma_max < 1:
@@ -167,29 +160,19 @@ class FlowSDESampler(Sampler):
              prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
              noise: torch.Tensor | None = None) -> StepOutput:
         """See ``Sampler.step``; ``model_output`` is the flow velocity v = noise - x0."""
-        n = sample.shape[0]
-        idx = torch.as_tensor(step_index, device="cpu").long().reshape(-1).expand(n)
-        if bool(((idx < 0) | (idx >= self.num_steps)).any()):
-            raise ValueError(f"step_index must be in [0, {self.num_steps}), got {idx.tolist()}")
+        idx = step_indices(step_index, sample.shape[0], self.num_steps)
         sigma, sigma_next = self.sigmas[idx], self.sigmas[idx + 1]
         x, v = sample.float(), model_output.float()
-        s = _bcast(sigma, x)
+        s = per_item(sigma, x)
         x0 = x - s * v
         if self.sde_type == "sde":
             c_x, c_v, std = sde_coefficients(sigma, sigma_next, self.sigma_max, self.noise_level)
-            mean = _bcast(c_x, x) * x + _bcast(c_v, x) * v
+            mean = per_item(c_x, x) * x + per_item(c_v, x) * v
         else:
             c_x0, c_eps, std = cps_coefficients(sigma, sigma_next, self.noise_level)
             eps = x + (1 - s) * v
-            mean = _bcast(c_x0, x) * x0 + _bcast(c_eps, x) * eps
-        std = _bcast(std, x)
-        if prev_sample is None:
-            if noise is None:
-                # drawn on the generator's device (a CPU generator keeps sampling identical across devices)
-                where = generator.device if generator is not None else x.device
-                noise = torch.randn(x.shape, generator=generator, device=where, dtype=torch.float32)
-            prev = mean + std * noise.to(x.device, torch.float32)
-        else:
-            prev = prev_sample.float()
+            mean = per_item(c_x0, x) * x0 + per_item(c_eps, x) * eps
+        std = per_item(std, x)
+        prev = mean + std * step_noise(x, generator, noise) if prev_sample is None else prev_sample.float()
         log_prob = gaussian_log_prob(prev, mean, std)
         return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype), log_prob)

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from diffusers import LCMScheduler
 
-from sdpo_core.samplers.base import Sampler, StepOutput
-from sdpo_core.samplers.ddim import step_indices
+from sdpo_core.samplers.common import gaussian_log_prob, per_item, step_indices, step_noise
+from sdpo_core.samplers.sampler import Sampler, StepOutput
 
 LAST_STEPS = ("renoise", "deterministic")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -44,17 +44,6 @@ def predict_x0(prediction_type: str, out: torch.Tensor, x: torch.Tensor, a_t: to
     if prediction_type == "sample":
         return out
     return a_t.sqrt() * x - (1 - a_t).sqrt() * out  # v_prediction
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2) averaged over all but dim 0: x, mean (N, ...), std broadcastable -> (N,)."""
-    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return lp.mean(dim=tuple(range(1, lp.ndim)))
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N,) -> (N, 1, 1, 1) float32 on ``like``'s device."""
-    return v.reshape(v.shape + (1,) * (like.ndim - 1)).to(like.device, torch.float32)
 
 
 class LCMSampler(Sampler):
@@ -111,21 +100,19 @@ class LCMSampler(Sampler):
                 "the deterministic last LCM step has no log-probability; use last_step='renoise' to train on it"
             )
         x, out = sample.float(), model_output.float()
-        x0 = predict_x0(self.prediction_type, out, x, _bcast(self.alpha_t[index], x))
+        x0 = predict_x0(self.prediction_type, out, x, per_item(self.alpha_t[index], x))
         if self.clip_range is not None:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
-        denoised = _bcast(self.c_out[index], x) * x0 + _bcast(self.c_skip[index], x) * x
-        a_prev = _bcast(self.alpha_prev[index], x)
+        denoised = per_item(self.c_out[index], x) * x0 + per_item(self.c_skip[index], x) * x
+        a_prev = per_item(self.alpha_prev[index], x)
         mean, std = a_prev.sqrt() * denoised, (1 - a_prev).sqrt()
         if prev_sample is not None:
             prev = prev_sample.float()
         elif bool(final.all()):  # diffusers draws nothing on its last step: keep the generator's stream
             prev = denoised
         else:
-            if noise is None:
-                where = generator.device if generator is not None else x.device
-                noise = torch.randn(x.shape, generator=generator, device=where, dtype=torch.float32).to(x.device)
-            prev = torch.where(_bcast(final, x).bool(), denoised, mean + std * noise.float())
-        log_prob = gaussian_log_prob(prev.detach(), mean, std.clamp(min=1e-12))
+            prev = torch.where(per_item(final, x).bool(), denoised, mean + std * step_noise(x, generator, noise))
+        # a deterministic last step has std 0: its log-prob (0 for a point mass) is replaced by NaN below
+        log_prob = gaussian_log_prob(prev, mean, std)
         log_prob = torch.where(final.to(log_prob.device), torch.full_like(log_prob, math.nan), log_prob)
         return StepOutput(prev.to(sample.dtype), denoised.to(sample.dtype), log_prob)

@@ -36,6 +36,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sdpo_core.families.loading import load_family
 from sdpo_core.tiny import digits
 from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
 from sdpo_core.tiny.repro import build_environment, fixed_threads
@@ -308,9 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(json.dumps(json.loads((out / "build_info.json").read_text()), indent=2))
     if args.grid:
-        from sdpo_core.models import load_pipeline
-
-        print("grid:", save_grid(load_pipeline(str(out)), args.grid))
+        print("grid:", save_grid(load_family(str(out)).pipe, args.grid))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ class SdpoImageModel(PythonModel):
 
     def load_context(self, context) -> None:
         from sdpo_core.config import ModelConfig, SampleConfig
-        from sdpo_core.loading import load_trained
+        from sdpo_core.families.loading import load_trained
 
         cfg = context.model_config or {}
         base = context.artifacts.get("base") or cfg["base_model"]

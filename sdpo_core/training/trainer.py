@@ -41,12 +41,12 @@ from sdpo_core.rl.advantages import PerStepPromptStatTracker
 from sdpo_core.rundir.atomic import atomic_write_text, replace_dir
 from sdpo_core.training.checkpoint import ResumeError
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
-from sdpo_core.families.base import Conditioning
-from sdpo_core.loading import load_for_config
-from sdpo_core.loading import save_trained as save_trained_model
+from sdpo_core.families.family import Conditioning
+from sdpo_core.families.loading import DTYPES, load_for_config
+from sdpo_core.families.loading import save_trained as save_trained_model
+from sdpo_core.families.lora import add_lora, lora_param_keys
 from sdpo_core.rl.losses import temporal_weights
 from sdpo_core.methods import build_method
-from sdpo_core.models import DTYPES, add_lora, lora_param_keys
 from sdpo_core.evaluation.plots import save_image_grid
 from sdpo_core.rewards import build_reward, check_rewards
 from sdpo_core.rundir.lock import run_lock

@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
 
-from sdpo_core import loading
+from sdpo_core.families import loading
+from sdpo_core.families.hub import ModelLoadError
+from sdpo_core.families.lora import add_lora
 from sdpo_core.generate import generate_trajectories, policy_for
-from sdpo_core.models import ModelLoadError, add_lora
 from sdpo_core.training.trainer import Trainer
 
 PROMPTS = ["a handwritten digit 3", "the number seven"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdpo_core.models import load_pipeline
+from sdpo_core.families.loading import load_family
 from sdpo_core.tiny.repro import BUILD_THREADS
 from sdpo_core.tiny.train_base import build_digits_base
 
@@ -72,7 +72,7 @@ def test_build_writes_loadable_pipeline(built):
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     assert torch.equal(images, _sample(pipe, seed=3))
 
-    loaded = load_pipeline(str(built))
+    loaded = load_family(str(built)).pipe
     assert loaded.scheduler.config.timestep_spacing == "trailing"
     assert loaded.scheduler.config.prediction_type == "epsilon"
     assert torch.equal(_sample(loaded, seed=3), _sample(loaded, seed=3))

@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from sdpo_core import loading, models
 from sdpo_core.config import validate_dict
 from sdpo_core.evaluation.evaluate import EvaluateError, evaluate, format_table
 from sdpo_core.evaluation.metrics import register_metric
 from sdpo_core.evaluation.plots import PLOT_DPI, PLOT_SIZE_IN, GridLayout
+from sdpo_core.families import loading
+from sdpo_core.families.lora import add_lora
+from sdpo_core.families.sd import SDFamily
 from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
 from sdpo_core.tracking.trackers import NullTracker
 
@@ -35,13 +37,13 @@ def model_dirs(tmp_path_factory):
     pipe = build_tiny_pipeline(TinySizes(words=sorted({w for p in PROMPTS for w in p.split()})), seed=0)
     base_dir = root / "base"
     pipe.save_pretrained(base_dir)
-    models.add_lora(pipe.unet, 4, None, ["to_q", "to_k", "to_v", "to_out.0"])
+    add_lora(pipe.unet, 4, None, ["to_q", "to_k", "to_v", "to_out.0"])
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "lora_" in name:  # lora_B starts at zero: without this the LoRA is a no-op
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    trained_dir = models.save_trained(pipe.unet, root / "trained", "lora", base=str(base_dir))
+    trained_dir = loading.save_trained(SDFamily(pipe), pipe.unet, root / "trained", "lora", base=str(base_dir))
     return base_dir, trained_dir
 
 

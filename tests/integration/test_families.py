@@ -12,9 +12,10 @@ from diffusers import (
 )
 
 from sdpo_core.families import FAMILIES, family_for
+from sdpo_core.families.hub import ModelLoadError, freeze_pipeline, open_pipeline
+from sdpo_core.families.lora import add_lora, lora_state_dict
 from sdpo_core.families.sd import SDFamily
 from sdpo_core.families.sdxl import SDXLFamily
-from sdpo_core.models import ModelLoadError, add_lora, lora_state_dict
 from sdpo_core.samplers import build_sampler
 from sdpo_core.tiny.families import build_tiny_lcm, build_tiny_sdxl
 
@@ -51,6 +52,22 @@ def test_family_for_reads_model_index(dirs, tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load model .nobody/not-in-the-cache.*local diffusers directory"):
         family_for("nobody/not-in-the-cache")
     assert set(FAMILIES) >= {"sd", "sdxl"}
+
+
+def test_the_one_loader_freezes_and_casts(dirs, tmp_path):
+    # catches: a trainable or train-mode base module, the denoiser cast to half precision, a
+    # component left out of the training dtype
+    pipe = open_pipeline(StableDiffusionXLPipeline, str(dirs["sdxl"]))
+    freeze_pipeline(pipe, "cpu", torch.bfloat16, float32=("unet", "vae"))
+    modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    assert set(modules) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert all(not p.requires_grad for m in modules.values() for p in m.parameters())
+    assert not any(m.training for m in modules.values())
+    assert {n: m.dtype for n, m in modules.items()} == {
+        "unet": torch.float32, "vae": torch.float32, "text_encoder": torch.bfloat16, "text_encoder_2": torch.bfloat16}
+    (tmp_path / "model_index.json").mkdir()
+    with pytest.raises(ModelLoadError, match="not a diffusers pipeline directory"):
+        open_pipeline(StableDiffusionXLPipeline, str(tmp_path))
 
 
 def test_sd_family_and_ddim_sampler_reproduce_the_pipeline(dirs):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo_core import loading
 from sdpo_core.evaluation.evaluate import evaluate
+from sdpo_core.families import loading
 from sdpo_core.generate import generate_trajectories, policy_for
 from sdpo_core.training.trainer import Trainer
 

@@ -6,7 +6,7 @@ import pytest
 import reward_fixtures  # tests/ is on sys.path
 import torch
 
-from sdpo_core import loading
+from sdpo_core.families import loading
 from sdpo_core.generate import generate
 from sdpo_core.training.trainer import Trainer
 

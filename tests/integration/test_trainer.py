@@ -121,8 +121,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, reques
 
 
 def test_checkpoint_snapshot_is_a_copy_in_peft_naming(tiny_cfg, tmp_path):
+    from sdpo_core.families.lora import lora_state_dict
     from sdpo_core.training.checkpoint import latest_checkpoint, load_checkpoint
-    from sdpo_core.models import lora_state_dict
 
     tr = Trainer(tiny_cfg("train.async_checkpoint=true"), tmp_path)
     tr.run_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_shift
 
 from sdpo_core.samplers.flow_sde import FlowSDESampler, calculate_shift, flow_sigmas
 
@@ -60,6 +61,19 @@ def test_flux_mu_and_schedule_match_the_pipeline():
     assert sig[-1] == 0
     with pytest.raises(ValueError, match="mu"):
         FlowSDESampler(FLUX_CONFIG, 4)
+
+
+def test_image_seq_len_gives_the_pipelines_mu():
+    # the family reports the image token count, the sampler computes mu as FluxPipeline does
+    c = FLUX_CONFIG
+    mu = diffusers_shift(64, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+    by_len = FlowSDESampler(FLUX_CONFIG, 4, sigma_schedule="uniform", image_seq_len=64)
+    # catches: a shift computed from the wrong config fields or token count, or not applied at all
+    assert torch.equal(by_len.sigmas, FlowSDESampler(FLUX_CONFIG, 4, sigma_schedule="uniform", mu=mu).sigmas)
+    assert not torch.equal(by_len.sigmas, FlowSDESampler(FLUX_CONFIG, 4, sigma_schedule="uniform", mu=0.0).sigmas)
+    # an explicit mu (sample.sampler_options) wins over the family's token count
+    explicit = FlowSDESampler(FLUX_CONFIG, 4, sigma_schedule="uniform", image_seq_len=64, mu=0.3)
+    assert torch.equal(explicit.sigmas, FlowSDESampler(FLUX_CONFIG, 4, sigma_schedule="uniform", mu=0.3).sigmas)
 
 
 def test_sde_step_by_hand():
@@ -135,7 +149,7 @@ def test_per_item_steps_and_bad_input():
     # catches: one item's sigma applied to the whole batch
     torch.testing.assert_close(both.prev_sample, torch.cat([a.prev_sample, b.prev_sample]))
     torch.testing.assert_close(both.log_prob, torch.cat([a.log_prob, b.log_prob]))
-    with pytest.raises(ValueError, match="step_index"):
+    with pytest.raises(IndexError, match="step_index"):
         sampler.step(v, torch.tensor([0, 3]), x)
     with pytest.raises(ValueError, match="sde_type"):
         FlowSDESampler(SD3_CONFIG, 3, sde_type="ode")

@@ -1,11 +1,10 @@
-"""DDIMSampler: the Sampler interface over scheduling.ddim_step, against diffusers' DDIMScheduler."""
+"""DDIMSampler: the Sampler interface over ddim_step, against diffusers' DDIMScheduler."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
-from sdpo_core.samplers.ddim import DDIMSampler
-from sdpo_core.scheduling import DDIMParams, ddim_step
+from sdpo_core.samplers.ddim import DDIMParams, DDIMSampler, ddim_step
 from sdpo_core.tiny.pipeline import SD_TURBO_SCHEDULER
 
 

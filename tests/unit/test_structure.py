@@ -122,6 +122,26 @@ def test_sdpo_core_never_imports_flows():
     assert offenders == {}
 
 
+def test_families_and_samplers_do_not_import_each_other():
+    """A family reports model facts (e.g. its image token count) and the sampler does the math:
+    fails on e.g. sdpo_core.families.flux importing calculate_shift from samplers.flow_sde."""
+    crossing = {m: sorted(t for t in d if t.startswith(("sdpo_core.samplers", "sdpo_core.families")) and
+                          t.split(".")[1] != m.split(".")[1])
+                for m, d in graph().items() if m.startswith(("sdpo_core.samplers", "sdpo_core.families"))}
+    assert {m: d for m, d in crossing.items() if d} == {}
+
+
+def test_only_samplers_import_diffusers_private_names():
+    """Scheduler math is mirrored in samplers/ alone: `from diffusers.x import _y` elsewhere in
+    sdpo_core ties it to diffusers internals a version bump may change silently."""
+    found = []
+    for m in (m for m in modules() if m.startswith("sdpo_core") and not m.startswith("sdpo_core.samplers")):
+        for node in ast.walk(tree(m)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers"):
+                found += [f"{m}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []
+
+
 def test_flows_uses_no_private_sdpo_core_names():
     """`from sdpo_core.x import _y` and `sdpo_core_module._y` in flows/ tie it to internals."""
     found = []

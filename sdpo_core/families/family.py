@@ -1,4 +1,4 @@
-"""The model-family interface (DESIGN §3): what the trainer, sampler loop and evaluation ask of a model.
+"""The model-family interface (docs/architecture.md): what the trainer, sampler loop and evaluation ask of a model.
 
 A family wraps one diffusers pipeline class (SD 1.x/2.x/SD-Turbo and LCM UNets, SDXL, SD3, FLUX)
 behind the same small contract, so that the training loop never branches on the model:
@@ -119,7 +119,8 @@ class Family(ABC):
         return []
 
     def sampler_options(self, latent_shape: tuple[int, int, int]) -> dict[str, Any]:
-        """Sampler options this model's pipeline implies (a flow model's sigma schedule and shift)."""
+        """Sampler options this model's pipeline implies (a flow model's sigma schedule and the image
+        token count its shift depends on): model facts, the sampler does the math."""
         return {}
 
     # ---------------------------------------------------------------- the three calls

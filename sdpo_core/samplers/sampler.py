@@ -1,4 +1,4 @@
-"""The sampler interface (DESIGN §3): one stochastic denoising step with its Gaussian log-prob.
+"""The sampler interface (docs/architecture.md): one stochastic denoising step with its Gaussian log-prob.
 
 A sampler is built from the model's scheduler config and the number of steps, and is used by
 sampling, training and evaluation alike, so training always scores exactly the transition that

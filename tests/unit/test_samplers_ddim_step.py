@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from sdpo_core.scheduling import DDIMParams, ddim_step
+from sdpo_core.samplers.ddim import DDIMParams, ddim_step
 
 
 def _scheduler(prediction_type: str, spacing: str, set_alpha_to_one: bool = False) -> DDIMScheduler:

@@ -18,7 +18,19 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 from sdpo_core.families import FAMILIES, Family, family_for
-from sdpo_core.models import MODEL_META, ModelLoadError, read_model_meta
+from sdpo_core.families.hub import ModelLoadError
+
+MODEL_META = "sdpo_model.json"
+#: ``model.mixed_precision`` -> the dtype of the frozen modules (and of autocast)
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
+    """``sdpo_model.json`` of a trained model directory: base model, finetune, family, base LoRA."""
+    path = Path(model_dir) / MODEL_META
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir} is not a trained sdpo model directory (no {MODEL_META})")
+    return json.loads(path.read_text())
 
 
 def denoiser_folder(family: Family) -> str:
@@ -84,7 +96,7 @@ def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path,
         family.save_lora(get_peft_model_state_dict(denoiser), out)
     else:
         denoiser.save_pretrained(out / denoiser_folder(family), safe_serialization=True)
-    meta = {"base_model": base, "finetune": finetune, "family": family_name(family)}
+    meta: dict[str, Any] = {"base_model": base, "finetune": finetune, "family": family_name(family)}
     if base_lora:  # the trained LoRA applies on top of the base with this LoRA fused in
         meta.update({"base_lora": base_lora, "base_lora_scale": base_lora_scale})
     (out / MODEL_META).write_text(json.dumps(meta, indent=2))
