@@ -10,8 +10,11 @@ from sdpo_core.methods.base import Method
 
 class DDPO(Method):
     name = "ddpo"
-    paired = False
+    trajectories_per_prompt = 2
+    shared_noise = False
     trajectories_per_item = 1
+    # each batch's trained steps accumulated into one update, as DDPO's own loop
+    update_schedule = "per_trajectory"
 
     @property
     def tracked_steps(self) -> int:
