@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sdpo_core.rl.losses import ddpo_loss
 from sdpo_core.methods.base import Method
+from sdpo_core.rl.losses import ddpo_loss
 
 
 class DDPO(Method):

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from sdpo_core.rl.advantages import group_normalise
 from sdpo_core.methods.ddpo import DDPO
+from sdpo_core.rl.advantages import group_normalise
 
 
 class GRPO(DDPO):

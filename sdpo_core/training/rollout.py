@@ -26,6 +26,7 @@ from sdpo_core.methods import Method
 from sdpo_core.sampling import Policy
 from sdpo_core.training.scoring import RewardJob, ScoredBatch
 
+
 def derive_seed(*parts: int) -> int:
     """Deterministic 63-bit seed from integers (seed, epoch, process, stream): an FNV-1a-style hash."""
     h = 1469598103934665603
