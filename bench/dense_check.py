@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdpo-dense-run-") as run_dir:
         tr = Trainer(cfg, run_dir)
         result = measure(tr, args.pairs, args.batch, args.seed)
-        tr.executor.shutdown()
+        tr.close()
     result.update(
         {
             "pipeline": args.pipeline,

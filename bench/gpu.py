@@ -154,7 +154,7 @@ def run_case(name: str, args, work: Path, peak: float) -> dict:
     row = {"case": name, "family": type(tr.family).__name__, "sampler": type(tr.sampler).__name__,
            "resolution": tr.cfg.sample.resolution, "latent_shape": list(tr.latent_shape),
            "steps": tr.cfg.sample.num_steps, "sample_batch": tr.cfg.sample.batch_size,
-           "train_batch": tr.cfg.train.batch_size, "recompute_log_probs": tr.recompute_log_probs,
+           "train_batch": tr.cfg.train.batch_size, "recompute_log_probs": tr.updater.recompute_log_probs,
            "denoiser_params": sum(p.numel() for p in tr.acc.unwrap_model(tr.denoiser).parameters()),
            "lora_params": sum(p.numel() for p in tr.trainable), "build_save_s": built - t0,
            "load_s": loaded - built, "load_peak_gb": peak_gb()}
@@ -163,8 +163,7 @@ def run_case(name: str, args, work: Path, peak: float) -> dict:
         epoch(tr, 0)  # warm-up: allocator, kernels, autotuning, the reward thread
         runs = [epoch(tr, e) for e in range(1, args.epochs + 1)]
     finally:
-        tr.executor.shutdown()
-        tr.checkpoints.close()
+        tr.close()
         tr.acc.free_memory()
         del tr
         free_gpu()

@@ -152,8 +152,7 @@ def test_checkpoint_snapshot_is_a_copy_in_peft_naming(tiny_cfg, tmp_path):
     tr.wait_checkpoints()
     saved = load_checkpoint(latest_checkpoint(tmp_path)).weights
     assert all(torch.equal(saved[k], reference[k]) for k in reference)
-    tr.checkpoints.close()
-    tr.executor.shutdown()
+    tr.close()
 
 
 def test_existing_checkpoints_need_resume_flag(tiny_cfg, tmp_path):
@@ -174,7 +173,7 @@ def test_bf16_autocast_ratio_is_one_without_rescoring(tiny_cfg, tmp_path, reques
     request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     tr = Trainer(tiny_cfg("model.mixed_precision=bf16", "train.recompute_log_probs=never",
                           "sample.num_steps=4"), tmp_path)
-    assert tr.acc.mixed_precision == "bf16" and not tr.recompute_log_probs
+    assert tr.acc.mixed_precision == "bf16" and not tr.updater.recompute_log_probs
     samples = tr.sample_epoch(0).samples
     assert all(lat.dtype == torch.float32 for lat in samples.latents)
     metrics = tr.train_epoch(samples, 0)
@@ -197,3 +196,21 @@ def test_sample_grid_every_n_epochs(tiny_cfg, tmp_path, method):
     with Image.open(tmp_path / "samples" / grids[0]) as im:
         pixels = torch.tensor(list(im.convert("L").getdata()), dtype=torch.float32)
     assert pixels.std() > 10  # images and labels, not a blank canvas
+
+
+@pytest.mark.parametrize("method", ["sdpo", "ddpo"])
+def test_sampling_draws_x_T_then_step_noise_from_the_epoch_generator(tiny_cfg, tmp_path, method):
+    # the draws the trainer always made: x_T (B, ...) shared by a pair or (2B, ...) independent,
+    # then each step's noise, from one generator per (seed, epoch, process)
+    from sdpo_core.training.rollout import derive_seed
+
+    tr = Trainer(tiny_cfg(f"train.method={method}", "sample.num_steps=2", "tracking.log_images_every=5"), tmp_path)
+    rollout = tr.sample_epoch(0)
+    b = tr.cfg.sample.batch_size
+    gen = torch.Generator().manual_seed(derive_seed(tr.cfg.seed, 0, 0, 1))
+    x_T = torch.randn((b if method == "sdpo" else 2 * b, *tr.latent_shape), generator=gen)
+    x_T = torch.cat([x_T, x_T]) if method == "sdpo" else x_T
+    prompts = rollout.prompts[:b]
+    traj = tr.policy.sample(tr.family.encode(prompts).repeat(2), x_T, gen)
+    got = torch.cat(rollout.samples.latents) if method == "sdpo" else rollout.samples.latents[0]
+    assert torch.equal(got, traj.latents)

@@ -75,3 +75,24 @@ def test_sdpo_and_ddpo_draw_prompts_with_replacement_batch_by_batch():
     rng = np.random.default_rng(3)
     want = [[list("abcdef")[i] for i in rng.integers(0, 6, 5)] for _ in range(2)]
     assert got == want
+
+
+def test_method_names_and_batch_checks_come_from_the_method_classes():
+    import typing
+
+    from sdpo_core.config import TrainConfig as TC
+
+    assert typing.get_args(TC.model_fields["method"].annotation) == tuple(METHODS)
+    for cls in METHODS.values():  # what the trainer asks of every registered method
+        assert cls.trajectories_per_item in (1, cls.trajectories_per_prompt)
+        assert isinstance(cls.shared_noise, bool) and cls.update_schedule in ("per_step", "per_trajectory")
+    assert METHODS["sdpo"].items_per_prompt() == 1 and METHODS["ddpo"].items_per_prompt() == 2
+
+    class Sample:
+        batch_size, num_batches_per_epoch = 3, 1
+
+    with pytest.raises(ValueError, match="does not divide the 6 trajectories"):
+        METHODS["ddpo"].check_batches(TrainConfig(method="ddpo", batch_size=4), Sample)
+    METHODS["sdpo"].check_batches(TrainConfig(method="sdpo", batch_size=3), Sample)
+    with pytest.raises(ValueError, match="group_size=4 does not divide the 6 trajectories"):
+        METHODS["grpo"].check_batches(TrainConfig(method="grpo", batch_size=2, grpo={"group_size": 4}), Sample)
