@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from sdpo_core.rewards import build_reward
 from sdpo_core.rl.advantages import discounted_returns, reference_per_prompt_advantages
 from sdpo_core.rl.dense_rewards import predict_dense_rewards, query_steps, similarities
-from sdpo_core.rewards import build_reward
 from sdpo_core.training.rollout import EpochSamples
 from sdpo_core.training.trainer import Trainer
 
