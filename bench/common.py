@@ -110,59 +110,55 @@ def eval_prompts(cfg) -> list[str]:
     return load_train_eval(cfg.prompts.source, cfg.prompts.eval_fraction, cfg.prompts.seed)[1]
 
 
-def _bench_trainer_class():
+def _bench_callback_class():
     from sdpo_core.families.loading import save_trained
-    from sdpo_core.training.trainer import Trainer
+    from sdpo_core.training.callbacks import TrainerCallback
 
-    class BenchTrainer(Trainer):
-        """The trainer, plus a light evaluation and snapshots after epochs, and a reward-query count.
+    class BenchCallback(TrainerCallback):
+        """A light evaluation and snapshots after epochs, and a reward-query count, through the
+        trainer's public hooks.
 
-        Everything added here runs after ``time/epoch`` is measured, so training time excludes it.
+        ``on_epoch_end`` runs after ``time/epoch`` is measured, so training time excludes it.
         """
 
-        def setup_bench(self, spec: RunSpec, run_dir: Path) -> None:
-            self.spec, self.bench_dir = spec, run_dir
+        def __init__(self, spec: RunSpec, run_dir: Path, cfg) -> None:
+            self.spec, self.bench_dir, self.cfg = spec, run_dir, cfg
             self.history_path = run_dir / "history.jsonl"
             self.queries = 0
-            inner = self.reward_fn
-
-            def counted(images, prompts):
-                self.queries += len(images)
-                return inner(images, prompts)
-
-            self.reward_fn, self._eval_reward = counted, inner
-            prompts = eval_prompts(self.cfg)
+            prompts = eval_prompts(cfg)
             s = spec.light_samples_per_prompt
             self.light_prompts = [p for p in prompts for _ in range(s)]
-            self.light_seeds = [self.cfg.evaluate.seed + i for i in range(len(self.light_prompts))]
+            self.light_seeds = [cfg.evaluate.seed + i for i in range(len(self.light_prompts))]
             self.history: list[dict] = []
 
         @torch.no_grad()
-        def light_eval(self) -> dict[str, float]:
+        def light_eval(self, trainer) -> dict[str, float]:
             """Mean reward of the eval prompts at each evaluate.steps count, with the current weights."""
             from sdpo_core.generate import generate
 
-            unet = self.acc.unwrap_model(self.unet)
-            was_training = unet.training
-            unet.eval()
+            denoiser = trainer.acc.unwrap_model(trainer.denoiser)
+            was_training = denoiser.training
+            denoiser.eval()
             out = {}
             for n in self.cfg.evaluate.steps:
-                images = generate(self.family, self.light_prompts, self.light_seeds, n, self.cfg)
-                out[str(n)] = float(self._eval_reward(images, self.light_prompts).float().mean())
-            unet.train(was_training)
+                images = generate(trainer.family, self.light_prompts, self.light_seeds, n, self.cfg)
+                out[str(n)] = float(trainer.reward_fn(images, self.light_prompts).float().mean())
+            denoiser.train(was_training)
             return out
 
-        def _log_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        def on_rewards(self, trainer, epoch: int, scored) -> None:
+            self.queries += scored.queried
+
+        def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, float]) -> None:
             done = epoch + 1
-            row = {k: v for k, v in stats.items() if isinstance(v, int | float)}
+            row = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             row["queries_cum"] = self.queries
             if done % self.spec.light_every == 0 or done == self.cfg.train.epochs:
-                row["light"] = self.light_eval()
+                row["light"] = self.light_eval(trainer)
             if done in self.spec.snapshots and done != self.cfg.train.epochs:
-                unet = self.acc.unwrap_model(self.unet)
                 save_trained(
-                    self.family,
-                    unet,
+                    trainer.family,
+                    trainer.acc.unwrap_model(trainer.denoiser),
                     self.bench_dir / f"epoch_{done}",
                     self.cfg.model.finetune,
                     base=self.cfg.model.pretrained,
@@ -170,11 +166,9 @@ def _bench_trainer_class():
             self.history.append(row)
             with open(self.history_path, "a", encoding="utf-8") as fh:  # a row per epoch: what a resume keeps
                 fh.write(json.dumps({**row, "epoch": epoch}) + "\n")
-            super()._log_epoch(epoch, stats)
 
-        def _prepare_run_dir(self, resume: bool) -> int:
-            """The trainer's resume, plus the rows and the query count of the epochs it keeps."""
-            start = super()._prepare_run_dir(resume)
+        def on_run_start(self, trainer, start_epoch: int) -> None:
+            """After the trainer's resume: the rows and the query count of the epochs it keeps."""
             rows = []
             if self.history_path.is_file():
                 for line in self.history_path.read_text(encoding="utf-8").splitlines():
@@ -182,17 +176,16 @@ def _bench_trainer_class():
                         rows.append(json.loads(line))
                     except ValueError:  # a half-written last line
                         break
-            self.history = [r for r in rows if r.get("epoch", 1e9) < start]
-            if len(self.history) != start:  # rows lost (never on a clean stop): train those epochs again
-                raise RuntimeError(f"{self.history_path}: {len(self.history)} rows for {start} resumed epochs; "
+            self.history = [r for r in rows if r.get("epoch", 1e9) < start_epoch]
+            if len(self.history) != start_epoch:  # rows lost (never on a clean stop): train those epochs again
+                raise RuntimeError(f"{self.history_path}: {len(self.history)} rows for {start_epoch} resumed epochs; "
                                    f"delete {self.bench_dir} to retrain this run")
             self.queries = self.history[-1]["queries_cum"] if self.history else 0
             self.history_path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
-            if start:
-                log.info("%s: resumed at epoch %d", self.spec.name, start)
-            return start
+            if start_epoch:
+                log.info("%s: resumed at epoch %d", self.spec.name, start_epoch)
 
-    return BenchTrainer
+    return BenchCallback
 
 
 def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> dict:
@@ -213,13 +206,15 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
     cfg = spec.config()
     ensure_base(cfg)
     start = time.perf_counter()
-    tr = _bench_trainer_class()(cfg, run_dir / "train")
-    tr.setup_bench(spec, run_dir)
+    from sdpo_core.training.trainer import Trainer
+
+    bench = _bench_callback_class()(spec, run_dir, cfg)
+    tr = Trainer(cfg, run_dir / "train", callbacks=[bench])
     base_path = run_dir / "light_base.json"
     if base_path.is_file():
         light_base = json.loads(base_path.read_text())
     else:
-        light_base = tr.light_eval()
+        light_base = bench.light_eval(tr)
         run_dir.mkdir(parents=True, exist_ok=True)
         base_path.write_text(json.dumps(light_base) + "\n")
     final = tr.run(resume=(run_dir / "train").is_dir())  # a run stopped half-way goes on
@@ -234,9 +229,9 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
         "trajectories_per_epoch": 2 * cfg.sample.batch_size * cfg.sample.num_batches_per_epoch,
         "train_steps": cfg.sample.num_steps,
         "light_base": light_base,
-        "history": tr.history,
-        "train_seconds": sum(r["time/epoch"] for r in tr.history),
-        "queries": tr.queries,
+        "history": bench.history,
+        "train_seconds": sum(r["time/epoch"] for r in bench.history),
+        "queries": bench.queries,
         "wall_seconds": time.perf_counter() - start,
         "final": str(final),
         "snapshots": {str(e): str(run_dir / f"epoch_{e}") for e in spec.snapshots if e != spec.epochs},

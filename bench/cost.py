@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,23 +94,23 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-class Timed:
-    """Wrap a callable, accumulating its wall time and the batch size of its first argument."""
+def reward_counter():
+    """A trainer callback summing the reward jobs' decode and reward seconds and decoded states."""
+    from sdpo_core.training.callbacks import TrainerCallback
 
-    def __init__(self, fn: Callable):
-        self.fn, self.seconds, self.calls, self.items = fn, 0.0, 0, 0
+    class RewardCounter(TrainerCallback):
+        def __init__(self) -> None:
+            self.reset()
 
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-            self.calls += 1
-            self.items += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
+        def reset(self) -> None:
+            self.decode_seconds, self.reward_seconds, self.decoded = 0.0, 0.0, 0
 
-    def reset(self) -> None:
-        self.seconds, self.calls, self.items = 0.0, 0, 0
+        def on_rewards(self, trainer, epoch: int, scored) -> None:
+            self.decode_seconds += scored.decode_seconds
+            self.reward_seconds += scored.reward_seconds
+            self.decoded += scored.decoded
+
+    return RewardCounter()
 
 
 # ----------------------------------------------------------------------------- one size
@@ -133,17 +132,18 @@ def make_trainer(base: str, batch: int, steps: int, train_batch: int, run_dir: P
         ],
         ROOT / "pipelines.yaml",
     )
-    tr = Trainer(cfg, run_dir)
+    counter = reward_counter()
+    tr = Trainer(cfg, run_dir, callbacks=[counter])
     tr.run_dir.mkdir(parents=True, exist_ok=True)
-    return tr
+    return tr, counter
 
 
-def epoch_once(tr, epoch: int, decode: Timed, reward: Timed) -> dict[str, float]:
-    """One epoch as ``Trainer.run`` does it, timed by part."""
-    decode.reset()
-    reward.reset()
+def epoch_once(tr, epoch: int, counter) -> dict[str, float]:
+    """One epoch as ``Trainer.run`` does it, timed by part (``counter``: the trainer's ``reward_counter``)."""
+    counter.reset()
     start = time.perf_counter()
-    samples, _, stats = tr.sample_epoch(epoch)
+    rollout = tr.sample_epoch(epoch)
+    samples, stats = rollout.samples, rollout.stats
     t_sampled = time.perf_counter()
     stats.update(tr.train_epoch(samples, epoch))
     t_trained = time.perf_counter()
@@ -151,8 +151,8 @@ def epoch_once(tr, epoch: int, decode: Timed, reward: Timed) -> dict[str, float]
     end = time.perf_counter()
     parts = {
         "sampling": stats["time/sampling"],
-        "decode": decode.seconds,
-        "reward": reward.seconds,
+        "decode": counter.decode_seconds,
+        "reward": counter.reward_seconds,
         "training": stats["time/training"],
         "checkpoint": end - t_trained,
     }
@@ -161,7 +161,7 @@ def epoch_once(tr, epoch: int, decode: Timed, reward: Timed) -> dict[str, float]
     parts["epoch_no_checkpoint"] = t_trained - start
     parts["reward_wait"] = stats["time/reward_wait"]
     parts["sample_epoch"] = t_sampled - start
-    parts["queries"] = decode.items
+    parts["queries"] = counter.decoded
     return parts
 
 
@@ -177,14 +177,14 @@ class Floor:
         cfg = tr.cfg
         b, tb = cfg.sample.batch_size, cfg.train.batch_size
         c, h, w = tr.latent_shape
-        self.tr, self.unet = tr, tr.acc.unwrap_model(tr.unet)
+        self.tr, self.unet = tr, tr.acc.unwrap_model(tr.denoiser)
         self.t = cfg.sample.num_steps
         self.n_train = self.t * (b // tb)  # step positions x train batches (full timestep fraction)
         e1 = tr.family.encode(["a handwritten digit 7"])
         x_s, e_s, ts = torch.randn(2 * b, c, h, w), e1.repeat(2 * b), tr.timesteps[0]
         x_t, e_t = torch.randn(2 * tb, c, h, w), e1.repeat(2 * tb)
         t_t = tr.timesteps[torch.zeros(2 * tb, dtype=torch.long)]
-        sample_fn, train_fn = tr._denoise_fn(self.unet), tr._denoise_fn(tr.unet)
+        sample_fn, train_fn = tr.denoise_fn(self.unet), tr.denoise_fn(tr.denoiser)
         lat = torch.randn(max(decoded, 1), c, h, w)
         images = tr.family.decode(lat)
         prompts = ["a handwritten digit 7"] * len(images)
@@ -236,30 +236,24 @@ class Floor:
 def run_size(
     base: str, batch: int, steps: int, train_batch: int, repeats: int, work: Path, extra: list[str]
 ) -> dict:
-    tr = make_trainer(base, batch, steps, train_batch, work / f"b{batch}_t{steps}", extra)
-    decode, reward = Timed(tr.pipe.vae.decode), Timed(tr.reward_fn)
-    tr.pipe.vae.decode, tr.reward_fn = decode, reward  # instance attributes: the trainer calls these
-    warm = epoch_once(tr, 0, decode, reward)  # warm-up: first-call allocations, thread start
+    tr, counter = make_trainer(base, batch, steps, train_batch, work / f"b{batch}_t{steps}", extra)
+    warm = epoch_once(tr, 0, counter)  # warm-up: first-call allocations, thread start
     tr.wait_checkpoints()
-    tr.pipe.vae.decode, tr.reward_fn = decode.fn, reward.fn
     floor = Floor(tr, int(warm["queries"]))
     floor.warm()
     runs, floors, mems = [], [], []
     for e in range(repeats):
-        tr.pipe.vae.decode, tr.reward_fn = decode, reward
         # steady state: the measured epoch runs while the previous epoch's checkpoint is written
         # (in the background with train.async_checkpoint, as in Trainer.run)
-        epoch_once(tr, 2 * e + 1, decode, reward)
+        epoch_once(tr, 2 * e + 1, counter)
         with PeakRSS() as mem:
-            runs.append(epoch_once(tr, 2 * e + 2, decode, reward))
+            runs.append(epoch_once(tr, 2 * e + 2, counter))
         mems.append(mem.delta_mb)
         tr.wait_checkpoints()  # nothing of the epoch's own runs into the floor measurement
-        tr.pipe.vae.decode, tr.reward_fn = decode.fn, reward.fn
         floors.append(floor.measure())
     parts = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     fl = {k: statistics.median(f[k] for f in floors) for k in floors[0]}
-    tr.executor.shutdown()
-    tr.checkpoints.close()
+    tr.close()
     row = {
         "batch": batch,
         "steps": steps,
@@ -287,13 +281,12 @@ def run_size(
 # ----------------------------------------------------------------------------- profile
 def profile_epoch(base: str, batch: int, steps: int, train_batch: int, work: Path, extra: list[str]) -> str:
     """cProfile (Python-level) and torch.profiler (op-level) tables of one warm epoch."""
-    tr = make_trainer(base, batch, steps, train_batch, work / f"profile_b{batch}_t{steps}", extra)
-    decode, reward = Timed(tr.pipe.vae.decode), Timed(tr.reward_fn)
-    epoch_once(tr, 0, decode, reward)
+    tr, counter = make_trainer(base, batch, steps, train_batch, work / f"profile_b{batch}_t{steps}", extra)
+    epoch_once(tr, 0, counter)
     tr.wait_checkpoints()
     prof = cProfile.Profile()
     prof.enable()
-    epoch_once(tr, 1, decode, reward)
+    epoch_once(tr, 1, counter)
     prof.disable()
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
@@ -304,12 +297,11 @@ def profile_epoch(base: str, batch: int, steps: int, train_batch: int, work: Pat
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as tprof:
-        epoch_once(tr, 2, decode, reward)
+        epoch_once(tr, 2, counter)
     tr.wait_checkpoints()
     buf.write(f"\n# torch.profiler, one warm epoch, B={batch} T={steps} (sorted by self CPU time)\n")
     buf.write(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
-    tr.executor.shutdown()
-    tr.checkpoints.close()
+    tr.close()
     return buf.getvalue()
 
 

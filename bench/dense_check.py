@@ -3,7 +3,7 @@
 SDPO scores x0 at three steps (first, anchor, last) and predicts every other step's reward by
 similarity; its loss regresses each pair's log-ratio difference on the pair's ADVANTAGE
 DIFFERENCE at every step. This script samples pairs exactly as the trainer does (the
-pipeline's base model, ``Trainer._sample_batch``'s inputs, ``sample_pairs``), decodes and scores
+pipeline's base model, ``Rollout.sample_batch``'s inputs, ``Policy.sample_groups``), decodes and scores
 x0 at EVERY step (which SDPO never does), and reports per step:
 
 * the mean measured reward of x0_t (is an early x0 scored like the final image?),
@@ -56,8 +56,8 @@ def measure(tr, pairs: int, batch: int, seed: int) -> dict:
         prompts = [prompts_all[i] for i in idx]
         cond = tr.family.encode(prompts)
         noise = torch.randn((b, *tr.latent_shape), generator=gen)
-        tr.acc.unwrap_model(tr.unet).eval()
-        traj = tr.policy.sample_pairs(cond, noise, gen)  # the trainer's own sampling policy
+        tr.acc.unwrap_model(tr.denoiser).eval()
+        traj = tr.policy.sample_groups(cond, noise, gen)  # the trainer's own sampling policy
         n, t = traj.x0.shape[:2]
         images = tr.family.decode(traj.x0.flatten(0, 1))
         r_all = tr.reward_fn(images, [p for p in prompts * 2 for _ in range(t)]).float().reshape(n, t)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sdpo-dense-run-") as run_dir:
         tr = Trainer(cfg, run_dir)
         result = measure(tr, args.pairs, args.batch, args.seed)
-        tr.executor.shutdown()
+        tr.close()
     result.update(
         {
             "pipeline": args.pipeline,

@@ -12,7 +12,7 @@ batch sizes, ``tracking.backend=none``), so the family is read from the director
     ``--epochs`` measured ones, each part between ``torch.cuda.synchronize`` calls;
   * peak GPU memory (``torch.cuda.max_memory_allocated``) of loading, sampling and training;
   * MFU: FLOPs of one denoiser forward counted by ``FlopCounterMode`` on the trainer's own
-    ``_denoise_fn`` (at the sampling batch of 2B items), times the forwards an epoch makes:
+    ``denoise_fn`` (at the sampling batch of 2B items), times the forwards an epoch makes:
     sampling T x 2B; training 3 forward-equivalents (forward + backward) per trained item, plus
     one no-grad forward per item when the trainer recomputes old log-probs (train.recompute_log_probs).
     Recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs).
@@ -101,15 +101,15 @@ def make_trainer(model_dir: Path, case: Case, args, run_dir: Path):
 
 
 def forward_flops(tr) -> float:
-    """FLOPs of one denoiser forward per item: the trainer's ``_denoise_fn`` at the sampling batch
+    """FLOPs of one denoiser forward per item: the trainer's ``denoise_fn`` at the sampling batch
     (2B items: both trajectories of B prompts) and the first timestep, counted by FlopCounterMode."""
     b = tr.cfg.sample.batch_size
     cond = tr.family.encode([PROMPTS[i % len(PROMPTS)] for i in range(b)]).repeat(2).to(tr.acc.device)
     x = torch.randn((2 * b, *tr.latent_shape), device=tr.acc.device)
-    model = tr.acc.unwrap_model(tr.unet)
+    model = tr.acc.unwrap_model(tr.denoiser)
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        tr._denoise_fn(model)(x, tr.timesteps[0], cond)
+        tr.denoise_fn(model)(x, tr.timesteps[0], cond)
     return counter.get_total_flops() / (2 * b)
 
 
@@ -117,7 +117,8 @@ def epoch(tr, e: int) -> dict:
     """One epoch of the trainer's own sampling and training, each part timed between syncs."""
     reset_peak()
     start = time.perf_counter()
-    samples, _, stats = tr.sample_epoch(e)
+    rollout = tr.sample_epoch(e)
+    samples, stats = rollout.samples, rollout.stats
     sync()
     sampled = time.perf_counter()
     mem_sample = peak_gb()
@@ -153,8 +154,8 @@ def run_case(name: str, args, work: Path, peak: float) -> dict:
     row = {"case": name, "family": type(tr.family).__name__, "sampler": type(tr.sampler).__name__,
            "resolution": tr.cfg.sample.resolution, "latent_shape": list(tr.latent_shape),
            "steps": tr.cfg.sample.num_steps, "sample_batch": tr.cfg.sample.batch_size,
-           "train_batch": tr.cfg.train.batch_size, "recompute_log_probs": tr.recompute_log_probs,
-           "denoiser_params": sum(p.numel() for p in tr.acc.unwrap_model(tr.unet).parameters()),
+           "train_batch": tr.cfg.train.batch_size, "recompute_log_probs": tr.updater.recompute_log_probs,
+           "denoiser_params": sum(p.numel() for p in tr.acc.unwrap_model(tr.denoiser).parameters()),
            "lora_params": sum(p.numel() for p in tr.trainable), "build_save_s": built - t0,
            "load_s": loaded - built, "load_peak_gb": peak_gb()}
     try:
@@ -162,8 +163,7 @@ def run_case(name: str, args, work: Path, peak: float) -> dict:
         epoch(tr, 0)  # warm-up: allocator, kernels, autotuning, the reward thread
         runs = [epoch(tr, e) for e in range(1, args.epochs + 1)]
     finally:
-        tr.executor.shutdown()
-        tr.checkpoints.close()
+        tr.close()
         tr.acc.free_memory()
         del tr
         free_gpu()

@@ -59,7 +59,8 @@ def run_size(n: int, t: int, p: int, rounds: int, buffer_size: int, min_count: i
         adv_ref = reference_per_prompt_advantages(prompts, returns, history, buffer_size, min_count)
         t_ref.append(time.perf_counter() - start)
         max_diff = max(max_diff, float(np.abs(adv_vec.double().numpy() - adv_ref).max()))
-        used_buffer.append(float((tracker.count[tracker._rows(prompts)] >= min_count).double().mean()))
+        rows = torch.tensor([tracker.prompt_index[p] for p in prompts])  # every prompt is known after update
+        used_buffer.append(float((tracker.count[rows] >= min_count).double().mean()))
     vec, ref = statistics.median(t_vec), statistics.median(t_ref)
     return {
         "samples": n,

@@ -23,7 +23,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdpo_core.methods import METHODS, Method
+
 DEFAULT_PIPELINES_FILE = Path("pipelines.yaml")
+
+
+# the method names the registry lists: a new method is valid here once it is in METHODS
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -161,7 +167,7 @@ class GRPOConfig(_Strict):
 class TrainConfig(_Strict):
     """The RL method, its hyper-parameters (DESIGN section 2), the update loop and checkpoints."""
 
-    method: Literal["sdpo", "ddpo", "grpo"] = Field(
+    method: MethodName = Field(  # type: ignore[valid-type]
         default="sdpo", description="sdpo (paired dense-reward difference loss), ddpo (PPO-clip on the final reward) "
         "or grpo (PPO-clip on final rewards normalised within groups of train.grpo.group_size samples of a prompt)"
     )
@@ -278,22 +284,23 @@ class BatchPlan:
 
     num_processes: int
     prompts_per_process: int  # sample.batch_size * num_batches_per_epoch
-    trajectories_per_process: int  # x2 for the pairs (both methods sample pairs)
-    train_items_per_process: int  # pairs (sdpo) or trajectories (ddpo, grpo)
+    trajectories_per_process: int  # x the method's trajectories per prompt
+    train_items_per_process: int  # the method's items: groups of a prompt's trajectories or single ones
     train_batches_per_process: int
     optimizer_steps_per_epoch: int
     samples_per_epoch: int  # trajectories over all processes
 
 
-# each method's own update loop, what `train.update_schedule: auto` means for it
-METHOD_UPDATE_SCHEDULES = {"sdpo": "per_step", "ddpo": "per_trajectory", "grpo": "per_trajectory"}
+def method_class(t: TrainConfig) -> type[Method]:
+    """The class of ``train.method`` (its batch arithmetic, checks and update loop)."""
+    return METHODS[t.method]
 
 
 def resolve_update_schedule(t: TrainConfig) -> str:
-    """``train.update_schedule`` with ``auto`` resolved: per_step (sdpo) or per_trajectory (ddpo, grpo)."""
+    """``train.update_schedule`` with ``auto`` resolved to the method's own loop (``Method.update_schedule``)."""
     if t.update_schedule != "auto":
         return t.update_schedule
-    return METHOD_UPDATE_SCHEDULES[t.method]
+    return method_class(t).update_schedule
 
 
 def micro_steps_per_update(cfg: Config) -> int:
@@ -305,31 +312,19 @@ def micro_steps_per_update(cfg: Config) -> int:
 
 
 def batch_plan(cfg: Config, num_processes: int = 1) -> BatchPlan:
-    """Derive and check batch arithmetic; raises ConfigError with what to change."""
+    """Derive and check batch arithmetic (the method's own checks included); raises ConfigError
+    with what to change."""
     if num_processes < 1:
         raise ConfigError(f"num_processes must be >= 1, got {num_processes}")
     s, t = cfg.sample, cfg.train
+    method = method_class(t)
+    try:
+        method.check_batches(t, s)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     prompts = s.batch_size * s.num_batches_per_epoch
-    trajectories = 2 * prompts
-    items = prompts if t.method == "sdpo" else trajectories
-    if items % t.batch_size:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} does not divide the {items} "
-            f"{'pairs' if t.method == 'sdpo' else 'trajectories'} each process samples per epoch "
-            f"(sample.batch_size={s.batch_size} x sample.num_batches_per_epoch={s.num_batches_per_epoch}"
-            f"{'' if t.method == 'sdpo' else ' x 2'}); choose a train.batch_size that divides {items}"
-        )
-    if t.method == "grpo" and trajectories % t.grpo.group_size:
-        raise ConfigError(
-            f"train.grpo.group_size={t.grpo.group_size} does not divide the {trajectories} trajectories each process "
-            f"samples per epoch (2 x sample.batch_size={s.batch_size} x sample.num_batches_per_epoch="
-            f"{s.num_batches_per_epoch}); choose a group size that divides {trajectories}"
-        )
-    if t.method == "grpo" and t.grpo.group_size % 2:
-        raise ConfigError(
-            f"train.grpo.group_size={t.grpo.group_size} must be even: the trainer samples each prompt of a "
-            "batch twice; choose an even group size"
-        )
+    trajectories = method.trajectories_per_prompt * prompts
+    items = method.items_per_prompt() * prompts
     batches = items // t.batch_size
     if batches % t.gradient_accumulation_steps:
         raise ConfigError(

@@ -1,9 +1,9 @@
 """Images from a model, sampled exactly as training samples them.
 
 Evaluation, ``sdpo generate`` and the benchmarks all go through :func:`generate_trajectories`:
-the same DDIM policy as training (``sampling.build_policy``: timesteps, ``sample.last_step``,
-eta, CFG), on the model's device and compute dtype, with one CPU generator per sample so that a
-sample depends on its seed only (not on its batch or the device). Images are decoded from the
+the same sampling policy as training (``sampling.build_policy``: the family's denoiser call, the
+sampler with its timesteps and options, CFG), on the model's device and compute dtype, with one
+CPU generator per sample so that a sample depends on its seed only (not on its batch or the device). Images are decoded from the
 last step's predicted clean latent x0, the state the final reward is computed on in training
 (with ``last_step: final_alpha`` it is exactly the image diffusers' pipeline returns).
 

@@ -1,7 +1,7 @@
 """Dual-state trajectories: noisy latents x_t, predicted clean latents x0_t and log-probs.
 
-SDPO (paper section 4.1) samples two trajectories per prompt from the same initial noise x_T;
-both go through the denoiser as one batch of 2B. Every step records x_t, x0_t and
+A method samples k trajectories per prompt (``Policy.sample_groups``), from one shared initial
+noise x_T (SDPO's pairs, paper section 4.1) or from k independent ones, in one batch of kB. Every step records x_t, x0_t and
 log p(x_{t-1} | x_t) under the sampling policy: a family's denoiser call and a sampler's
 stochastic step (``samplers/``), the same for sampling, training and evaluation (``Policy``).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sdpo_core.families.family import Conditioning
-from sdpo_core.samplers import Sampler, build_sampler
+from sdpo_core.samplers import SAMPLERS, Sampler, build_sampler, sampler_name_for
 
 # denoise_fn(latents (N,C,H,W), timesteps (scalar or (N,)), cond (N rows)) -> native output (N,C,H,W)
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
@@ -24,7 +24,8 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
 
 @dataclass
 class Trajectories:
-    """N trajectories of T steps. Items [0:B] and [B:2B] are the pairs when sampled paired."""
+    """N trajectories of T steps. From ``sample_groups``: items [jB:(j+1)B] are trajectory j of
+    each of the B prompts."""
 
     latents: torch.Tensor  # (N, T+1, C, H, W) float32: x_T ... x_0; step j goes latents[:, j] -> latents[:, j+1]
     x0: torch.Tensor  # (N, T, C, H, W) float32: predicted clean latent at each step
@@ -115,23 +116,21 @@ class Policy:
         return Trajectories(torch.stack(latents, dim=1), torch.stack(x0s, dim=1), torch.stack(log_probs, dim=1))
 
     @torch.no_grad()
-    def sample_pairs(self, cond: Conditioning, init_latents: torch.Tensor, generator: torch.Generator | None,
-                     paired: bool = True) -> Trajectories:
-        """Two trajectories per prompt in one batch of 2B: cond has B rows; init_latents (B, C, H, W)
-        when ``paired`` (the shared x_T), or (2B, C, H, W) when not (independent trajectories).
-        Items [0:B] are trajectory 1 of each prompt, [B:2B] trajectory 2."""
-        x_t = torch.cat([init_latents, init_latents]) if paired else init_latents
-        if x_t.shape[0] != 2 * len(cond):
-            raise ValueError(f"init_latents {tuple(init_latents.shape)} do not fit {len(cond)} prompts")
-        return self.sample(cond.repeat(2), x_t, generator)
+    def sample_groups(self, cond: Conditioning, init_latents: torch.Tensor, generator: torch.Generator | None,
+                      k: int = 2, shared_noise: bool = True) -> Trajectories:
+        """k trajectories per prompt in one batch of kB: cond has B rows; init_latents (B, C, H, W)
+        when ``shared_noise`` (the group's common x_T), or (kB, C, H, W) when not (independent
+        trajectories). Items [jB:(j+1)B] are trajectory j of each prompt."""
+        x_t = torch.cat([init_latents] * k) if shared_noise else init_latents
+        if x_t.shape[0] != k * len(cond):
+            raise ValueError(f"init_latents {tuple(init_latents.shape)} do not fit {k} x {len(cond)} prompts")
+        return self.sample(cond.repeat(k), x_t, generator)
 
 
 def sampler_options(sample_cfg: Any, model_cfg: Any, family: Any, latent_shape: tuple[int, int, int],
                     name: str) -> dict[str, Any]:
     """The sampler's options from the config: the sampler class's own mapping of ``sample.*``, the
     family's (a flow family's sigma schedule and shift), then ``sample.sampler_options``."""
-    from sdpo_core.samplers import SAMPLERS
-
     opts = dict(SAMPLERS[name].options_from_config(sample_cfg, model_cfg))
     opts.update(family.sampler_options(latent_shape))
     opts.update(sample_cfg.sampler_options)
@@ -143,8 +142,6 @@ def build_policy(family: Any, denoise: DenoiseFn, num_steps: int, sample_cfg: An
     """A Policy at ``num_steps`` for ``family`` (the sampler from its scheduler config)."""
     if num_steps < 1:
         raise ValueError(f"the number of denoising steps must be >= 1, got {num_steps}")
-    from sdpo_core.samplers import sampler_name_for
-
     config = family.scheduler_config
     name = sample_cfg.sampler or sampler_name_for(config)
     opts = sampler_options(sample_cfg, model_cfg, family, latent_shape, name)

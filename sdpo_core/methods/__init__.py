@@ -1,4 +1,4 @@
-"""RL methods as strategy objects (see ``base.py``): one file per method."""
+"""RL methods as strategy objects (see ``base.py``): one file per method, listed in ``METHODS``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (SDPO, DDPO, GRPO)}
 
 
 def build_method(train: Any, num_steps: int) -> Method:
-    """The strategy for ``train.method`` (the config's Literal already rejects unknown names)."""
+    """The strategy for ``train.method`` (the config's Literal, built from ``METHODS``, already
+    rejects unknown names)."""
     return METHODS[train.method](train, num_steps)
 
 

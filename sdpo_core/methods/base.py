@@ -1,36 +1,75 @@
-"""The RL-method interface (DESIGN §3): what the trainer asks of SDPO, DDPO (and later GRPO).
+"""The RL-method interface (docs/architecture.md): everything the trainer asks of a method.
 
-A method is a strategy object: the trainer's loop never branches on ``train.method``. Per
-sampling batch of B prompts the trainer samples N = 2B trajectories (``paired``: the two of a
-prompt share x_T) and asks the method which x0 states to score; per epoch it hands the method the
-queried rewards to turn into per-trajectory returns; per training micro-batch it asks for the
-loss of an item. Items are what a training row holds: a pair (SDPO) or one trajectory (DDPO).
+A method is a strategy object: nothing outside ``methods/`` branches on ``train.method``. Per
+sampling batch of B prompts the trainer samples N = kB trajectories (k =
+``trajectories_per_prompt``; ``shared_noise``: the k trajectories of a prompt start from the same
+x_T) and asks the method which x0 states to score; per epoch it hands the method the queried
+rewards to turn into per-trajectory returns and advantages; per training micro-batch it asks for
+the loss of an item. An item is what a training row holds: all k trajectories of a prompt scored
+jointly (``trajectories_per_item`` k, SDPO's pair) or one trajectory (``trajectories_per_item`` 1).
+The method also owns its batch arithmetic and config checks (``check_batches``) and the update
+loop ``train.update_schedule: auto`` means for it (``update_schedule``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from sdpo_core.rl.advantages import batch_normalise
 
+UpdateSchedule = Literal["per_step", "per_trajectory"]
+
 
 class Method(ABC):
     name: ClassVar[str]
-    #: the two trajectories of a prompt start from the same x_T
-    paired: ClassVar[bool]
-    #: trajectories per training item (2: a pair scored jointly; 1: each trajectory alone)
+    #: k: trajectories sampled per prompt of a sampling batch
+    trajectories_per_prompt: ClassVar[int] = 2
+    #: the k trajectories of a prompt start from the same x_T
+    shared_noise: ClassVar[bool]
+    #: trajectories per training item: k (scored jointly) or 1 (each trajectory alone)
     trajectories_per_item: ClassVar[int]
+    #: per_step: an optimizer step per step position; per_trajectory: a batch's trained steps
+    #: accumulated into one update (what ``train.update_schedule: auto`` means for this method)
+    update_schedule: ClassVar[UpdateSchedule]
+    #: what a training item is called in messages
+    item_noun: ClassVar[str] = "trajectories"
     #: advantages from the per-step, per-prompt stat tracker (train.stat_tracking) across epochs
     uses_stat_tracker: ClassVar[bool] = True
 
     def __init__(self, train: Any, num_steps: int) -> None:
-        """``train``: the ``TrainConfig`` (not imported: the config schema imports no method code)."""
+        """``train``: the ``TrainConfig`` (not imported: the config schema imports method code, not
+        the other way round)."""
         self.train, self.num_steps = train, num_steps
 
+    # ------------------------------------------------------------------ batch arithmetic
+    @classmethod
+    def items_per_prompt(cls) -> int:
+        """Training items one sampled prompt gives."""
+        return cls.trajectories_per_prompt // cls.trajectories_per_item
+
+    @classmethod
+    def check_batches(cls, train: Any, sample: Any) -> None:
+        """Raise ValueError (with what to change) when ``train`` does not fit the prompts each
+        process samples per epoch (``sample``: the SampleConfig). The base check: train.batch_size
+        divides the items."""
+        k, per_item = cls.trajectories_per_prompt, cls.trajectories_per_item
+        if per_item not in (1, k):
+            raise ValueError(f"method {cls.name}: trajectories_per_item must be 1 or {k}, got {per_item}")
+        ratio = cls.items_per_prompt()
+        items = sample.batch_size * sample.num_batches_per_epoch * ratio
+        if items % train.batch_size:
+            raise ValueError(
+                f"train.batch_size={train.batch_size} does not divide the {items} "
+                f"{cls.item_noun} each process samples per epoch "
+                f"(sample.batch_size={sample.batch_size} x sample.num_batches_per_epoch={sample.num_batches_per_epoch}"
+                f"{'' if ratio == 1 else f' x {ratio}'}); choose a train.batch_size that divides {items}"
+            )
+
+    # ------------------------------------------------------------------ the RL maths
     @property
     @abstractmethod
     def tracked_steps(self) -> int:
@@ -53,7 +92,7 @@ class Method(ABC):
 
     def epoch_prompts(self, rng: np.random.Generator, train_prompts: list[str], num_batches: int,
                       batch_size: int) -> list[list[str]]:
-        """The prompts of an epoch's sampling batches (each prompt yields two trajectories):
+        """The prompts of an epoch's sampling batches (each prompt yields k trajectories):
         drawn uniformly with replacement, batch by batch."""
         return [[train_prompts[i] for i in rng.integers(0, len(train_prompts), batch_size)]
                 for _ in range(num_batches)]

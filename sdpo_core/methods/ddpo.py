@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from sdpo_core.rl.losses import ddpo_loss
 from sdpo_core.methods.base import Method
+from sdpo_core.rl.losses import ddpo_loss
 
 
 class DDPO(Method):
     name = "ddpo"
-    paired = False
+    trajectories_per_prompt = 2
+    shared_noise = False
     trajectories_per_item = 1
+    # each batch's trained steps accumulated into one update, as DDPO's own loop
+    update_schedule = "per_trajectory"
 
     @property
     def tracked_steps(self) -> int:

@@ -7,10 +7,12 @@ The KL penalty to the reference model those papers describe is off in their few-
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from sdpo_core.rl.advantages import group_normalise
 from sdpo_core.methods.ddpo import DDPO
+from sdpo_core.rl.advantages import group_normalise
 
 
 class GRPO(DDPO):
@@ -19,16 +21,35 @@ class GRPO(DDPO):
     name = "grpo"
     uses_stat_tracker = False
 
+    @classmethod
+    def check_batches(cls, train: Any, sample: Any) -> None:
+        """Also: ``train.grpo.group_size`` divides the epoch's trajectories and is a multiple of the
+        k trajectories sampled per prompt of a batch."""
+        super().check_batches(train, sample)
+        g, k = train.grpo.group_size, cls.trajectories_per_prompt
+        trajectories = k * sample.batch_size * sample.num_batches_per_epoch
+        if trajectories % g:
+            raise ValueError(
+                f"train.grpo.group_size={g} does not divide the {trajectories} trajectories each process "
+                f"samples per epoch ({k} x sample.batch_size={sample.batch_size} x sample.num_batches_per_epoch="
+                f"{sample.num_batches_per_epoch}); choose a group size that divides {trajectories}"
+            )
+        if g % k:
+            raise ValueError(
+                f"train.grpo.group_size={g} must be even: the trainer samples each prompt of a "
+                "batch twice; choose an even group size"
+            )
+
     def epoch_prompts(self, rng: np.random.Generator, train_prompts: list[str], num_batches: int,
                       batch_size: int) -> list[list[str]]:
-        """Epoch's prompts as G/2 copies of each group's prompt (every prompt of a batch is sampled
-        twice), groups in a random order and cut into batches: a group may span two batches."""
-        half = self.train.grpo.group_size // 2
-        groups = num_batches * batch_size // half
+        """Epoch's prompts as G/k copies of each group's prompt (every prompt of a batch is sampled
+        k times), groups in a random order and cut into batches: a group may span two batches."""
+        copies = self.train.grpo.group_size // self.trajectories_per_prompt
+        groups = num_batches * batch_size // copies
         # distinct prompts while the set allows it (a prompt drawn twice would just form one larger group)
         idx = rng.choice(len(train_prompts), groups, replace=groups > len(train_prompts))
-        flat = [train_prompts[i] for i in np.repeat(idx, half)]
-        return [flat[k * batch_size:(k + 1) * batch_size] for k in range(num_batches)]
+        flat = [train_prompts[i] for i in np.repeat(idx, copies)]
+        return [flat[j * batch_size:(j + 1) * batch_size] for j in range(num_batches)]
 
     def advantages(self, prompts, returns, stat_tracker):
         return group_normalise(prompts, returns, self.train.grpo.std)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from sdpo_core.methods.base import Method
 from sdpo_core.rl.advantages import discounted_returns
 from sdpo_core.rl.dense_rewards import predict_dense_rewards, query_steps, similarities
 from sdpo_core.rl.losses import sdpo_loss
-from sdpo_core.methods.base import Method
 
 
 class SDPO(Method):
     name = "sdpo"
-    paired = True
+    trajectories_per_prompt = 2
+    shared_noise = True  # the pair differs only by its step noise (paper section 4.1)
     trajectories_per_item = 2
+    item_noun = "pairs"
+    # an optimizer step per step position (paper section 4.3's step-shuffled updates)
+    update_schedule = "per_step"
 
     @property
     def tracked_steps(self) -> int:
@@ -22,9 +26,10 @@ class SDPO(Method):
         return query_steps(anchor, x0.shape[1]), {"anchor": anchor, "sims": sims}
 
     def returns(self, rewards_queried, extras):
-        t = self.train
-        dense = predict_dense_rewards(rewards_queried, extras["sims"], extras["anchor"], t.anchor, t.dense_reward)
-        return discounted_returns(dense, t.gamma)
+        train = self.train
+        dense = predict_dense_rewards(rewards_queried, extras["sims"], extras["anchor"], train.anchor,
+                                      train.dense_reward)
+        return discounted_returns(dense, train.gamma)
 
     def loss(self, log_probs_new, log_probs_old, advantages, weights):
         (n1, n2), (o1, o2), (a1, a2) = log_probs_new, log_probs_old, advantages

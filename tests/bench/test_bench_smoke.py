@@ -196,8 +196,9 @@ def test_interrupted_benchmark_run_resumes_where_it_stopped(tiny_base, tmp_path,
     def stop_in_epoch_2(self, samples, epoch):
         if epoch == 2 and where == "train_epoch":
             raise KeyboardInterrupt
-        if epoch == 2:  # the light eval of epoch 2 comes next (the bench trainer's _log_epoch)
-            self.light_eval = lambda: (_ for _ in ()).throw(KeyboardInterrupt())
+        if epoch == 2:  # the light eval of epoch 2 comes next (the bench callback's on_epoch_end)
+            bench = next(cb for cb in self.callbacks.callbacks if hasattr(cb, "light_eval"))
+            bench.light_eval = lambda trainer: (_ for _ in ()).throw(KeyboardInterrupt())
         return real(self, samples, epoch)
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)

@@ -45,10 +45,15 @@ def _client(url: str):
 def _train(cfg, run_dir: Path, hook) -> object:
     """Three epochs of tiny-random logged to a new MLflow run; ``hook(trainer)`` after each update."""
     from sdpo_core.tracking.trackers import MlflowTracker
+    from sdpo_core.training.callbacks import TrainerCallback
     from sdpo_core.training.trainer import Trainer
 
+    class Hook(TrainerCallback):
+        def on_optimizer_step(self, trainer) -> None:
+            hook(trainer)
+
     tracker = MlflowTracker("faults", run_name="train")
-    Trainer(cfg, run_dir, tracker=tracker, on_optimizer_step=hook).run()
+    Trainer(cfg, run_dir, tracker=tracker, callbacks=[Hook()]).run()
     tracker.end("FINISHED")
     return tracker
 

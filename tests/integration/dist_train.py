@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather
 
 from sdpo_core.config import load_config
+from sdpo_core.training.callbacks import TrainerCallback
 from sdpo_core.training.trainer import Trainer
 
 
@@ -26,12 +27,13 @@ def main(base: str, run_dir: str, out: str, method: str) -> None:
     acc = Accelerator(cpu=True)
     record: dict = {"checksums_equal": []}
 
-    def check_sync(trainer: Trainer) -> None:
-        total = sum(p.detach().double().sum() for p in trainer.trainable).reshape(1)
-        both = gather(total)
-        record["checksums_equal"].append(bool(torch.equal(both[0], both[1])))
+    class CheckSync(TrainerCallback):
+        def on_optimizer_step(self, trainer: Trainer) -> None:
+            total = sum(p.detach().double().sum() for p in trainer.trainable).reshape(1)
+            both = gather(total)
+            record["checksums_equal"].append(bool(torch.equal(both[0], both[1])))
 
-    trainer = Trainer(cfg, run_dir, accelerator=acc, on_optimizer_step=check_sync)
+    trainer = Trainer(cfg, run_dir, accelerator=acc, callbacks=[CheckSync()])
     trainer.run()
     record["world_size"] = acc.num_processes
     record["tracker_values"] = int(trainer.stat_tracker.count.sum()) if trainer.stat_tracker else -1

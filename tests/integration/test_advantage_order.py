@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from sdpo_core.rewards import build_reward
 from sdpo_core.rl.advantages import discounted_returns, reference_per_prompt_advantages
 from sdpo_core.rl.dense_rewards import predict_dense_rewards, query_steps, similarities
-from sdpo_core.rewards import build_reward
-from sdpo_core.training.trainer import EpochSamples, Trainer
+from sdpo_core.training.rollout import EpochSamples
+from sdpo_core.training.trainer import Trainer
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def test_every_item_gets_the_advantage_of_its_own_trajectory(tiny_cfg, tmp_path,
                           "sample.num_steps=3", "sample.batch_size=3", "sample.num_batches_per_epoch=3",
                           "train.batch_size=3", "train.stat_tracking.buffer_size=64", "train.stat_tracking.min_count=2",
                           *grpo), tmp_path)
-    samples, _, _ = tr.sample_epoch(0)
+    samples = tr.sample_epoch(0).samples
     expected = reference_advantages(tr, samples, method == "sdpo")
     assert len(samples.advantages) == len(expected) == (2 if method == "sdpo" else 1)
     if method == "grpo":  # every prompt of the epoch is one group of 6 trajectories

@@ -16,7 +16,7 @@ def test_trainer_on_cuda(tiny_cfg, tmp_path, precision, request):
     request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     tr = Trainer(tiny_cfg(f"model.mixed_precision={precision}", "train.epochs=2"), tmp_path)
     assert tr.acc.device.type == "cuda"
-    samples, _, _ = tr.sample_epoch(0)
+    samples = tr.sample_epoch(0).samples
     before = {k: v.clone() for k, v in tr.trainable_state().items()}
     metrics = tr.train_epoch(samples, 0)
     # the first batch is scored before any update: the ratio is 1 (bf16: thanks to the recompute)

@@ -5,12 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdpo_core.training.callbacks import TrainerCallback
 from sdpo_core.training.checkpoint import checkpoint_dirs
 from sdpo_core.training.trainer import Trainer
 
 
+class OnStep(TrainerCallback):
+    """Calls ``fn(trainer)`` after every optimizer step."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_optimizer_step(self, trainer):
+        self.fn(trainer)
+
+
 def _frozen_and_lora(trainer: Trainer):
-    unet = trainer.acc.unwrap_model(trainer.unet)
+    unet = trainer.acc.unwrap_model(trainer.denoiser)
     lora = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
     base = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" not in n}
     others = {f"vae.{n}": p.detach().clone() for n, p in trainer.pipe.vae.named_parameters()}
@@ -20,7 +31,7 @@ def _frozen_and_lora(trainer: Trainer):
 
 def test_recomputed_log_probs_equal_sampled_ones(tiny_cfg, tmp_path):
     tr = Trainer(tiny_cfg("sample.num_steps=3"), tmp_path)
-    samples, _, _ = tr.sample_epoch(0)
+    samples = tr.sample_epoch(0).samples
     dev = tr.acc.device
     for j in range(3):
         # the same batch layout as sampling ([traj 1; traj 2]) gives bit-identical log-probs
@@ -41,20 +52,20 @@ def test_recomputed_log_probs_equal_sampled_ones(tiny_cfg, tmp_path):
 def test_training_batches_score_log_probs_as_sampled(tiny_cfg, tmp_path):
     # through the training path (shuffled steps, other batch sizes) the ratio is 1 up to float error
     tr = Trainer(tiny_cfg(), tmp_path)
-    samples, _, _ = tr.sample_epoch(0)
+    samples = tr.sample_epoch(0).samples
     rows, steps = torch.tensor([2, 0]), torch.tensor([1, 0])
     with torch.no_grad():
-        loss, info = tr._batch_loss(samples, rows, steps)
+        loss, info = tr.updater.batch_loss(samples, rows, steps)
     assert info["approx_kl"].item() < 1e-10
 
 
 @pytest.mark.parametrize("method,schedule", [("sdpo", "auto"), ("ddpo", "auto"), ("sdpo", "per_trajectory"),
                                              ("ddpo", "per_step"), ("grpo", "auto")])
 def test_two_epochs_update_every_lora_weight_and_nothing_else(tiny_cfg, tmp_path, method, schedule):
-    tr = Trainer(tiny_cfg(f"train.method={method}", f"train.update_schedule={schedule}",
-                          "sample.num_steps=3", "train.grpo.group_size=4"), tmp_path)
     updates = []
-    tr.on_optimizer_step = lambda t: updates.append(t.global_step)
+    tr = Trainer(tiny_cfg(f"train.method={method}", f"train.update_schedule={schedule}",
+                          "sample.num_steps=3", "train.grpo.group_size=4"), tmp_path,
+                 callbacks=[OnStep(lambda t: updates.append(t.global_step))])
     lora0, base0, others0 = _frozen_and_lora(tr)
     assert lora0, "no LoRA parameters were added"
     final = tr.run()
@@ -77,9 +88,9 @@ def test_two_epochs_update_every_lora_weight_and_nothing_else(tiny_cfg, tmp_path
 
 def test_full_finetune_updates_unet(tiny_cfg, tmp_path):
     tr = Trainer(tiny_cfg("model.finetune=full", "train.epochs=1"), tmp_path)
-    before = {n: p.detach().clone() for n, p in tr.acc.unwrap_model(tr.unet).named_parameters()}
+    before = {n: p.detach().clone() for n, p in tr.acc.unwrap_model(tr.denoiser).named_parameters()}
     final = tr.run()
-    after = dict(tr.acc.unwrap_model(tr.unet).named_parameters())
+    after = dict(tr.acc.unwrap_model(tr.denoiser).named_parameters())
     changed = sum(not torch.equal(before[n], after[n]) for n in before)
     assert changed > 0.5 * len(before)
     assert (final / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -109,7 +120,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, reques
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        Trainer(cfg, tmp_path / "b", accelerator=cpu, on_optimizer_step=crash_in_epoch_2).run()
+        Trainer(cfg, tmp_path / "b", accelerator=cpu, callbacks=[OnStep(crash_in_epoch_2)]).run()
     # a half-written checkpoint from a crash is ignored
     (tmp_path / "b" / "checkpoints" / "epoch_0002.tmp").mkdir()
     assert [d.name for d in checkpoint_dirs(tmp_path / "b")] == ["epoch_0000", "epoch_0001"]
@@ -127,7 +138,7 @@ def test_checkpoint_snapshot_is_a_copy_in_peft_naming(tiny_cfg, tmp_path):
     tr = Trainer(tiny_cfg("train.async_checkpoint=true"), tmp_path)
     tr.run_dir.mkdir(parents=True, exist_ok=True)
     # peft's own walk of the model (views of the live weights on the CPU, hence the clone)
-    reference = {k: v.clone() for k, v in lora_state_dict(tr.acc.unwrap_model(tr.unet)).items()}
+    reference = {k: v.clone() for k, v in lora_state_dict(tr.acc.unwrap_model(tr.denoiser)).items()}
     snap = tr.trainable_state()
     assert snap.keys() == reference.keys() and len(snap) == len(tr.trainable)
     assert all(torch.equal(snap[k], reference[k]) for k in snap)
@@ -141,8 +152,7 @@ def test_checkpoint_snapshot_is_a_copy_in_peft_naming(tiny_cfg, tmp_path):
     tr.wait_checkpoints()
     saved = load_checkpoint(latest_checkpoint(tmp_path)).weights
     assert all(torch.equal(saved[k], reference[k]) for k in reference)
-    tr.checkpoints.close()
-    tr.executor.shutdown()
+    tr.close()
 
 
 def test_existing_checkpoints_need_resume_flag(tiny_cfg, tmp_path):
@@ -163,8 +173,8 @@ def test_bf16_autocast_ratio_is_one_without_rescoring(tiny_cfg, tmp_path, reques
     request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     tr = Trainer(tiny_cfg("model.mixed_precision=bf16", "train.recompute_log_probs=never",
                           "sample.num_steps=4"), tmp_path)
-    assert tr.acc.mixed_precision == "bf16" and not tr.recompute_log_probs
-    samples, _, _ = tr.sample_epoch(0)
+    assert tr.acc.mixed_precision == "bf16" and not tr.updater.recompute_log_probs
+    samples = tr.sample_epoch(0).samples
     assert all(lat.dtype == torch.float32 for lat in samples.latents)
     metrics = tr.train_epoch(samples, 0)
     assert metrics["check/first_batch_kl"] == 0.0
@@ -186,3 +196,21 @@ def test_sample_grid_every_n_epochs(tiny_cfg, tmp_path, method):
     with Image.open(tmp_path / "samples" / grids[0]) as im:
         pixels = torch.tensor(list(im.convert("L").getdata()), dtype=torch.float32)
     assert pixels.std() > 10  # images and labels, not a blank canvas
+
+
+@pytest.mark.parametrize("method", ["sdpo", "ddpo"])
+def test_sampling_draws_x_T_then_step_noise_from_the_epoch_generator(tiny_cfg, tmp_path, method):
+    # the draws the trainer always made: x_T (B, ...) shared by a pair or (2B, ...) independent,
+    # then each step's noise, from one generator per (seed, epoch, process)
+    from sdpo_core.training.rollout import derive_seed
+
+    tr = Trainer(tiny_cfg(f"train.method={method}", "sample.num_steps=2", "tracking.log_images_every=5"), tmp_path)
+    rollout = tr.sample_epoch(0)
+    b = tr.cfg.sample.batch_size
+    gen = torch.Generator().manual_seed(derive_seed(tr.cfg.seed, 0, 0, 1))
+    x_T = torch.randn((b if method == "sdpo" else 2 * b, *tr.latent_shape), generator=gen)
+    x_T = torch.cat([x_T, x_T]) if method == "sdpo" else x_T
+    prompts = rollout.prompts[:b]
+    traj = tr.policy.sample(tr.family.encode(prompts).repeat(2), x_T, gen)
+    got = torch.cat(rollout.samples.latents) if method == "sdpo" else rollout.samples.latents[0]
+    assert torch.equal(got, traj.latents)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdpo_core.config import METHOD_UPDATE_SCHEDULES, TrainConfig, resolve_update_schedule
+from sdpo_core.config import TrainConfig, resolve_update_schedule
 from sdpo_core.methods import METHODS, build_method
 
 
@@ -23,7 +23,7 @@ def test_sdpo_scores_first_anchor_last_and_discounts_dense_rewards():
     ret = m.returns(r, extras)
     # trajectory 0 is fully queried: dense (1, 2, 4); returns with gamma 0.5: (1 + 1 + 1, 2 + 2, 4)
     assert ret[0].tolist() == [3.0, 4.0, 4.0]
-    assert m.tracked_steps == 3 and m.paired and m.trajectories_per_item == 2
+    assert m.tracked_steps == 3 and m.shared_noise and m.trajectories_per_item == 2
 
 
 def test_ddpo_scores_the_last_step_only_and_returns_the_final_reward():
@@ -31,7 +31,7 @@ def test_ddpo_scores_the_last_step_only_and_returns_the_final_reward():
     steps, extras = m.scored_steps(_x0())
     assert steps.tolist() == [[2], [2]] and extras == {}
     assert m.returns(torch.tensor([[0.3], [0.7]]), extras).tolist() == [[pytest.approx(0.3)], [pytest.approx(0.7)]]
-    assert m.tracked_steps == 1 and not m.paired and m.trajectories_per_item == 1
+    assert m.tracked_steps == 1 and not m.shared_noise and m.trajectories_per_item == 1
 
 
 def test_losses_dispatch_to_the_methods_own_objective():
@@ -48,7 +48,7 @@ def test_losses_dispatch_to_the_methods_own_objective():
 def test_auto_update_schedule_is_the_methods_own_loop():
     assert {n: resolve_update_schedule(TrainConfig(method=n)) for n in METHODS} == {
         "sdpo": "per_step", "ddpo": "per_trajectory", "grpo": "per_trajectory"}
-    assert set(METHOD_UPDATE_SCHEDULES) == set(METHODS)  # every method has its loop
+    assert all(m.update_schedule in ("per_step", "per_trajectory") for m in METHODS.values())  # every method has its loop
     assert resolve_update_schedule(TrainConfig(method="sdpo", update_schedule="per_trajectory")) == "per_trajectory"
 
 
@@ -61,7 +61,7 @@ def test_grpo_draws_groups_of_g_trajectories_per_prompt():
     trajectories = [p for b in batches for p in b * 2]
     counts = {p: trajectories.count(p) for p in trajectories}
     assert sorted(counts.values()) == [4] * 6  # six distinct prompts (drawn without replacement)
-    assert not m.uses_stat_tracker and not m.paired and m.tracked_steps == 1
+    assert not m.uses_stat_tracker and not m.shared_noise and m.tracked_steps == 1
     # one step of PPO-clip on its advantages, as DDPO
     lp = torch.zeros(2)
     loss, _ = m.loss([lp], [lp], [torch.tensor([1.0, -3.0])], torch.ones(2))
@@ -75,3 +75,24 @@ def test_sdpo_and_ddpo_draw_prompts_with_replacement_batch_by_batch():
     rng = np.random.default_rng(3)
     want = [[list("abcdef")[i] for i in rng.integers(0, 6, 5)] for _ in range(2)]
     assert got == want
+
+
+def test_method_names_and_batch_checks_come_from_the_method_classes():
+    import typing
+
+    from sdpo_core.config import TrainConfig as TC
+
+    assert typing.get_args(TC.model_fields["method"].annotation) == tuple(METHODS)
+    for cls in METHODS.values():  # what the trainer asks of every registered method
+        assert cls.trajectories_per_item in (1, cls.trajectories_per_prompt)
+        assert isinstance(cls.shared_noise, bool) and cls.update_schedule in ("per_step", "per_trajectory")
+    assert METHODS["sdpo"].items_per_prompt() == 1 and METHODS["ddpo"].items_per_prompt() == 2
+
+    class Sample:
+        batch_size, num_batches_per_epoch = 3, 1
+
+    with pytest.raises(ValueError, match="does not divide the 6 trajectories"):
+        METHODS["ddpo"].check_batches(TrainConfig(method="ddpo", batch_size=4), Sample)
+    METHODS["sdpo"].check_batches(TrainConfig(method="sdpo", batch_size=3), Sample)
+    with pytest.raises(ValueError, match="group_size=4 does not divide the 6 trajectories"):
+        METHODS["grpo"].check_batches(TrainConfig(method="grpo", batch_size=2, grpo={"group_size": 4}), Sample)
