@@ -128,7 +128,7 @@ def cmd_rewards_list(args: argparse.Namespace) -> int:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from sdpo_core.base import ensure_base
+    from sdpo_core.tiny.build import ensure_base
 
     cfg = _load_cfg(args)
     print(ensure_base(cfg, force=args.force))
@@ -136,7 +136,7 @@ def cmd_base(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from sdpo_core.pipeline import prepare_stage
+    from sdpo_core.stages import prepare_stage
 
     cfg = _load_cfg(args)
     split = prepare_stage(cfg, _run_dir(args, cfg))
@@ -146,7 +146,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sdpo_core.config import dump_yaml
-    from sdpo_core.pipeline import base_stage, check_train_start, train_stage
+    from sdpo_core.stages import base_stage, check_train_start, train_stage
     from sdpo_core.rundir.lock import run_lock
 
     cfg = _load_cfg(args)
@@ -168,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from sdpo_core.evaluation.evaluate import format_table
-    from sdpo_core.pipeline import evaluate_stage
+    from sdpo_core.stages import evaluate_stage
 
     cfg = _load_cfg(args)
     run_dir = _run_dir(args, cfg)
@@ -220,7 +220,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_export_metrics(args: argparse.Namespace) -> int:
-    from sdpo_core.pipeline import export_train_metrics
+    from sdpo_core.stages import export_train_metrics
 
     cfg = _load_cfg(args)
     print(export_train_metrics(_run_dir(args, cfg)))
@@ -250,7 +250,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sdpo_core.pipeline import run_pipeline
+    from sdpo_core.stages import run_pipeline
 
     cfg = _load_cfg(args)
     result = run_pipeline(cfg, _run_dir(args, cfg), resume=args.resume)
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["reward-server"]:
-        from sdpo_core.rewards.server import main as server_main
+        from sdpo_core.reward_server import main as server_main
 
         return server_main(argv[1:])
     parser = build_parser()

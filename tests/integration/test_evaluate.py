@@ -15,7 +15,7 @@ from sdpo_core.config import validate_dict
 from sdpo_core.evaluation.evaluate import EvaluateError, evaluate, format_table
 from sdpo_core.evaluation.metrics import register_metric
 from sdpo_core.evaluation.plots import PLOT_DPI, PLOT_SIZE_IN, GridLayout
-from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
+from sdpo_core.tiny.random_model import TinySizes, build_tiny_pipeline
 from sdpo_core.tracking.trackers import NullTracker
 
 PROMPTS = ["a red fox", "a black cat", "a dog"]

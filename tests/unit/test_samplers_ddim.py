@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
 from sdpo_core.samplers.ddim import DDIMSampler
 from sdpo_core.scheduling import DDIMParams, ddim_step
-from sdpo_core.tiny.pipeline import SD_TURBO_SCHEDULER
+from sdpo_core.tiny.random_model import SD_TURBO_SCHEDULER
 
 
 def _config(**over):

@@ -49,7 +49,7 @@ def load_or_prepare(cfg: Config, run_dir: str | Path):
 
 
 def base_stage(cfg: Config, force: bool = False) -> str:
-    from sdpo_core.base import ensure_base
+    from sdpo_core.tiny.build import ensure_base
 
     return ensure_base(cfg, force=force)
 
