@@ -35,10 +35,10 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from sdpo_core.tracking.trackers import promotion
 from sdpo_core.config import Config, ConfigError
 from sdpo_core.models import read_model_meta
-from sdpo_core.stages import eval_dir
+from sdpo_core.rundir.paths import eval_dir
+from sdpo_core.tracking import promotion
 from sdpo_core.tracking.trackers import MlflowTracker
 
 log = logging.getLogger(__name__)
