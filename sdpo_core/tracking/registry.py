@@ -43,7 +43,7 @@ from sdpo_core.tracking.trackers import MlflowTracker
 
 log = logging.getLogger(__name__)
 KEY_TAG, COMPLETE_TAG = "sdpo.register_key", "sdpo.complete"
-MODEL_CODE = Path(__file__).with_name("tracking_pyfunc.py")
+MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 # what the pyfunc imports when it loads (sdpo_core itself travels as code with the model)
 REQUIREMENTS = (
     "torch",
