@@ -181,9 +181,10 @@ class Option:
 class Stage:
     """One stage of a run.
 
-    ``command(cfg, run_dir, args)`` is ``sdpo <name>`` (it prints what the user sees); ``inputs`` are
-    the config sections and run-dir paths it reads, ``outputs`` the paths it writes relative to the
-    run directory (dvc.yaml's ``outs``, ``metrics`` and ``plots`` of the stage, when ``versioned``).
+    ``command(cfg, run_dir, args)`` is ``sdpo <name>`` (it prints what the user sees). ``params``
+    are the config sections it reads ("*": all of them), ``inputs`` the paths it reads and
+    ``outputs`` those it writes, relative to the run directory; for a ``versioned`` stage they are
+    dvc.yaml's ``params``, ``runs/<pipeline>/`` deps, and ``outs`` + ``metrics`` + ``plots``.
     ``applies(cfg)``: whether a full run (``sdpo run``, the flow) includes it for this config, and
     ``skip_note`` what the flow logs when it does not. ``step(run)`` is the stage within ``sdpo run``
     (None: its command with the options' defaults; ``in_run=False``: ``sdpo run`` leaves it out).
@@ -192,6 +193,7 @@ class Stage:
     name: str
     description: str
     command: Callable[[Config, Path, argparse.Namespace], None]
+    params: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     options: tuple[Option, ...] = ()
@@ -219,22 +221,22 @@ RESUME = Option(("--resume",), {"action": "store_true", "help": "continue from t
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "build, clean and split the prompt set", prepare_command,
-          inputs=("prompts",), outputs=("prompts",), step=prepare_step),
+          params=("prompts",), inputs=(), outputs=("prompts",), step=prepare_step),
     Stage("base", "build the embedded base model (cached) or check the configured one", base_command,
-          inputs=("model",), outputs=("base",),  # model.pretrained, runs/<pipeline>/base when built
+          params=("model",), inputs=(), outputs=("base",),  # model.pretrained: runs/<pipeline>/base when built
           options=(Option(("--force",), {"action": "store_true", "help": "rebuild even if it exists"}),),
           takes_run_dir=False, applies=_builds_base, step=base_step),
     Stage("train", "SDPO (or DDPO, GRPO) online training", train_command,
-          inputs=("train", "sample", "reward", "model", "prompts"),
+          params=("*",), inputs=("prompts", "base"),
           outputs=("final", "checkpoints", "config.yaml", "train_metrics.jsonl", "train_metrics.csv"),
           options=(RESUME,), step=train_step),
     Stage("evaluate", "base vs trained at several step counts: eval.json, plot, grid", evaluate_command,
-          inputs=("sample", "reward", "evaluate", "prompts", "final"),
+          params=("sample", "evaluate", "reward"), inputs=("prompts", "base", "final"),
           outputs=("eval/eval.json", "eval/reward_vs_steps.png", "eval/grid.png"),
           options=(Option(("--model",), {"help": "trained model dir (default: RUN_DIR/final if present)"}),),
           step=evaluate_step),
     Stage("register", "register RUN_DIR's model in MLflow; champion only if it beats the current one",
-          register_command, inputs=("register", "tracking", "final", "eval/eval.json"), outputs=(),
+          register_command, params=("register", "tracking"), inputs=("final", "eval/eval.json"), outputs=(),
           options=(Option(("--parent-run-id",), {"help": "MLflow run to nest the registration run under"}),),
           versioned=False, applies=_tracks_to_mlflow, skip_note="tracking.backend is 'none': the model is not registered",
           in_run=False),

@@ -24,7 +24,7 @@ def export_command(cfg, run_dir, args) -> None:
 
 EXPORT = stages.Stage(
     "export", "write the trained model in another format", export_command,
-    inputs=("final",), outputs=("export",),
+    params=("model",), inputs=("final",), outputs=("export",),
     options=(stages.Option(("--fmt",), {"default": "onnx"}),),
 )
 

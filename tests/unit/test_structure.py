@@ -275,9 +275,10 @@ def test_code_that_changes_results_is_a_dvc_dep():
 
 
 def test_dvc_yaml_defines_the_declared_stages():
-    """dvc.yaml's stages are ``stages.versioned_stages()`` in order, each running ``sdpo <name>``,
-    and each stage's outs, metrics and plots are the declared outputs (relative to the run dir):
-    a stage added to or changed in sdpo_core/stages.py fails here until dvc.yaml follows."""
+    """dvc.yaml's stages are ``stages.versioned_stages()`` in order, each running ``sdpo <name>``;
+    each stage's outs, metrics and plots are the declared outputs, its ``runs/`` deps the declared
+    inputs (relative to the run dir) and its params the declared config sections: a stage added to
+    or changed in sdpo_core/stages.py fails here until dvc.yaml follows."""
     from sdpo_core.stages import STAGES, versioned_stages
 
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -291,3 +292,9 @@ def test_dvc_yaml_defines_the_declared_stages():
                  for p in do.get(key, [])]
         assert all(p.startswith("runs/${item}/") for p in paths), paths
         assert sorted(p.removeprefix("runs/${item}/") for p in paths) == sorted(declared[name].outputs), name
+        run_deps = [d.removeprefix("runs/${item}/") for d in do["deps"] if d.startswith("runs/")]
+        assert sorted(run_deps) == sorted(declared[name].inputs), name
+        keys = [k for entry in do["params"] for k in entry["pipelines.yaml"]]
+        sections = {k.removeprefix("defaults").removeprefix("pipelines.${item}").lstrip(".").split(".")[0] or "*"
+                    for k in keys}
+        assert sections == set(declared[name].params), name
