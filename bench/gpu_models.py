@@ -174,15 +174,14 @@ def flux_schnell(device):
 
 
 def _tiny_sd():
-    from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS
-    from sdpo_core.tiny.random_model import TinySizes, build_tiny_pipeline
+    from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS, TinySizes, build_tiny_pipeline
 
     return build_tiny_pipeline(TinySizes(words=RANDOM_TINY_WORDS))
 
 
 def _tiny_sdxl():
-    from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS
     from sdpo_core.tiny.families import build_tiny_sdxl_pipeline
+    from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS
 
     return build_tiny_sdxl_pipeline(RANDOM_TINY_WORDS)
 

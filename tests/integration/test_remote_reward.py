@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from sdpo_core.rewards import RewardError, build_reward
 from sdpo_core.reward_server import main, make_server
+from sdpo_core.rewards import RewardError, build_reward
 
 PROMPTS = ["a cat", "a red car", "dog", "a blue tree painting"]
 
