@@ -32,7 +32,8 @@ from sdpo_core.rundir.outputs import clear_train_outputs, export_train_metrics
 from sdpo_core.rundir.paths import default_run_dir, eval_dir, prompts_dir
 from sdpo_core.tracking.provenance import provenance_tags
 from sdpo_core.tracking.register import register_stage
-from sdpo_core.tracking.trackers import make_tracker, stage_tracker, tracked
+from sdpo_core.tracking.runs import stage_tracker, tracked
+from sdpo_core.tracking.trackers import make_tracker
 from sdpo_core.training.checkpoint import latest_checkpoint
 
 

@@ -28,7 +28,8 @@ from sdpo_core.prompts import PromptSplit, load_split, prepare
 from sdpo_core.rundir.lock import run_lock
 from sdpo_core.rundir.paths import eval_dir, prompts_dir
 from sdpo_core.tracking.register import register_stage
-from sdpo_core.tracking.trackers import Tracker, preflight, stage_tracker, tracked
+from sdpo_core.tracking.runs import stage_tracker, tracked
+from sdpo_core.tracking.trackers import Tracker, preflight
 
 log = logging.getLogger(__name__)
 

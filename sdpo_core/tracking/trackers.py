@@ -24,12 +24,8 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
-
-from sdpo_core.config import Config
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -300,22 +296,3 @@ def make_tracker(backend: str, experiment: str, run_name: str | None = None, **k
         return NullTracker()
     return MlflowTracker(experiment, run_name=run_name, **kwargs)
 
-
-def stage_tracker(cfg: Config, stage: str, parent_run_id: str | None = None) -> Tracker:
-    """The tracker of one stage's run (``cfg.tracking``), named ``<pipeline>-<stage>``; with MLflow,
-    nested under ``parent_run_id`` when given (the Prefect flow's run)."""
-    backend = cfg.tracking.backend
-    kwargs = {"parent_run_id": parent_run_id} if parent_run_id is not None and backend == "mlflow" else {}
-    return make_tracker(backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-{stage}", **kwargs)
-
-
-@contextmanager
-def tracked(tracker: Tracker) -> Iterator[Tracker]:
-    """``with tracked(tracker):`` the body runs inside ``tracker``'s run, which then ends FINISHED,
-    or FAILED if the body raised (an exception, Ctrl-C or SIGTERM alike)."""
-    status = "FAILED"
-    try:
-        yield tracker
-        status = "FINISHED"
-    finally:
-        tracker.end(status)

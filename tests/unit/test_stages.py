@@ -12,7 +12,8 @@ import pytest
 from sdpo_core import cli, stages
 from sdpo_core.config import load_config
 from sdpo_core.rundir.paths import default_run_dir, eval_dir, prompts_dir
-from sdpo_core.tracking.trackers import NullTracker, tracked
+from sdpo_core.tracking.runs import tracked
+from sdpo_core.tracking.trackers import NullTracker
 
 ROOT = Path(__file__).resolve().parents[2]
 calls: list[tuple[str, object]] = []

@@ -28,6 +28,7 @@ PACKAGES = ("sdpo_core", "flows")
 NOT_RESULTS = {
     "sdpo_core.cli": "argument parsing; the stages' inputs are the config (params) and paths",
     "sdpo_core.tracking.trackers": "MLflow / null tracking only: nothing a stage writes depends on it",
+    "sdpo_core.tracking.runs": "opens and ends a stage's tracking run: nothing a stage writes depends on it",
     "sdpo_core.rundir.lock": "the run directory's lock: who may write, not what is written",
     "sdpo_core.rundir.atomic": "write-then-rename: how files land, not their content",
 }
