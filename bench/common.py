@@ -192,7 +192,7 @@ def train_run(spec: RunSpec, fresh: bool = False, run_root: Path = RUN_ROOT) -> 
     """Train ``spec`` (or reuse its cached record); returns the record (see module docstring)."""
     import shutil
 
-    from sdpo_core.base import ensure_base
+    from sdpo_core.tiny.build import ensure_base
 
     run_dir = run_root / f"{spec.name}-{spec.key()}"
     record_path = run_dir / "record.json"

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         base = args.base
         if base is None:
-            from sdpo_core.base import build_random_tiny
+            from sdpo_core.tiny.build import build_random_tiny
 
             base = str(build_random_tiny(work / "base", seed=0))
         load = os.getloadavg()[0]

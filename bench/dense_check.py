@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny-random, 8 pairs (CI)")
     args = ap.parse_args(argv)
     setup_logging()
-    from sdpo_core.base import ensure_base
     from sdpo_core.config import load_config
+    from sdpo_core.tiny.build import ensure_base
     from sdpo_core.training.trainer import Trainer
 
     tmp = None

@@ -34,7 +34,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from sdpo_core.tiny.flow import FLUX_SCHEDULER, build_t5_tokenizer
-from sdpo_core.tiny.pipeline import SD_TURBO_SCHEDULER
+from sdpo_core.tiny.random_model import SD_TURBO_SCHEDULER
 from sdpo_core.tiny.tokenizer import build_tokenizer
 
 WORDS = "a an the photo of picture cat dog horse cow pig bird fish rabbit in on grass field".split()
@@ -174,15 +174,14 @@ def flux_schnell(device):
 
 
 def _tiny_sd():
-    from sdpo_core.base import RANDOM_TINY_WORDS
-    from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
+    from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS, TinySizes, build_tiny_pipeline
 
     return build_tiny_pipeline(TinySizes(words=RANDOM_TINY_WORDS))
 
 
 def _tiny_sdxl():
-    from sdpo_core.base import RANDOM_TINY_WORDS
     from sdpo_core.tiny.families import build_tiny_sdxl_pipeline
+    from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS
 
     return build_tiny_sdxl_pipeline(RANDOM_TINY_WORDS)
 

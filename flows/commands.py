@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+from sdpo_core.stages import versioned_stages
+
 
 def cmd_version(args: argparse.Namespace) -> int:
     from flows import versioning
@@ -54,7 +56,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("version", help="dvc commit + push a pipeline's outputs (or --pull them)")
     p.add_argument("--pipeline", required=True)
     p.add_argument(
-        "--stages", default="prepare,base,train,evaluate", help="stages to commit (default: %(default)s)"
+        "--stages", default=",".join(versioned_stages()), help="stages to commit (default: %(default)s)"
     )
     p.add_argument("--pull", action="store_true", help="pull the pipeline's outputs from the remote instead")
     p.set_defaults(func=cmd_version)

@@ -24,12 +24,17 @@ from pydantic import BaseModel
 
 from flows import versioning
 from flows.settings import load_settings
-from sdpo_core import pipeline as stages
+from sdpo_core import stages
 from sdpo_core.config import Config, ConfigError, load_config
+from sdpo_core.evaluation.evaluate import format_table
+from sdpo_core.rundir.lock import run_lock
+from sdpo_core.rundir.outputs import clear_train_outputs, export_train_metrics
+from sdpo_core.rundir.paths import default_run_dir, eval_dir, prompts_dir
 from sdpo_core.tracking.provenance import provenance_tags
 from sdpo_core.tracking.register import register_stage
-from sdpo_core.rundir.lock import run_lock
+from sdpo_core.tracking.runs import stage_tracker, tracked
 from sdpo_core.tracking.trackers import make_tracker
+from sdpo_core.training.checkpoint import latest_checkpoint
 
 
 class Job(BaseModel):
@@ -44,19 +49,7 @@ class Job(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        return Path("runs") / self.pipeline
-
-
-def _tracker(cfg: Config, stage: str, parent_run_id: str | None):
-    kwargs = {"parent_run_id": parent_run_id} if cfg.tracking.backend == "mlflow" else {}
-    return make_tracker(
-        cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-{stage}", **kwargs
-    )
-
-
-def _tracked(tracker, fn):
-    """fn() inside tracker's run, which ends FINISHED or FAILED (sdpo_core's own helper)."""
-    return stages.tracked(fn, tracker)
+        return default_run_dir(self.pipeline)
 
 
 def _route_sdpo_core_logs() -> None:
@@ -82,40 +75,32 @@ def _not_a_config_error(task, task_run, state) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- tasks
+# One task per stage of ``stages.STAGES``, called as ``task(job, parent_run_id, done)`` where
+# ``done`` maps the stages run so far (and "version") to their results. A stage without a task of
+# its own here runs through ``stage_task``: its `sdpo` command inside a nested tracker run.
 @task(name="prepare", cache_policy=NO_CACHE)
-def prepare_task(job: Job, parent_run_id: str | None) -> str:
+def prepare_task(job: Job, parent_run_id: str | None, done: dict) -> str:
     cfg = job.config()
-    tracker = _tracker(cfg, "prepare", parent_run_id)
-
-    def run():
+    with tracked(stage_tracker(cfg, "prepare", parent_run_id)) as tracker:
         split = stages.prepare_stage(cfg, job.run_dir)
         tracker.log_metrics({"prompts/train": len(split.train), "prompts/eval": len(split.eval)})
-        tracker.log_artifact(stages.prompts_dir(job.run_dir) / "manifest.json")
-        return split
-
-    split = _tracked(tracker, run)
+        tracker.log_artifact(prompts_dir(job.run_dir) / "manifest.json")
     get_run_logger().info("prompts: %d train / %d eval", len(split.train), len(split.eval))
-    return str(stages.prompts_dir(job.run_dir))
+    return str(prompts_dir(job.run_dir))
 
 
 @task(name="base", cache_policy=NO_CACHE)
-def base_task(job: Job, parent_run_id: str | None) -> str:
+def base_task(job: Job, parent_run_id: str | None, done: dict) -> str:
     cfg = job.config()
-    tracker = _tracker(cfg, "base", parent_run_id)
-
-    def run() -> str:
+    with tracked(stage_tracker(cfg, "base", parent_run_id)) as tracker:
         base = stages.base_stage(cfg)
         tracker.set_tags({"sdpo.base_model": base})
-        return base
-
-    return _tracked(tracker, run)
+    return base
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(job: Job, parent_run_id: str | None) -> str:
+def train_task(job: Job, parent_run_id: str | None, done: dict) -> str:
     """Train; a retried flow run resumes from the last checkpoint, a new one starts afresh."""
-    from sdpo_core.training.checkpoint import latest_checkpoint
-
     cfg, logger = job.config(), get_run_logger()
     resume = flow_run.run_count > 1 and latest_checkpoint(job.run_dir) is not None
     if resume:
@@ -123,24 +108,18 @@ def train_task(job: Job, parent_run_id: str | None) -> str:
             "flow run attempt %d: resuming from %s", flow_run.run_count, latest_checkpoint(job.run_dir)
         )
     else:
-        stages.clear_train_outputs(job.run_dir)
-    tracker = _tracker(cfg, "train", parent_run_id)
-
-    def run() -> Path:
+        clear_train_outputs(job.run_dir)
+    with tracked(stage_tracker(cfg, "train", parent_run_id)) as tracker:
         final = stages.train_stage(cfg, job.run_dir, resume=resume, tracker=tracker)
-        tracker.log_artifact(stages.export_train_metrics(job.run_dir))
-        return final
-
-    return str(_tracked(tracker, run))
+        tracker.log_artifact(export_train_metrics(job.run_dir))
+    return str(final)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(job: Job, final: str, parent_run_id: str | None) -> str:
-    from sdpo_core.evaluation.evaluate import format_table
-
+def evaluate_task(job: Job, parent_run_id: str | None, done: dict) -> str:
     cfg = job.config()
-    tracker = _tracker(cfg, "evaluate", parent_run_id)
-    result = _tracked(tracker, lambda: stages.evaluate_stage(cfg, job.run_dir, final, tracker=tracker))
+    with tracked(stage_tracker(cfg, "evaluate", parent_run_id)) as tracker:
+        result = stages.evaluate_stage(cfg, job.run_dir, done["train"], tracker=tracker)
     table = format_table(result)  # the CLI's table, in the run logs and as the run's artifact
     get_run_logger().info("evaluation of %s\n%s", job.pipeline, table)
     create_markdown_artifact(
@@ -148,7 +127,19 @@ def evaluate_task(job: Job, final: str, parent_run_id: str | None) -> str:
         markdown=f"```\n{table}\n```",
         description=f"{job.pipeline}: mean reward per step count, base vs trained (95% CI)",
     )
-    return str(stages.eval_dir(job.run_dir) / "eval.json")
+    return str(eval_dir(job.run_dir) / "eval.json")
+
+
+def stage_task(stage: stages.Stage):
+    """The task of a declared stage that has none of its own: ``sdpo <name>`` with its defaults."""
+
+    @task(name=stage.name, cache_policy=NO_CACHE)
+    def run(job: Job, parent_run_id: str | None, done: dict) -> None:
+        cfg = job.config()
+        with tracked(stage_tracker(cfg, stage.name, parent_run_id)):
+            stage.command(cfg, job.run_dir, stage.default_args())
+
+    return run
 
 
 @task(name="version", cache_policy=NO_CACHE)
@@ -162,14 +153,22 @@ def version_task(job: Job, executed: list[str]) -> dict[str, str]:
 
 
 @task(name="register", cache_policy=NO_CACHE, retry_delay_seconds=5, retry_condition_fn=_not_a_config_error)
-def register_task(job: Job, parent_run_id: str | None, tags: dict[str, str]) -> dict[str, str]:
-    reg = register_stage(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=tags)
+def register_task(job: Job, parent_run_id: str | None, done: dict) -> dict[str, str]:
+    reg = register_stage(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=done["version"])
     create_markdown_artifact(
         key=f"sdpo-register-{_slug(job.pipeline)}",
         markdown=f"`{reg.name}` version **{reg.version}** -> alias **{reg.alias}**\n\n{reg.reason}",
         description="registration and promotion decision",
     )
     return {"name": reg.name, "version": reg.version, "alias": reg.alias, "reason": reg.reason}
+
+
+STAGE_TASKS = {"prepare": prepare_task, "base": base_task, "train": train_task, "evaluate": evaluate_task,
+               "register": register_task}
+
+
+def task_for(stage: stages.Stage):
+    return STAGE_TASKS.get(stage.name) or stage_task(stage)
 
 
 def _slug(name: str) -> str:
@@ -206,31 +205,29 @@ def _flow_body(job: Job, cfg: Config, pipeline: str) -> dict:
         }
     )
     parent.log_params(cfg.to_dict())
-    return _tracked(parent, lambda: _run_stages(job, cfg, parent))
+    with tracked(parent):
+        return _run_stages(job, cfg, parent)
 
 
 def _run_stages(job: Job, cfg: Config, parent) -> dict:
-    parent_run_id = parent.run_id
-    executed = ["prepare"]
-    prepare_task(job, parent_run_id)
-    if cfg.model.build:
-        base_task(job, parent_run_id)
-        executed.append("base")
-    final = train_task(job, parent_run_id)
-    eval_json = evaluate_task(job, final, parent_run_id)
-    executed += ["train", "evaluate"]
-    retries = load_settings().prefect.network_retries
-    tags = version_task(job, executed)  # dvc push retries itself (versioning.push)
+    """The versioned stages that apply to ``cfg`` in declared order, DVC versioning, then the rest
+    (register: the network ones, retried ``prefect.network_retries`` times)."""
+    done: dict = {}
+    for stage in (s for s in stages.STAGES if s.versioned and s.applies(cfg)):
+        done[stage.name] = task_for(stage)(job, parent.run_id, done)
+    done["version"] = tags = version_task(job, list(done))  # dvc push retries itself (versioning.push)
     parent.set_tags(tags)
     summary = {
         "pipeline": job.pipeline,
-        "final": final,
-        "eval_json": eval_json,
-        "parent_run_id": parent_run_id,
+        "final": done["train"],
+        "eval_json": done["evaluate"],
+        "parent_run_id": parent.run_id,
         **tags,
     }
-    if cfg.tracking.backend == "mlflow":
-        summary.update(register_task.with_options(retries=retries)(job, parent_run_id, tags))
-    else:
-        get_run_logger().warning("tracking.backend is 'none': the model is not registered")
+    retries = load_settings().prefect.network_retries
+    for stage in (s for s in stages.STAGES if not s.versioned):
+        if stage.applies(cfg):
+            summary.update(task_for(stage).with_options(retries=retries)(job, parent.run_id, done) or {})
+        else:
+            get_run_logger().warning(stage.skip_note)
     return summary

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from flows.settings import Settings
+from sdpo_core.stages import versioned_stages
 
 log = logging.getLogger(__name__)
-STAGES = ("prepare", "base", "train", "evaluate")
 
 
 class VersioningError(RuntimeError):
@@ -122,7 +122,7 @@ def push(targets: list[str], settings: Settings, project: str | Path = ".") -> N
 
 def pull(pipeline: str, settings: Settings, project: str | Path = ".") -> list[str]:
     """``dvc pull`` every stage of ``pipeline`` (a fresh clone: model, prompts, eval)."""
-    targets = stage_targets(pipeline, list(STAGES), project)
+    targets = stage_targets(pipeline, versioned_stages(), project)
     remote = configure_remote(settings, project)
     dvc("pull", *(["--remote", remote] if remote else []), *targets, project=project)
     return targets

@@ -29,10 +29,28 @@ import signal
 import sys
 from pathlib import Path
 
+from sdpo_core.config import (
+    ConfigError,
+    ModelConfig,
+    SampleConfig,
+    batch_plan,
+    dump_yaml,
+    load_config,
+    pipeline_names,
+)
+from sdpo_core.config_docs import config_markdown
+from sdpo_core.prompts import PromptError
+from sdpo_core.rundir.lock import RunLockedError
+from sdpo_core.rundir.outputs import export_train_metrics
+from sdpo_core.rundir.paths import default_run_dir
+from sdpo_core.stages import STAGES, run_pipeline
+from sdpo_core.tracking.sync import sync_run_dir
+from sdpo_core.tracking.trackers import TrackingUnavailable
+
 log = logging.getLogger("sdpo")
 
 BAD_INPUT = 2
-MODEL_COMMANDS = {"run", "base", "train", "evaluate", "generate"}
+MODEL_COMMANDS = {"run", "base", "train", "evaluate", "generate"}  # load a model: quiet diffusers first
 TRAIN_COMMANDS = {"run", "train"}
 
 
@@ -45,22 +63,12 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from sdpo_core.training.checkpoint import ResumeError
-    from sdpo_core.config import ConfigError
     from sdpo_core.families.hub import ModelLoadError
     from sdpo_core.rewards import RewardError
-    from sdpo_core.rundir.lock import RunLockedError
-    from sdpo_core.tracking.trackers import TrackingUnavailable
+    from sdpo_core.training.checkpoint import ResumeError
 
-    errors: list[type[BaseException]] = [ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError,
-                                         TrackingUnavailable]
-    try:
-        from sdpo_core.prompts import PromptError
-
-        errors.append(PromptError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError, TrackingUnavailable,
+            PromptError)
 
 
 def _environment_errors() -> tuple[type[BaseException], ...]:
@@ -84,25 +92,15 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load_cfg(args: argparse.Namespace):
-    from sdpo_core.config import load_config
-
     return load_config(args.pipeline, args.set, Path(args.pipelines))
 
 
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
-    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.pipeline
-
-
-def _tracker(cfg, stage: str):
-    from sdpo_core.tracking.trackers import make_tracker
-
-    return make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-{stage}")
+    return Path(args.run_dir) if args.run_dir else default_run_dir(cfg.pipeline)
 
 
 # ---------------------------------------------------------------------------------- commands
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from sdpo_core.config import batch_plan, dump_yaml
-
     cfg = _load_cfg(args)
     if args.json:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -113,8 +111,6 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_list(args: argparse.Namespace) -> int:
-    from sdpo_core.config import pipeline_names
-
     print("\n".join(pipeline_names(Path(args.pipelines))))
     return 0
 
@@ -127,66 +123,18 @@ def cmd_rewards_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_base(args: argparse.Namespace) -> int:
-    from sdpo_core.base import ensure_base
-
+def cmd_stage(args: argparse.Namespace) -> int:
+    """``sdpo <stage>`` for a stage of ``stages.STAGES`` (``args.stage``)."""
     cfg = _load_cfg(args)
-    print(ensure_base(cfg, force=args.force))
-    return 0
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from sdpo_core.pipeline import prepare_stage
-
-    cfg = _load_cfg(args)
-    split = prepare_stage(cfg, _run_dir(args, cfg))
-    print(f"{len(split.train)} train / {len(split.eval)} eval prompts -> {_run_dir(args, cfg) / 'prompts'}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from sdpo_core.config import dump_yaml
-    from sdpo_core.pipeline import base_stage, check_train_start, train_stage
-    from sdpo_core.rundir.lock import run_lock
-
-    cfg = _load_cfg(args)
-    run_dir = _run_dir(args, cfg)
-    with run_lock(run_dir):  # one writer per run dir; refusals come before a model or a tracking run
-        check_train_start(cfg, run_dir, args.resume)
-        print(dump_yaml(cfg), end="", flush=True)
-        tracker = _tracker(cfg, "train")  # an unreachable tracking server stops here, before any model
-        base_stage(cfg)
-        status = "FAILED"
-        try:
-            final = train_stage(cfg, run_dir, resume=args.resume, tracker=tracker)
-            status = "FINISHED"
-        finally:
-            tracker.end(status)
-    print(f"trained weights: {final}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from sdpo_core.evaluation.evaluate import format_table
-    from sdpo_core.pipeline import evaluate_stage
-
-    cfg = _load_cfg(args)
-    run_dir = _run_dir(args, cfg)
-    model = args.model or (str(run_dir / "final") if (run_dir / "final").exists() else None)
-    tracker = _tracker(cfg, "evaluate")
-    try:
-        result = evaluate_stage(cfg, run_dir, model, tracker=tracker)
-    finally:
-        tracker.end()
-    print(format_table(result))
+    stage = args.stage
+    stage.command(cfg, _run_dir(args, cfg) if stage.takes_run_dir else default_run_dir(cfg.pipeline), args)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sdpo_core.config import ModelConfig, SampleConfig
-    from sdpo_core.generate import default_device, generate_trajectories, policy_for
-    from sdpo_core.families.loading import MODEL_META, load_family, load_trained
     from sdpo_core.evaluation.plots import save_image_grid
+    from sdpo_core.families.loading import MODEL_META, load_family, load_trained
+    from sdpo_core.generate import default_device, generate_trajectories, policy_for
 
     model, device = Path(args.model), default_device()
     if args.lora:
@@ -209,26 +157,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_register(args: argparse.Namespace) -> int:
-    from sdpo_core.tracking.register import register_stage
-
-    cfg = _load_cfg(args)
-    reg = register_stage(cfg, _run_dir(args, cfg), parent_run_id=args.parent_run_id)
-    print(f"{reg.name} version {reg.version} -> {reg.alias}: {reg.reason}")
-    return 0
-
-
 def cmd_export_metrics(args: argparse.Namespace) -> int:
-    from sdpo_core.pipeline import export_train_metrics
-
     cfg = _load_cfg(args)
     print(export_train_metrics(_run_dir(args, cfg)))
     return 0
 
 
 def cmd_config_docs(args: argparse.Namespace) -> int:
-    from sdpo_core.config_docs import config_markdown
-
     text = config_markdown()
     if args.write:
         Path(args.write).write_text(text, encoding="utf-8")
@@ -239,8 +174,6 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from sdpo_core.tracking.sync import sync_run_dir
-
     res = sync_run_dir(args.run_dir)
     state = "complete" if res.complete else "incomplete (the server went away again; run it again)"
     print(f"run {res.run_id} at {res.tracking_uri}: sent epochs {res.metric_steps}, "
@@ -249,8 +182,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sdpo_core.pipeline import run_pipeline
-
     cfg = _load_cfg(args)
     result = run_pipeline(cfg, _run_dir(args, cfg), resume=args.resume)
     print(result.summary)
@@ -289,24 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("prepare", help="build, clean and split the prompt set")
-    _add_common(p)
-    p.set_defaults(func=cmd_prepare)
-
-    p = sub.add_parser("base", help="build the embedded base model (cached) or check the configured one")
-    _add_common(p, run_dir=False)
-    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    p.set_defaults(func=cmd_base)
-
-    p = sub.add_parser("train", help="SDPO (or DDPO, GRPO) online training")
-    _add_common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="base vs trained at several step counts: eval.json, plot, grid")
-    _add_common(p)
-    p.add_argument("--model", help="trained model dir (default: RUN_DIR/final if present)")
-    p.set_defaults(func=cmd_evaluate)
+    for stage in STAGES:  # `sdpo prepare`, `sdpo base`, ...: one subcommand per declared stage
+        p = sub.add_parser(stage.name, help=stage.description)
+        _add_common(p, run_dir=stage.takes_run_dir)
+        for option in stage.options:
+            p.add_argument(*option.flags, **option.kwargs)
+        p.set_defaults(func=cmd_stage, stage=stage)
 
     p = sub.add_parser("sync", help="send to MLflow what a run kept while its server was down")
     p.add_argument("--run-dir", required=True, help="run folder holding tracking_sync.json")
@@ -325,13 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser(
-        "register", help="register RUN_DIR's model in MLflow; champion only if it beats the current one"
-    )
-    _add_common(p)
-    p.add_argument("--parent-run-id", help="MLflow run to nest the registration run under")
-    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("export-metrics", help="RUN_DIR/train_metrics.jsonl -> train_metrics.csv (dvc plots)")
     _add_common(p)
@@ -381,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["reward-server"]:
-        from sdpo_core.rewards.server import main as server_main
+        from sdpo_core.reward_server import main as server_main
 
         return server_main(argv[1:])
     parser = build_parser()
@@ -413,7 +325,7 @@ def _interrupted_message(args: argparse.Namespace, argv: list[str], signame: str
         return f"interrupted by {signame}"
     from sdpo_core.training.checkpoint import latest_checkpoint
 
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / args.pipeline
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.pipeline)
     latest = latest_checkpoint(run_dir)
     again = shlex.join(["sdpo", *argv, *([] if "--resume" in argv else ["--resume"])])
     if latest is None:

@@ -1,5 +1,7 @@
 """docs/config.md, generated from the config models of ``sdpo_core/config.py``: every key with its
-type (and range), default and description, so the reference cannot drift from the code.
+type (and range), default and description, and from the stage declarations of
+``sdpo_core/stages.py`` which sections each stage reads and what it writes, so the reference cannot
+drift from the code.
 
     sdpo config docs                          # print it
     sdpo config docs --write docs/config.md   # regenerate the file (tests/unit/test_config.py
@@ -20,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from sdpo_core.config import Config
+from sdpo_core.stages import STAGES
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -116,7 +119,27 @@ def config_markdown() -> str:
         parts += [f"## {title}\n", *([lead + "\n"] if lead else []), "| key | type | default | meaning |"]
         parts += ["|---|---|---|---|", *(f"| {k} | {t} | {d} | {m} |" for k, t, d, m in table), ""]
     parts.append(FOOTER)
-    return "\n".join(parts)
+    return "\n".join(parts) + "\n" + stages_markdown()
+
+
+def stages_markdown() -> str:
+    """The stages section: one row per declared stage, in run order (``stages.STAGES``)."""
+    lines = [
+        "## Stages\n",
+        "What each stage (`sdpo <stage>`, a task of the Prefect flow) reads (config sections, files) and",
+        "writes, from its declaration in `sdpo_core/stages.py`. `RUN_DIR` is `runs/<pipeline>` by default;",
+        "`RUN_DIR/base` stands for `model.pretrained`. DVC versions the stages marked so (dvc.yaml, checked",
+        "against the declarations by tests/unit/test_structure.py).\n",
+        "| stage | does | reads | writes | in `sdpo run` | DVC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in STAGES:
+        reads = ", ".join([*(f"`{k}`" if k != "*" else "the whole config" for k in s.params),
+                           *(f"`RUN_DIR/{i}`" for i in s.inputs)])
+        writes = ", ".join(f"`RUN_DIR/{o}`" for o in s.outputs) or "the MLflow registry"
+        lines.append(f"| `{s.name}` | {s.description} | {reads} | {writes} | {'yes' if s.in_run else 'no'} "
+                     f"| {'yes' if s.versioned else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def undocumented_keys() -> list[str]:

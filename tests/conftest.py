@@ -27,7 +27,7 @@ def mlflow_per_test(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A randomly initialised tiny StableDiffusionPipeline directory (from_pretrained-able)."""
-    from sdpo_core.base import build_random_tiny
+    from sdpo_core.tiny.build import build_random_tiny
 
     return build_random_tiny(tmp_path_factory.mktemp("base") / "tiny", seed=0)
 

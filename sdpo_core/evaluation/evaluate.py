@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sdpo_core.families import loading
-from sdpo_core.rundir.atomic import atomic_write_text
 from sdpo_core.config import Config, ConfigError
-from sdpo_core.generate import compute_dtype, default_device, generate
 from sdpo_core.evaluation.metrics import MetricFn, get_metric
 from sdpo_core.evaluation.plots import reward_vs_steps_plot, save_image_grid
+from sdpo_core.families import loading
+from sdpo_core.generate import compute_dtype, default_device, generate
 from sdpo_core.rewards import RewardFn, build_reward, check_rewards
+from sdpo_core.rundir.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1

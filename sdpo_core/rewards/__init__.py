@@ -6,7 +6,7 @@ called as ``factory(device=..., dtype=..., **options)`` where ``options`` come f
 ``reward.options``; a factory that declares a ``model_dir`` parameter also gets the pipeline's base
 model directory (``model.pretrained``), where the digits rewards find their classifier.
 
-The registry proper is ``sdpo_core.rewards.registry`` (what reward modules import); this package
+The registry proper is ``sdpo_core.reward_registry`` (what reward modules import); this package
 adds name lookup and the built-in rewards.
 
 A reward may also expose ``last_components: dict[str, torch.Tensor]`` (each (N,) float32, the
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdpo_core.rewards.registry import (
+from sdpo_core.reward_registry import (
     REGISTRY,
     Factory,
     RewardError,
@@ -31,6 +31,11 @@ from sdpo_core.rewards.registry import (
     import_callable,
     register_reward,
 )
+
+# imported for what they register (the built-in rewards and the digits rewards); both import only
+# sdpo_core.reward_registry, below this package, so neither imports this package back
+from sdpo_core.rewards import builtin  # noqa: F401
+from sdpo_core.tiny import digits  # noqa: F401
 
 __all__ = [
     "REGISTRY",
@@ -49,7 +54,6 @@ __all__ = [
 
 def validate_reward_name(name: str) -> None:
     """Raise RewardError unless ``name`` is registered or an importable ``module:function``."""
-    _load_builtins()
     if ":" in name:
         import_callable(name)
     elif name not in REGISTRY:
@@ -75,17 +79,6 @@ def build_reward(
     return call_factory(name, REGISTRY[name].factory, device, dtype, options, model_dir)
 
 
-_BUILTINS_LOADED = False
-
-
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from sdpo_core.rewards import builtin  # noqa: F401  (registers on import)
-        from sdpo_core.tiny import digits  # noqa: F401  (digit_alignment rewards)
-
 
 def available_rewards() -> dict[str, RewardSpec]:
-    _load_builtins()
     return dict(sorted(REGISTRY.items()))

@@ -3,7 +3,7 @@
     reward: {name: remote, options: {url: "http://127.0.0.1:8000", timeout: 30, retries: 3}}
 
 Useful when the reward model lives on another GPU or machine. The wire format (shared with
-:mod:`sdpo_core.rewards.server`), ``POST /score`` with a JSON body::
+:mod:`sdpo_core.reward_server`), ``POST /score`` with a JSON body::
 
     {"prompts": [str] * N,
      "images": {"format": "array", "dtype": "float16" | "uint8", "shape": [N, 3, H, W],

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdpo_core.evaluation.metrics import register_metric
-from sdpo_core.rewards.registry import RewardError, register_reward
+from sdpo_core.reward_registry import RewardError, register_reward
 from sdpo_core.tiny.repro import fixed_threads
 
 IMAGE_SIZE = 32

@@ -1,6 +1,6 @@
 """Tiny pipelines of the other UNet families, built in code: SDXL (the SDXL-Turbo layout) and LCM.
 
-Both reuse the tiny SD pipeline's tokenizer, text encoder and VAE (``tiny/pipeline.py``) and are
+Both reuse the tiny SD pipeline's tokenizer, text encoder and VAE (``tiny/random_model.py``) and are
 written with ``save_pretrained`` so they load through ``from_pretrained`` like the real models.
 Sizes: see /work/shared/STACK.md "Tiny pipelines of other few-step families".
 """
@@ -20,7 +20,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
+from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS, TinySizes, build_tiny_pipeline
 
 BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 LCM_TIME_COND_DIM = 32
@@ -82,12 +82,8 @@ def save_tiny(pipe, out_dir: str | Path) -> Path:
 
 
 def build_tiny_lcm(out_dir: str | Path, seed: int = 0) -> Path:
-    from sdpo_core.base import RANDOM_TINY_WORDS
-
     return save_tiny(build_tiny_lcm_pipeline(RANDOM_TINY_WORDS, seed), out_dir)
 
 
 def build_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
-    from sdpo_core.base import RANDOM_TINY_WORDS
-
     return save_tiny(build_tiny_sdxl_pipeline(RANDOM_TINY_WORDS, seed), out_dir)

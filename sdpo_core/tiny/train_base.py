@@ -37,8 +37,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdpo_core.families.loading import load_family
+from sdpo_core.rewards import build_reward
 from sdpo_core.tiny import digits
-from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
+from sdpo_core.tiny.random_model import TinySizes, build_tiny_pipeline
 from sdpo_core.tiny.repro import build_environment, fixed_threads
 
 EMPTY_PROMPT_FRACTION = 0.1
@@ -174,8 +175,6 @@ def evaluate_digits(
 ) -> dict:
     """Mean rewards, digit accuracy, same-digit diversity and boldness of 10 x ``per_digit``
     samples at each step count, and of the real held-out digits: ``{steps | "real": {metric: value}}``."""
-    from sdpo_core.rewards import build_reward
-
     pipe.set_progress_bar_config(disable=True)
     prompts, labels = eval_prompts(per_digit)
     opts = {"classifier_path": str(classifier_path)}

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sdpo_core.families.sd3 import SD3Family
+from sdpo_core.rewards import build_reward
 from sdpo_core.samplers.flow_sde import FlowSDESampler
 from sdpo_core.tiny import digits
 from sdpo_core.tiny.flow import build_tiny_sd3
@@ -127,8 +128,6 @@ def sample_flow(family: SD3Family, prompts: list[str], num_steps: int, seed: int
 def evaluate_flow_digits(family: SD3Family, classifier_path, steps=EVAL_STEPS, per_digit: int = 20,
                          seed: int = 0, sigma_schedule: str = "scheduler") -> dict:
     """Digit accuracy and mean rewards at each step count: ``{steps: {metric: value}}``."""
-    from sdpo_core.rewards import build_reward
-
     prompts, labels = eval_prompts(per_digit)
     opts = {"classifier_path": str(classifier_path)}
     rewards = {name: build_reward(name, opts) for name in ("digit_alignment", "digit_alignment_bold")}

@@ -27,7 +27,7 @@ def register_stage(
     project: str | Path = ".",
 ):
     """Register the model of ``run_dir``; ``tags`` are added to (and win over) the provenance tags of
-    the checkout at ``project``. Returns ``tracking_registry.Registration``; raises
+    the checkout at ``project``. Returns ``tracking.registry.Registration``; raises
     ``RegistrationError`` (a ConfigError) before touching MLflow when there is no valid evaluation
     or trained model."""
     from sdpo_core.tracking.registry import register_model

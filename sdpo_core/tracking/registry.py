@@ -35,15 +35,15 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from sdpo_core.tracking.trackers import promotion
 from sdpo_core.config import Config, ConfigError
 from sdpo_core.families.loading import read_model_meta
-from sdpo_core.pipeline import eval_dir
+from sdpo_core.rundir.paths import eval_dir
+from sdpo_core.tracking import promotion
 from sdpo_core.tracking.trackers import MlflowTracker
 
 log = logging.getLogger(__name__)
 KEY_TAG, COMPLETE_TAG = "sdpo.register_key", "sdpo.complete"
-MODEL_CODE = Path(__file__).with_name("tracking_pyfunc.py")
+MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 # what the pyfunc imports when it loads (sdpo_core itself travels as code with the model)
 REQUIREMENTS = (
     "torch",

@@ -295,3 +295,4 @@ def make_tracker(backend: str, experiment: str, run_name: str | None = None, **k
         _warn_no_mlflow()
         return NullTracker()
     return MlflowTracker(experiment, run_name=run_name, **kwargs)
+

@@ -42,7 +42,12 @@ def test_file_size_limit_fails_the_checkpoint_cleanly(tmp_path):
     """A checkpoint write hits RLIMIT_FSIZE (EFBIG, a real failed write()): CheckpointWriteError says how
     much space was needed and that the previous checkpoint is intact; no .tmp is left; the previous
     checkpoint still verifies and loads."""
-    from sdpo_core.training.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, verify_checkpoint
+    from sdpo_core.training.checkpoint import (
+        checkpoint_dirs,
+        latest_checkpoint,
+        load_checkpoint,
+        verify_checkpoint,
+    )
 
     out = subprocess.run([sys.executable, "-c", WRITE_TWO, str(tmp_path)], cwd=ROOT, env=env(),
                          capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size(200_000))

@@ -34,8 +34,8 @@ def test_reward_server_killed_mid_epoch_fails_the_epoch_untrained_and_resume_con
     run starts at epoch 1 and finishes all three epochs."""
     import json
 
-    from sdpo_core.training.checkpoint import latest_checkpoint, load_checkpoint
     from sdpo_core.rewards import RewardError
+    from sdpo_core.training.checkpoint import latest_checkpoint, load_checkpoint
     from sdpo_core.training.trainer import Trainer
 
     port = free_port()

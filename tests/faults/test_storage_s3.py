@@ -45,7 +45,7 @@ def test_dvc_push_to_a_down_endpoint_retries_names_it_and_a_rerun_pushes(moto, t
     from flows import versioning
     from flows.settings import load_settings
     from sdpo_core.config import load_config
-    from sdpo_core.pipeline import prepare_stage
+    from sdpo_core.stages import prepare_stage
 
     project = make_project(tmp_path / "project")
     endpoint = TcpForwarder(moto)

@@ -17,7 +17,7 @@ from sdpo_core.evaluation.plots import PLOT_DPI, PLOT_SIZE_IN, GridLayout
 from sdpo_core.families import loading
 from sdpo_core.families.lora import add_lora
 from sdpo_core.families.sd import SDFamily
-from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
+from sdpo_core.tiny.random_model import TinySizes, build_tiny_pipeline
 from sdpo_core.tracking.trackers import NullTracker
 
 PROMPTS = ["a red fox", "a black cat", "a dog"]

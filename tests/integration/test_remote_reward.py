@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from sdpo_core.reward_server import main, make_server
 from sdpo_core.rewards import RewardError, build_reward
-from sdpo_core.rewards.server import main, make_server
 
 PROMPTS = ["a cat", "a red car", "dog", "a blue tree painting"]
 
@@ -220,12 +220,12 @@ def test_main_reports_bad_arguments(capsys):
 
 
 def test_main_serves_until_stopped(tmp_path):
-    """``python -m sdpo_core.rewards.server`` (what ``sdpo reward-server`` runs), options via --set."""
+    """``python -m sdpo_core.reward_server`` (what ``sdpo reward-server`` runs), options via --set."""
     port = _free_port()
     cmd = [
         sys.executable,
         "-m",
-        "sdpo_core.rewards.server",
+        "sdpo_core.reward_server",
         "--reward",
         "jpeg_compressibility",
         "--port",

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sdpo_core.training.checkpoint import checkpoint_dirs, load_checkpoint
 from sdpo_core.rewards import RewardError
+from sdpo_core.training.checkpoint import checkpoint_dirs, load_checkpoint
 from sdpo_core.training.trainer import Trainer
 
 

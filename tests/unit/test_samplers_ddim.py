@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
 from sdpo_core.samplers.ddim import DDIMParams, DDIMSampler, ddim_step
-from sdpo_core.tiny.pipeline import SD_TURBO_SCHEDULER
+from sdpo_core.tiny.random_model import SD_TURBO_SCHEDULER
 
 
 def _config(**over):

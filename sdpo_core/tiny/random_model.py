@@ -1,4 +1,4 @@
-"""Build a tiny ``StableDiffusionPipeline`` in code: the same classes SD-Turbo uses.
+"""A randomly initialised tiny ``StableDiffusionPipeline``, built in code: the same classes SD-Turbo uses.
 
 32x32 RGB images, an AutoencoderKL with scale factor 4 (8x8x4 latents), a ~1.1M-parameter
 UNet2DConditionModel with cross-attention, a 2-layer CLIP text encoder and a DDIM scheduler
@@ -15,6 +15,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdpo_core.tiny.tokenizer import build_tokenizer
+
+# words the random tiny tokenizer knows whole (others fall back to characters)
+RANDOM_TINY_WORDS = (
+    "a an the of handwritten digit number drawing zero one two three four five six seven eight nine "
+    "cat dog horse bird fish"
+).split()
 
 
 @dataclass

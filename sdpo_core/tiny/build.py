@@ -1,8 +1,9 @@
-"""The `base` stage: make sure the pipeline's base model exists, building an embedded one if asked.
+"""Build the embedded base model a config asks for (``model.build``), once.
 
 Pipelines that point ``model.pretrained`` at a hub id or an existing directory need nothing.
 Embedded builders (``model.build``) write a real diffusers pipeline directory at
-``model.pretrained`` once; later calls reuse it.
+``model.pretrained`` once; later calls reuse it. The ``base`` stage (``sdpo_core/stages.py``)
+calls :func:`ensure_base`.
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ import shutil
 from pathlib import Path
 
 from sdpo_core.config import Config
+from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS, TinySizes, build_tiny_pipeline
+from sdpo_core.tiny.repro import fixed_threads
+from sdpo_core.tiny.train_base import build_digits_base
+from sdpo_core.tiny.train_flow import build_digits_flow_tiny
 
 log = logging.getLogger(__name__)
-
-
-# words the random tiny tokenizer knows whole (others fall back to characters)
-RANDOM_TINY_WORDS = (
-    "a an the of handwritten digit number drawing zero one two three four five six seven eight nine "
-    "cat dog horse bird fish"
-).split()
 
 
 def base_exists(path: str | Path) -> bool:
@@ -29,11 +27,8 @@ def base_exists(path: str | Path) -> bool:
 
 def build_random_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     """A randomly initialised tiny pipeline (fast tests and smoke runs), written atomically."""
-    from sdpo_core.tiny.pipeline import TinySizes, build_tiny_pipeline
-
     out = Path(out_dir)
-    words = RANDOM_TINY_WORDS
-    pipe = build_tiny_pipeline(TinySizes(words=words), seed=seed)
+    pipe = build_tiny_pipeline(TinySizes(words=RANDOM_TINY_WORDS), seed=seed)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -56,15 +51,10 @@ def ensure_base(cfg: Config, force: bool = False) -> str:
     if cfg.model.build == "random-tiny":
         build_random_tiny(target, seed=cfg.model.build_seed)
     elif cfg.model.build == "digits-flow-tiny":
-        from sdpo_core.tiny.repro import fixed_threads
-        from sdpo_core.tiny.train_flow import build_digits_flow_tiny
-
         with fixed_threads():  # the same bits whatever the machine's core count (tiny/repro.py)
             build_digits_flow_tiny(target, seed=cfg.model.build_seed, steps=cfg.model.build_steps,
                                    vae_steps=cfg.model.build_vae_steps, force=force)
     else:
-        from sdpo_core.tiny.train_base import build_digits_base
-
         build_digits_base(
             target, steps=cfg.model.build_steps, vae_steps=cfg.model.build_vae_steps, seed=cfg.model.build_seed
         )

@@ -1,7 +1,7 @@
 """A small HTTP server that scores images with any registered reward (``sdpo reward-server``).
 
     sdpo reward-server --reward aesthetic --port 8000 --set reward.options.path=/models/aesthetic
-    python -m sdpo_core.rewards.server --reward jpeg_compressibility --port 8000   # same thing
+    python -m sdpo_core.reward_server --reward jpeg_compressibility --port 8000   # same thing
 
 ``POST /score`` scores a batch, ``GET /health`` says which reward is served; the wire format is
 described in :mod:`sdpo_core.rewards.remote`, whose ``remote`` reward is the client. Standard
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from sdpo_core.config import ConfigError, apply_overrides
 from sdpo_core.rewards import RewardError, RewardFn, build_reward, check_rewards
 from sdpo_core.rewards.remote import PayloadError, decode_images
 
@@ -137,8 +138,6 @@ def make_server(
 
 def _options(sets: Sequence[str]) -> dict[str, Any]:
     """``reward.options.k=v`` overrides -> the options dict (values read as YAML, as ``--set`` is)."""
-    from sdpo_core.config import ConfigError, apply_overrides
-
     bad = [s for s in sets if not s.startswith("reward.options.")]
     if bad:
         raise RewardError(f"--set here takes reward.options.KEY=VALUE only, got {bad}")
