@@ -1,59 +1,76 @@
-"""A small HTTP server that scores images with any registered reward (``sdpo reward-server``).
+"""An HTTP server that scores images with any registered reward (``sdpo reward-server``).
 
     sdpo reward-server --reward aesthetic --port 8000 --set reward.options.path=/models/aesthetic
+    SDPO_REWARD_TOKEN=... sdpo reward-server --reward aesthetic --host 0.0.0.0   # beyond this machine
     python -m sdpo_core.rewards.server --reward jpeg_compressibility --port 8000   # same thing
 
 ``POST /score`` scores a batch, ``GET /health`` says which reward is served; the wire format is
-described in :mod:`sdpo_core.rewards.remote`, whose ``remote`` reward is the client. Standard
-library only (``http.server``). It binds 127.0.0.1 unless ``--host`` says otherwise, and has no
-authentication: expose it beyond the machine only on a network you trust. Requests are scored
-one at a time (a lock around the reward) since a model on one GPU gains nothing from overlap.
+described in :mod:`sdpo_core.rewards.remote`, whose ``remote`` reward is the client.
+
+Built on FastAPI + uvicorn rather than LitServe: both are already in the resolved environment
+(pinned in constraints.txt through mlflow), so serving adds no dependency, and what LitServe would
+bring, batching, is a queue and one worker here (:mod:`sdpo_core.rewards.server_batch`), while the
+limits (:mod:`sdpo_core.rewards.server_limits`) need uvicorn's protocol layer in any case.
+
+What it refuses, before work or memory is spent:
+- a missing or wrong bearer token (401) when ``SDPO_REWARD_TOKEN`` is set; the token is required
+  to bind anything but loopback (without one, exit 2);
+- a client that has not sent a whole request ``--read-timeout`` seconds after connecting (dropped);
+- a body over ``--max-request-mb`` (413, from Content-Length and while reading);
+- more than ``--max-in-flight`` requests at once (503 at once; the client retries 503);
+- more than ``--max-images`` images or ``--max-pixels`` decoded pixels, read from the array shape
+  or each PNG header before anything is decoded (413).
+Requests that arrive together are scored in one reward call of up to ``--max-batch`` images.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import socket
 import sys
-import threading
-from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
+import uvicorn
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from sdpo_core.rewards import RewardError, RewardFn, build_reward, check_rewards
-from sdpo_core.rewards.remote import PayloadError, decode_images
+from sdpo_core.rewards import RewardError, RewardFn, build_reward
+from sdpo_core.rewards.remote import TOKEN_ENV, PayloadError, decode_images
+from sdpo_core.rewards.server_args import DTYPES, add_arguments, limits_from_args
+from sdpo_core.rewards.server_batch import Batcher
+from sdpo_core.rewards.server_limits import LimitError, Limits, check_payload, protocol_with_deadline
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIN_TOKEN_CHARS = 16
 
 
-class RewardHTTPServer(ThreadingHTTPServer):
-    """Holds the reward; handler threads are daemons so a stuck request never blocks shutdown."""
+class _Answer(Exception):
+    """Ends a request early with ``status`` and an error message."""
 
-    daemon_threads = True
-
-    def __init__(
-        self, address: tuple[str, int], reward_fn: RewardFn, reward_name: str, max_request_bytes: int
-    ) -> None:
-        super().__init__(address, _Handler)
-        self.reward_fn, self.reward_name = reward_fn, reward_name
-        self.max_request_bytes = max_request_bytes
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        host = self.server_address[0]
-        host = host.decode() if isinstance(host, bytes) else host
-        return f"http://{host}:{self.server_address[1]}"
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
 
 
-def parse_request(payload: Any) -> tuple[torch.Tensor, list[str]]:
-    """JSON body -> (images (N, 3, H, W) float32 in [0, 1], N prompts); PayloadError when malformed."""
+def parse_request(payload: Any, limits: Limits) -> tuple[torch.Tensor, list[str]]:
+    """JSON body -> (images (N, 3, H, W) float32 in [0, 1], N prompts); LimitError before decoding
+    when over ``limits``, PayloadError when malformed."""
     if not isinstance(payload, dict):
         raise PayloadError("the body must be a JSON object with 'prompts' and 'images'")
+    check_payload(payload, limits)
     prompts = payload.get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise PayloadError("'prompts' must be a list of strings")
@@ -63,65 +80,154 @@ def parse_request(payload: Any) -> tuple[torch.Tensor, list[str]]:
     return images, prompts
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: RewardHTTPServer
-    protocol_version = "HTTP/1.1"
+def _parse_body(body: bytes, limits: Limits) -> tuple[torch.Tensor, list[str]]:
+    try:
+        return parse_request(json.loads(body), limits)
+    except LimitError as exc:
+        raise _Answer(413, str(exc)) from exc
+    except ValueError as exc:  # PayloadError and JSONDecodeError
+        raise _Answer(400, f"bad payload: {exc}") from exc
 
-    def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
-        if self.path.rstrip("/") == "/health":
-            self._send(200, {"status": "ok", "reward": self.server.reward_name})
-        else:
-            self._send(404, {"error": f"no such endpoint {self.path}; use POST /score or GET /health"})
 
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.rstrip("/") != "/score":
-            self._send(404, {"error": f"no such endpoint {self.path}; use POST /score or GET /health"})
-            return
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self._send(411, {"error": "a Content-Length header is required"})
-            return
-        if int(length) > self.server.max_request_bytes:
-            self._send(
-                413,
-                {
-                    "error": f"body of {length} bytes exceeds {self.server.max_request_bytes}; send fewer images"
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise _Answer(411, "a Content-Length header is required", {"Connection": "close"})
+    if int(length) > limit:
+        raise _Answer(
+            413, f"body of {length} bytes exceeds {limit}; send fewer images", {"Connection": "close"}
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # h11 already refuses more than Content-Length; this guards the limit itself
+            raise _Answer(413, f"body exceeds {limit} bytes; send fewer images", {"Connection": "close"})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _authorized(request: Request, token: str | None) -> bool:
+    if token is None:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+async def _drain(request: Request, limit: int) -> None:
+    """Read and drop a refused request's body (bounded) so that the client can read the answer."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) <= limit:
+        async for _ in request.stream():
+            pass
+
+
+def create_app(reward_fn: RewardFn, reward_name: str, limits: Limits, token: str | None) -> FastAPI:
+    """The ASGI app: ``POST /score`` and ``GET /health``, with its batching worker as lifespan."""
+    batcher = Batcher(reward_fn, reward_name, limits.max_batch, limits.batch_wait_s)
+    in_flight = 0
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        hint = "use POST /score or GET /health"
+        return JSONResponse(
+            {"error": f"{exc.detail}: {request.method} {request.url.path}; {hint}"}, exc.status_code
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "reward": reward_name}
+
+    @app.post("/score")
+    async def score(request: Request) -> JSONResponse:
+        nonlocal in_flight
+        start, n, batch = time.perf_counter(), 0, "-"
+        try:
+            if not _authorized(request, token):
+                await _drain(request, limits.max_request_bytes)
+                raise _Answer(
+                    401,
+                    f"missing or wrong bearer token (the server's {TOKEN_ENV})",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            if in_flight >= limits.max_in_flight:
+                raise _Answer(
+                    503,
+                    f"busy: {in_flight} requests in flight; retry later",
+                    {"Retry-After": "1", "Connection": "close"},
+                )
+            in_flight += 1
+            try:
+                images, prompts = await asyncio.to_thread(
+                    _parse_body, await _read_body(request, limits.max_request_bytes), limits
+                )
+                n = len(prompts)
+                scored = await _scored(batcher, images, prompts)
+            finally:
+                in_flight -= 1
+            batch = f"{scored.batch_images}/{scored.batch_requests}"
+            response = JSONResponse(
+                {"scores": scored.values.tolist(), "reward": reward_name},
+                headers={
+                    "X-Batch-Images": str(scored.batch_images),
+                    "X-Batch-Requests": str(scored.batch_requests),
                 },
             )
-            self.close_connection = True
-            return
-        body = self.rfile.read(int(length))
-        try:
-            images, prompts = parse_request(json.loads(body))
-        except (ValueError, PayloadError) as exc:  # JSONDecodeError is a ValueError
-            self._send(400, {"error": f"bad payload: {exc}"})
-            return
-        self._send(*self._score(images, prompts))
+        except _Answer as answer:
+            response = JSONResponse({"error": str(answer)}, answer.status, headers=answer.headers)
+        except ClientDisconnect:
+            response = JSONResponse({"error": "client left"}, 400)
+        ms = (time.perf_counter() - start) * 1000
+        log.info("POST /score %d n=%d batch=%s %.1fms %s", response.status_code, n, batch, ms, request.client)
+        return response
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[int, dict[str, Any]]:
-        name = self.server.reward_name
-        try:
-            with self.server.lock:
-                values = check_rewards(name, self.server.reward_fn(images, prompts), len(prompts))
-        # Any failure of the reward goes back to the client as a 500 rather than a dropped connection.
-        except Exception as exc:
-            log.exception("reward '%s' failed", name)
-            return 500, {"error": f"reward '{name}' failed: {type(exc).__name__}: {exc}"}
-        return 200, {"scores": values.tolist(), "reward": name}
+    return app
 
-    def _send(self, status: int, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout); nothing to tell
-            log.info("client %s left before its answer", self.address_string())
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (http.server's signature)
-        log.info("%s %s", self.address_string(), format % args)
+async def _scored(batcher: Batcher, images: torch.Tensor, prompts: list[str]) -> Any:
+    try:
+        return await batcher.score(images, prompts)
+    # Any failure of the reward goes back to the client as a 500 rather than a dropped connection.
+    except Exception as exc:
+        log.exception("reward '%s' failed", batcher.name)
+        raise _Answer(500, f"reward '{batcher.name}' failed: {type(exc).__name__}: {exc}") from exc
+
+
+class RewardServer:
+    """A bound socket and the uvicorn server that will serve ``app`` on it: ``serve()`` blocks
+    until ``stop()`` (or SIGINT/SIGTERM in the main thread)."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket, limits: Limits) -> None:
+        self.sock = sock
+        config = uvicorn.Config(
+            app,
+            http=protocol_with_deadline(limits.read_timeout_s),
+            timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]  (uvicorn takes a float)
+            limit_concurrency=2 * limits.max_in_flight + 16,  # connections, idle ones included
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+
+    @property
+    def url(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def serve(self) -> None:
+        self.server.run(sockets=[self.sock])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
 
 
 def make_server(
@@ -129,60 +235,81 @@ def make_server(
     reward_name: str,
     host: str = "127.0.0.1",
     port: int = 0,
-    max_request_bytes: int = 256 * 2**20,
-) -> RewardHTTPServer:
-    """Bind (port 0 = any free port; see ``.url``) without serving yet: call ``serve_forever()``."""
-    return RewardHTTPServer((host, port), reward_fn, reward_name, max_request_bytes)
+    limits: Limits | None = None,
+    token: str | None = None,
+) -> RewardServer:
+    """Bind (port 0 = any free port; see ``.url``) without serving yet: call ``serve()``."""
+    limits = limits or Limits()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family)
+    return RewardServer(create_app(reward_fn, reward_name, limits, token), sock, limits)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_token(host: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """``SDPO_REWARD_TOKEN``, or None on loopback without one; RewardError when the host needs one
+    and has none, or when it is too short to stand guessing."""
+    token = environ.get(TOKEN_ENV, "").strip() or None
+    if token is None and not is_loopback(host):
+        raise RewardError(
+            f"--host {host} is reachable beyond this machine: set {TOKEN_ENV} (e.g. to the output of "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))') and give clients the same"
+        )
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise RewardError(f"{TOKEN_ENV} has {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
+    return token
 
 
 def _options(sets: Sequence[str]) -> dict[str, Any]:
     """``reward.options.k=v`` overrides -> the options dict (values read as YAML, as ``--set`` is)."""
-    from sdpo_core.config import ConfigError, apply_overrides
-
-    bad = [s for s in sets if not s.startswith("reward.options.")]
-    if bad:
-        raise RewardError(f"--set here takes reward.options.KEY=VALUE only, got {bad}")
-    try:
-        return apply_overrides({}, list(sets)).get("reward", {}).get("options", {})
-    except ConfigError as exc:
-        raise RewardError(str(exc)) from exc
+    options: dict[str, Any] = {}
+    for text in sets:
+        key, eq, raw = text.partition("=")
+        path = key.strip().split(".")
+        if not eq or len(path) < 3 or path[:2] != ["reward", "options"] or not all(path):
+            raise RewardError(f"--set here takes reward.options.KEY=VALUE only, got {text!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RewardError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
+        node = options
+        for part in path[2:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``sdpo reward-server``: build the reward, then serve it until interrupted."""
     parser = argparse.ArgumentParser(prog="sdpo reward-server", description="Serve a reward over HTTP.")
-    parser.add_argument("--reward", required=True, help="registered reward name or module:function")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="reward.options.KEY=VALUE")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device of the reward model (default cuda when available)",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--max-request-mb", type=float, default=256.0, help="largest accepted request body")
+    add_arguments(parser)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        limits = limits_from_args(args)
+        token = server_token(args.host)
         reward_fn = build_reward(args.reward, _options(args.sets), args.device, DTYPES[args.dtype])
-        server = make_server(reward_fn, args.reward, args.host, args.port, int(args.max_request_mb * 2**20))
-    except (RewardError, OSError) as exc:
+        server = make_server(reward_fn, args.reward, args.host, args.port, limits, token)
+    except (RewardError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "listening on %s without authentication: anyone who can reach it can use the reward", args.host
-        )
+    auth = f"bearer token from {TOKEN_ENV}" if token else "no token (loopback only)"
     print(
-        f"serving reward '{args.reward}' on {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True
+        f"serving reward '{args.reward}' on {server.url} (POST /score, GET /health; {auth}); Ctrl-C stops",
+        flush=True,
     )
     try:
-        server.serve_forever()
+        server.serve()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
     return 0
 
 

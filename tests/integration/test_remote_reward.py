@@ -20,6 +20,7 @@ import torch
 
 from sdpo_core.rewards import RewardError, build_reward
 from sdpo_core.rewards.server import main, make_server
+from sdpo_core.rewards.server_limits import Limits
 
 PROMPTS = ["a cat", "a red car", "dog", "a blue tree painting"]
 
@@ -40,15 +41,19 @@ def nan_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 @contextmanager
-def serving(reward_fn, name: str = "test", **kwargs):
-    server = make_server(reward_fn, name, "127.0.0.1", 0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+def serving(reward_fn, name: str = "test", **limits):
+    server = make_server(reward_fn, name, "127.0.0.1", 0, Limits(**limits))
+    thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not server.server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.server.started, "the server did not start within 10s"
     try:
         yield server.url
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
+        thread.join(timeout=10)
 
 
 def _images(n: int = 4, h: int = 24, w: int = 32) -> torch.Tensor:
