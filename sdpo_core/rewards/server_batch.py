@@ -68,7 +68,7 @@ class Batcher:
                     break
                 try:
                     job = await asyncio.wait_for(self.queue.get(), left)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             same_size = job.images.shape[1:] == first.images.shape[1:]
             if not same_size or total + job.images.shape[0] > self.max_batch:

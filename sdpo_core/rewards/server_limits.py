@@ -48,8 +48,8 @@ class Limits:
 
     def __post_init__(self) -> None:
         counts = ("max_request_bytes", "max_images", "max_pixels", "max_in_flight", "max_batch")
-        bad = [k for k in counts if getattr(self, k) < 1]
-        bad += [k for k in ("read_timeout_s", "keep_alive_s") if not self.__dict__[k] > 0]
+        bad = [k for k in counts if not (isinstance(getattr(self, k), int) and getattr(self, k) >= 1)]
+        bad += [k for k in ("read_timeout_s", "keep_alive_s") if not 0 < getattr(self, k) < float("inf")]
         if not 0 <= self.batch_wait_s < float("inf"):
             bad.append("batch_wait_s")
         if bad:
