@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 import uvicorn
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -49,7 +48,7 @@ from starlette.requests import ClientDisconnect
 
 from sdpo_core.rewards import RewardError, RewardFn, build_reward
 from sdpo_core.rewards.remote import TOKEN_ENV, PayloadError, decode_images
-from sdpo_core.rewards.server_args import DTYPES, add_arguments, limits_from_args
+from sdpo_core.rewards.server_args import DTYPES, add_arguments, limits_from_args, reward_options
 from sdpo_core.rewards.server_batch import Batcher
 from sdpo_core.rewards.server_limits import LimitError, Limits, check_payload, protocol_with_deadline
 
@@ -94,14 +93,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if length is None or not length.isdigit():
         raise _Answer(411, "a Content-Length header is required", {"Connection": "close"})
     if int(length) > limit:
+        await _drain(request)
         raise _Answer(
-            413, f"body of {length} bytes exceeds {limit}; send fewer images", {"Connection": "close"}
+            413,
+            f"body of {length} bytes exceeds {limit} bytes (--max-request-mb); send fewer images",
+            {"Connection": "close"},
         )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:  # h11 already refuses more than Content-Length; this guards the limit itself
-            raise _Answer(413, f"body exceeds {limit} bytes; send fewer images", {"Connection": "close"})
+            raise _Answer(
+                413,
+                f"body exceeds {limit} bytes (--max-request-mb); send fewer images",
+                {"Connection": "close"},
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -113,12 +119,11 @@ def _authorized(request: Request, token: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-async def _drain(request: Request, limit: int) -> None:
-    """Read and drop a refused request's body (bounded) so that the client can read the answer."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) <= limit:
-        async for _ in request.stream():
-            pass
+async def _drain(request: Request) -> None:
+    """Read and drop a refused request's body, so that its client reads the answer rather than a
+    reset connection; it costs no memory, and the read deadline bounds its time."""
+    async for _ in request.stream():
+        pass
 
 
 def create_app(reward_fn: RewardFn, reward_name: str, limits: Limits, token: str | None) -> FastAPI:
@@ -151,7 +156,7 @@ def create_app(reward_fn: RewardFn, reward_name: str, limits: Limits, token: str
         start, n, batch = time.perf_counter(), 0, "-"
         try:
             if not _authorized(request, token):
-                await _drain(request, limits.max_request_bytes)
+                await _drain(request)
                 raise _Answer(
                     401,
                     f"missing or wrong bearer token (the server's {TOKEN_ENV})",
@@ -268,25 +273,6 @@ def server_token(host: str, environ: dict[str, str] | os._Environ[str] = os.envi
     return token
 
 
-def _options(sets: Sequence[str]) -> dict[str, Any]:
-    """``reward.options.k=v`` overrides -> the options dict (values read as YAML, as ``--set`` is)."""
-    options: dict[str, Any] = {}
-    for text in sets:
-        key, eq, raw = text.partition("=")
-        path = key.strip().split(".")
-        if not eq or len(path) < 3 or path[:2] != ["reward", "options"] or not all(path):
-            raise RewardError(f"--set here takes reward.options.KEY=VALUE only, got {text!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise RewardError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
-        node = options
-        for part in path[2:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return options
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``sdpo reward-server``: build the reward, then serve it until interrupted."""
     parser = argparse.ArgumentParser(prog="sdpo reward-server", description="Serve a reward over HTTP.")
@@ -296,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         limits = limits_from_args(args)
         token = server_token(args.host)
-        reward_fn = build_reward(args.reward, _options(args.sets), args.device, DTYPES[args.dtype])
+        reward_fn = build_reward(args.reward, reward_options(args.sets), args.device, DTYPES[args.dtype])
         server = make_server(reward_fn, args.reward, args.host, args.port, limits, token)
     except (RewardError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

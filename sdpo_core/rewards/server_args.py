@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+import yaml
 
+from sdpo_core.rewards import RewardError
 from sdpo_core.rewards.server_limits import Limits
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,3 +101,22 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         batch_wait_s=args.batch_wait_ms / 1000,
         read_timeout_s=args.read_timeout,
     )
+
+
+def reward_options(sets: Sequence[str]) -> dict[str, Any]:
+    """``reward.options.k=v`` overrides -> the options dict (values read as YAML, as ``--set`` is)."""
+    options: dict[str, Any] = {}
+    for text in sets:
+        key, eq, raw = text.partition("=")
+        path = key.strip().split(".")
+        if not eq or len(path) < 3 or path[:2] != ["reward", "options"] or not all(path):
+            raise RewardError(f"--set here takes reward.options.KEY=VALUE only, got {text!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RewardError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
+        node = options
+        for part in path[2:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return options

@@ -195,6 +195,9 @@ def test_too_large_and_unknown_paths():
     with serving(smooth_reward, max_request_bytes=100) as url:
         status, answer = _post(url, b"x" * 1000)
         assert status == 413 and "exceeds 100" in answer["error"]
+        client = build_reward("remote", {"url": url, "backoff": 5.0})
+        with pytest.raises(RewardError, match=r"answered 413: body of \d+ bytes exceeds 100 .*not retried"):
+            client(_images(1), PROMPTS[:1])
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{url}/nothing", timeout=5)
         assert err.value.code == 404
@@ -207,6 +210,9 @@ def test_too_large_and_unknown_paths():
         ({"url": "127.0.0.1:8000"}, "needs options.url like"),
         ({"url": "http://x", "encoding": "jpeg"}, "encoding must be one of"),
         ({"url": "http://x", "timeout": 0}, "timeout must be > 0"),
+        ({"url": "http://x", "timeout": "abc"}, "must be numbers, got {'timeout': 'abc'}"),
+        ({"url": "http://x", "retries": True}, "must be numbers"),
+        ({"url": "http://x", "token_env": ""}, "token_env must name an environment variable"),
     ],
 )
 def test_remote_rejects_bad_options(options, message):
