@@ -49,7 +49,7 @@ from starlette.requests import ClientDisconnect
 from sdpo_core.rewards import RewardError, RewardFn, build_reward
 from sdpo_core.rewards.remote import TOKEN_ENV, PayloadError, decode_images
 from sdpo_core.rewards.server_args import DTYPES, add_arguments, limits_from_args, reward_options
-from sdpo_core.rewards.server_batch import Batcher
+from sdpo_core.rewards.server_batch import Batcher, Scored
 from sdpo_core.rewards.server_limits import LimitError, Limits, check_payload, protocol_with_deadline
 
 log = logging.getLogger(__name__)
@@ -190,13 +190,14 @@ def create_app(reward_fn: RewardFn, reward_name: str, limits: Limits, token: str
         except ClientDisconnect:
             response = JSONResponse({"error": "client left"}, 400)
         ms = (time.perf_counter() - start) * 1000
-        log.info("POST /score %d n=%d batch=%s %.1fms %s", response.status_code, n, batch, ms, request.client)
+        client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+        log.info("POST /score %d n=%d batch=%s %.0fms from %s", response.status_code, n, batch, ms, client)
         return response
 
     return app
 
 
-async def _scored(batcher: Batcher, images: torch.Tensor, prompts: list[str]) -> Any:
+async def _scored(batcher: Batcher, images: torch.Tensor, prompts: list[str]) -> Scored:
     try:
         return await batcher.score(images, prompts)
     # Any failure of the reward goes back to the client as a 500 rather than a dropped connection.
@@ -292,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"serving reward '{args.reward}' on {server.url} (POST /score, GET /health; {auth}); Ctrl-C stops",
         flush=True,
     )
+    log.info("limits: %s", limits)
     try:
         server.serve()
     except KeyboardInterrupt:
