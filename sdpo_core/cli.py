@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["reward-server"]:
-        from sdpo_core.reward_server import main as server_main
+        from sdpo_core.rewards.server import main as server_main
 
         return server_main(argv[1:])
     parser = build_parser()

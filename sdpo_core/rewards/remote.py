@@ -3,7 +3,7 @@
     reward: {name: remote, options: {url: "http://127.0.0.1:8000", timeout: 30, retries: 3}}
 
 Useful when the reward model lives on another GPU or machine. The wire format (shared with
-:mod:`sdpo_core.reward_server`), ``POST /score`` with a JSON body::
+:mod:`sdpo_core.rewards.server`), ``POST /score`` with a JSON body::
 
     {"prompts": [str] * N,
      "images": {"format": "array", "dtype": "float16" | "uint8", "shape": [N, 3, H, W],
@@ -11,12 +11,16 @@ Useful when the reward model lives on another GPU or machine. The wire format (s
             |  {"format": "png", "data": [base64 PNG] * N}}
 
 answered ``{"scores": [float] * N}`` (200), or ``{"error": message}`` with 400 (bad payload),
-404, 413 (too large) or 500 (the reward failed). ``GET /health`` answers ``{"status": "ok", "reward": name}``.
+401 (missing or wrong token), 404, 411, 413 (over the server's limits), 500 (the reward failed)
+or 503 (busy). ``GET /health`` answers ``{"status": "ok", "reward": name}``.
 
 Options: ``url``; ``timeout`` (seconds per socket operation); ``retries`` (extra attempts after the
 first, on connection errors, timeouts and 502/503/504, waiting ``backoff * 2**k`` seconds
-between them); ``encoding`` (``float16``: what the local reward would see up to fp16 rounding;
-``uint8`` / ``png``: half the bytes, what a saved image holds).
+between them; 400, 401, 413 and 500 are final); ``encoding`` (``float16``: what the local reward
+would see up to fp16 rounding; ``uint8`` / ``png``: half the bytes, what a saved image holds);
+``token_env`` (default ``SDPO_REWARD_TOKEN``): the environment variable whose value is sent as
+``Authorization: Bearer``, when set. The option names a variable, never the token itself, since
+options are recorded with the run (config.yaml, MLflow params, the DVC params file).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +44,13 @@ from sdpo_core.rewards import RewardError
 ENCODINGS = ("float16", "uint8", "png")
 _ARRAY_DTYPES: dict[str, np.dtype] = {"float16": np.dtype("<f2"), "uint8": np.dtype("u1")}
 _RETRY_STATUS = {502, 503, 504}
+TOKEN_ENV = "SDPO_REWARD_TOKEN"
+# Why a final answer cannot be helped by retrying, and what to do instead.
+_FINAL_HINTS = {
+    401: "not retried: set {env} here to the server's {server_env}",
+    413: "not retried: the request is over the server's limits; send fewer or smaller images per call "
+    "or raise the server's --max-* options",
+}
 
 
 class PayloadError(ValueError):
@@ -121,9 +133,24 @@ def _decode_png(data: Any) -> torch.Tensor:
 class RemoteReward:
     """Call with (N, 3, H, W) in [0, 1] and N prompts -> (N,) float32 from the server."""
 
-    def __init__(self, url: str, timeout: float, retries: int, encoding: str, backoff: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        retries: int,
+        encoding: str,
+        backoff: float,
+        token_env: str = TOKEN_ENV,
+    ) -> None:
         self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
-        self.encoding, self.backoff = encoding, backoff
+        self.encoding, self.backoff, self.token_env = encoding, backoff, token_env
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        token = os.environ.get(self.token_env, "").strip()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if images.ndim != 4 or images.shape[0] != len(prompts):
@@ -146,7 +173,7 @@ class RemoteReward:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(
-                f"{self.url}/score", data=body, method="POST", headers={"Content-Type": "application/json"}
+                f"{self.url}/score", data=body, method="POST", headers=self._headers()
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -154,7 +181,11 @@ class RemoteReward:
             except urllib.error.HTTPError as exc:
                 message = _error_text(exc)
                 if exc.code not in _RETRY_STATUS:  # a bad request or a failing reward: retrying cannot help
-                    raise RewardError(f"reward 'remote': {self.url} answered {exc.code}: {message}") from exc
+                    hint = _FINAL_HINTS.get(exc.code, "").format(env=self.token_env, server_env=TOKEN_ENV)
+                    raise RewardError(
+                        f"reward 'remote': {self.url} answered {exc.code}: {message}"
+                        + (f" ({hint})" if hint else "")
+                    ) from exc
                 last = f"HTTP {exc.code}: {message}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 last = self._describe(exc)
@@ -195,12 +226,21 @@ def build(
     retries: int = 3,
     encoding: str = "float16",
     backoff: float = 0.5,
+    token_env: str = TOKEN_ENV,
 ) -> RemoteReward:
     """A client of ``url`` (``device``/``dtype`` belong to the server, which has its own)."""
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise RewardError(f"reward 'remote' needs options.url like 'http://127.0.0.1:8000', got {url!r}")
     if encoding not in ENCODINGS:
         raise RewardError(f"reward 'remote': encoding must be one of {ENCODINGS}, got {encoding!r}")
-    if timeout <= 0 or retries < 0 or backoff < 0:
+    numbers = {"timeout": timeout, "retries": retries, "backoff": backoff}
+    not_numbers = {k: v for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, int | float)}
+    if not_numbers or (isinstance(retries, float) and not retries.is_integer()):
+        raise RewardError(
+            f"reward 'remote': timeout, retries and backoff must be numbers, got {not_numbers or numbers}"
+        )
+    if not (0 < timeout < float("inf")) or retries < 0 or not (0 <= backoff < float("inf")):
         raise RewardError("reward 'remote': timeout must be > 0, retries >= 0 and backoff >= 0")
-    return RemoteReward(url, float(timeout), int(retries), encoding, float(backoff))
+    if not isinstance(token_env, str) or not token_env:
+        raise RewardError(f"reward 'remote': token_env must name an environment variable, got {token_env!r}")
+    return RemoteReward(url, float(timeout), int(retries), encoding, float(backoff), token_env)

@@ -18,8 +18,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from sdpo_core.reward_server import main, make_server
 from sdpo_core.rewards import RewardError, build_reward
+from sdpo_core.rewards.server import main, make_server
+from sdpo_core.rewards.server_limits import Limits
 
 PROMPTS = ["a cat", "a red car", "dog", "a blue tree painting"]
 
@@ -40,15 +41,19 @@ def nan_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 @contextmanager
-def serving(reward_fn, name: str = "test", **kwargs):
-    server = make_server(reward_fn, name, "127.0.0.1", 0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+def serving(reward_fn, name: str = "test", **limits):
+    server = make_server(reward_fn, name, "127.0.0.1", 0, Limits(**limits))
+    thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not server.server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.server.started, "the server did not start within 10s"
     try:
         yield server.url
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
+        thread.join(timeout=10)
 
 
 def _images(n: int = 4, h: int = 24, w: int = 32) -> torch.Tensor:
@@ -190,6 +195,9 @@ def test_too_large_and_unknown_paths():
     with serving(smooth_reward, max_request_bytes=100) as url:
         status, answer = _post(url, b"x" * 1000)
         assert status == 413 and "exceeds 100" in answer["error"]
+        client = build_reward("remote", {"url": url, "backoff": 5.0})
+        with pytest.raises(RewardError, match=r"answered 413: body of \d+ bytes exceeds 100 .*not retried"):
+            client(_images(1), PROMPTS[:1])
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"{url}/nothing", timeout=5)
         assert err.value.code == 404
@@ -202,6 +210,9 @@ def test_too_large_and_unknown_paths():
         ({"url": "127.0.0.1:8000"}, "needs options.url like"),
         ({"url": "http://x", "encoding": "jpeg"}, "encoding must be one of"),
         ({"url": "http://x", "timeout": 0}, "timeout must be > 0"),
+        ({"url": "http://x", "timeout": "abc"}, "must be numbers, got {'timeout': 'abc'}"),
+        ({"url": "http://x", "retries": True}, "must be numbers"),
+        ({"url": "http://x", "token_env": ""}, "token_env must name an environment variable"),
     ],
 )
 def test_remote_rejects_bad_options(options, message):
@@ -220,12 +231,12 @@ def test_main_reports_bad_arguments(capsys):
 
 
 def test_main_serves_until_stopped(tmp_path):
-    """``python -m sdpo_core.reward_server`` (what ``sdpo reward-server`` runs), options via --set."""
+    """``python -m sdpo_core.rewards.server`` (what ``sdpo reward-server`` runs), options via --set."""
     port = _free_port()
     cmd = [
         sys.executable,
         "-m",
-        "sdpo_core.reward_server",
+        "sdpo_core.rewards.server",
         "--reward",
         "jpeg_compressibility",
         "--port",
