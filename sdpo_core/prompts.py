@@ -85,8 +85,8 @@ def _asset(name: str) -> list[str]:
 
 
 def digit_prompts() -> list[tuple[str, int]]:
-    """(prompt, digit) pairs of the embedded digits model (``sdpo_core.tiny.digits``)."""
-    from sdpo_core.tiny.digits import all_digit_prompts
+    """(prompt, digit) pairs of the embedded digits model (``sdpo_core.rewards.digits``)."""
+    from sdpo_core.rewards.digits import all_digit_prompts
 
     return [(str(p), int(d)) for p, d in all_digit_prompts()]
 

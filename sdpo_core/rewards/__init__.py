@@ -6,8 +6,8 @@ called as ``factory(device=..., dtype=..., **options)`` where ``options`` come f
 ``reward.options``; a factory that declares a ``model_dir`` parameter also gets the pipeline's base
 model directory (``model.pretrained``), where the digits rewards find their classifier.
 
-The registry proper is ``sdpo_core.reward_registry`` (what reward modules import); this package
-adds name lookup and the built-in rewards.
+The registry proper is ``sdpo_core.rewards.registry`` (what reward modules import); this package
+adds name lookup and registers the built-in and the digits rewards.
 
 A reward may also expose ``last_components: dict[str, torch.Tensor]`` (each (N,) float32, the
 parts of its last call; ``combine`` does) for the trainer to log.
@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
-from sdpo_core.reward_registry import (
+# imported for what they register (the built-in rewards and the digits rewards); both import only
+# their sibling sdpo_core.rewards.registry, never this package's names
+from sdpo_core.rewards import builtin, digits  # noqa: F401
+from sdpo_core.rewards.registry import (
     REGISTRY,
     Factory,
     RewardError,
@@ -31,11 +34,6 @@ from sdpo_core.reward_registry import (
     import_callable,
     register_reward,
 )
-
-# imported for what they register (the built-in rewards and the digits rewards); both import only
-# sdpo_core.reward_registry, below this package, so neither imports this package back
-from sdpo_core.rewards import builtin  # noqa: F401
-from sdpo_core.tiny import digits  # noqa: F401
 
 __all__ = [
     "REGISTRY",

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdpo_core.reward_registry import Factory, call_factory, register_reward
+from sdpo_core.rewards.registry import Factory, call_factory, register_reward
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:

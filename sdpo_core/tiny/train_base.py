@@ -1,5 +1,5 @@
 """Build the embedded default model ``digits-tiny``: a real diffusers ``StableDiffusionPipeline``
-trained here, on CPU, from scikit-learn's handwritten digits (see :mod:`sdpo_core.tiny.digits`).
+trained here, on CPU, from scikit-learn's handwritten digits (see :mod:`sdpo_core.rewards.digits`).
 
 Run::
 
@@ -36,9 +36,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sdpo_core.evaluation import metrics
 from sdpo_core.families.loading import load_family
-from sdpo_core.rewards import build_reward
-from sdpo_core.tiny import digits
+from sdpo_core.rewards import build_reward, digits
 from sdpo_core.tiny.random_model import TinySizes, build_tiny_pipeline
 from sdpo_core.tiny.repro import build_environment, fixed_threads
 
@@ -184,8 +184,8 @@ def evaluate_digits(
     def row(images: torch.Tensor, prompts: list[str], labels: torch.Tensor) -> dict:
         out = {name: fn(images, prompts).mean().item() for name, fn in rewards.items()}
         out["accuracy"] = digits.classifier_accuracy(model, images, labels)
-        out["diversity"] = digits.diversity(images, prompts, labels)
-        out["boldness"] = digits.boldness(images)
+        out["diversity"] = metrics.diversity(images, prompts, labels)
+        out["boldness"] = metrics.boldness(images)
         return out
 
     table = {n: row(sample(pipe, prompts, n, seed), prompts, labels) for n in steps}

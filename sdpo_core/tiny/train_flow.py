@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sdpo_core.evaluation import metrics
 from sdpo_core.families.sd3 import SD3Family
-from sdpo_core.rewards import build_reward
+from sdpo_core.rewards import build_reward, digits
 from sdpo_core.samplers.flow_sde import FlowSDESampler
-from sdpo_core.tiny import digits
 from sdpo_core.tiny.flow import build_tiny_sd3
 from sdpo_core.tiny.train_base import (
     EMPTY_PROMPT_FRACTION,
@@ -137,7 +137,7 @@ def evaluate_flow_digits(family: SD3Family, classifier_path, steps=EVAL_STEPS, p
         images = sample_flow(family, prompts, n, seed, sigma_schedule)
         row = {name: fn(images, prompts).mean().item() for name, fn in rewards.items()}
         row["accuracy"] = digits.classifier_accuracy(model, images, labels)
-        row["diversity"] = digits.diversity(images, prompts, labels)
+        row["diversity"] = metrics.diversity(images, prompts, labels)
         table[n] = row
     return table
 

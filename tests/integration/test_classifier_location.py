@@ -9,9 +9,8 @@ import shutil
 
 import torch
 
-from sdpo_core.rewards import build_reward
+from sdpo_core.rewards import build_reward, digits
 from sdpo_core.stages import evaluate_stage
-from sdpo_core.tiny import digits
 from sdpo_core.training.trainer import Trainer
 
 

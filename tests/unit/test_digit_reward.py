@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdpo_core.evaluation import metrics
 from sdpo_core.evaluation.metrics import get_metric
-from sdpo_core.rewards import RewardError, available_rewards, build_reward, check_rewards
-from sdpo_core.tiny import digits
+from sdpo_core.rewards import RewardError, available_rewards, build_reward, check_rewards, digits
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_metrics(model_dir, heldout):
     # two images differing by 1 in every pixel are at distance exactly 1 after normalising
     pair = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
     assert get_metric("diversity")(pair, ["a", "b"], torch.tensor([0, 0])) == pytest.approx(1.0)
-    assert 0.1 < digits.real_data_diversity() < 0.4
+    assert 0.1 < metrics.real_data_diversity() < 0.4
     # 0.30 of a real digit's pixels are above 0.5: boldness 0.30 / 0.45
     assert get_metric("boldness")(images, prompts, group) == pytest.approx(0.67, abs=0.05)
 

@@ -1,8 +1,8 @@
 """The reward registry itself: ``register_reward``, the factory call and the value guard.
 
-Modules that provide rewards (``sdpo_core.rewards.builtin``, ``sdpo_core.tiny.digits``, a user's
-own) import this module, not the ``sdpo_core.rewards`` package, which imports them: the import
-graph stays one-way (tests/unit/test_structure.py).
+Modules that provide rewards (``sdpo_core.rewards.builtin``, ``sdpo_core.rewards.digits``, a user's
+own) import this module, not the names of the ``sdpo_core.rewards`` package, which imports them
+to register them: the import graph stays one-way (tests/unit/test_structure.py).
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ upsampled to 32x32 RGB in [0, 1] (ink bright, three identical channels). A fixed
 gives 70% to the diffusion model (``"diffusion"``) and 30% held out (``"heldout"``), which only
 the classifier sees: 80% of it trains the classifier, 20% measures it.
 
-Importing this module registers the rewards ``digit_alignment`` and ``digit_alignment_bold``
-and the evaluation metrics ``digit_accuracy``, ``diversity`` and ``boldness``.
+Importing this module registers the rewards ``digit_alignment`` and ``digit_alignment_bold``;
+the evaluation metrics that read the same classifier (``digit_accuracy``, ``boldness``) live in
+:mod:`sdpo_core.evaluation.metrics`. The tiny model builders (:mod:`sdpo_core.tiny`) take their
+data and classifier from here.
 
 ``digit_alignment_bold`` is the one to train digits-tiny on: the base model already scores
 ~0.97 on ``digit_alignment`` at every step count (no room to grow), but ~0.78 on the bold one.
@@ -39,8 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sdpo_core.evaluation.metrics import register_metric
-from sdpo_core.reward_registry import RewardError, register_reward
+from sdpo_core.rewards.registry import RewardError, register_reward
 from sdpo_core.tiny.repro import fixed_threads
 
 IMAGE_SIZE = 32
@@ -368,50 +369,3 @@ def digit_alignment_bold(
         return digit_probability(model, images, prompts) * (1 - weight + weight * bold)
 
     return reward
-
-
-# -------------------------------------------------------------------------- metrics
-@register_metric("digit_accuracy", "fraction of images the digits classifier reads as the prompted digit")
-def digit_accuracy(
-    images: torch.Tensor, prompts: list[str], group: torch.Tensor | None = None, model_dir: str | None = None
-) -> float:
-    """(N, 3, H, W) in [0, 1], N prompts -> fraction whose argmax class is the prompted digit
-    (the classifier of the base model directory ``model_dir``)."""
-    model = get_classifier(classifier_path_for(model_dir, None, "metric 'digit_accuracy'"))
-    digits = torch.tensor([parse_digit(p) for p in prompts])
-    with torch.no_grad():
-        pred = model(classifier_input(images.cpu())).argmax(dim=1)
-    return (pred == digits).float().mean().item()
-
-
-@register_metric("diversity", "mean pairwise RMS pixel distance between samples of the same prompt group")
-def diversity(images: torch.Tensor, prompts: list[str] | None, group: torch.Tensor) -> float:
-    """(N, 3, H, W) images, (N,) group ids -> mean over groups with >= 2 samples of the mean
-    pairwise L2 distance / sqrt(3 H W) (an RMS pixel difference, 0 for identical images).
-    NaN when no group has two samples (diversity is undefined there)."""
-    flat = images.detach().float().cpu().flatten(1)
-    per_group = []
-    for g in torch.unique(group.cpu()):
-        x = flat[group.cpu() == g]
-        if len(x) >= 2:
-            # exact differences: the matmul shortcut leaves ~1e-3 between identical images
-            dist = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-            iu = torch.triu_indices(len(x), len(x), offset=1)
-            per_group.append(dist[iu[0], iu[1]].mean() / flat.shape[1] ** 0.5)
-    return torch.stack(per_group).mean().item() if per_group else float("nan")
-
-
-@register_metric(
-    "boldness", "mean stroke boldness (digit_alignment_bold's preference term, target area 0.45)"
-)
-def boldness(
-    images: torch.Tensor, prompts: list[str] | None = None, group: torch.Tensor | None = None
-) -> float:
-    """(N, 3, H, W) in [0, 1] -> mean :func:`stroke_boldness` (to see what a bold reward bought)."""
-    return stroke_boldness(images).mean().item()
-
-
-def real_data_diversity(split: str = "heldout") -> float:
-    """:func:`diversity` of real digits of ``split`` grouped by class (the reference for a model's)."""
-    images, labels = load_digit_images(split)
-    return diversity(images, None, labels)
