@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from sdpo_core.evaluation import metrics
 from sdpo_core.families.loading import load_family
 from sdpo_core.rewards import build_reward, digits
+from sdpo_core.tiny.classifier import classifier_accuracy, load_or_train_classifier
 from sdpo_core.tiny.random_model import TinySizes, build_tiny_pipeline
 from sdpo_core.tiny.repro import build_environment, fixed_threads
 
@@ -183,7 +184,7 @@ def evaluate_digits(
 
     def row(images: torch.Tensor, prompts: list[str], labels: torch.Tensor) -> dict:
         out = {name: fn(images, prompts).mean().item() for name, fn in rewards.items()}
-        out["accuracy"] = digits.classifier_accuracy(model, images, labels)
+        out["accuracy"] = classifier_accuracy(model, images, labels)
         out["diversity"] = metrics.diversity(images, prompts, labels)
         out["boldness"] = metrics.boldness(images)
         return out
@@ -245,7 +246,7 @@ def _build(
     (out / "model_index.json").unlink(missing_ok=True)  # a forced rebuild is incomplete until saved
     classifier_dir = out / "classifier"
     # the judge does not depend on the base model's seed: it always trains with its own fixed seed
-    _, cls_info = digits.load_or_train_classifier(classifier_dir)
+    _, cls_info = load_or_train_classifier(classifier_dir)
     images, labels = digits.load_digit_images("diffusion")
     gen = torch.Generator().manual_seed(seed)
     pipe = build_tiny_pipeline(

@@ -35,6 +35,7 @@ from sdpo_core.evaluation import metrics
 from sdpo_core.families.sd3 import SD3Family
 from sdpo_core.rewards import build_reward, digits
 from sdpo_core.samplers.flow_sde import FlowSDESampler
+from sdpo_core.tiny.classifier import classifier_accuracy, load_or_train_classifier
 from sdpo_core.tiny.flow import build_tiny_sd3
 from sdpo_core.tiny.train_base import (
     EMPTY_PROMPT_FRACTION,
@@ -136,7 +137,7 @@ def evaluate_flow_digits(family: SD3Family, classifier_path, steps=EVAL_STEPS, p
     for n in steps:
         images = sample_flow(family, prompts, n, seed, sigma_schedule)
         row = {name: fn(images, prompts).mean().item() for name, fn in rewards.items()}
-        row["accuracy"] = digits.classifier_accuracy(model, images, labels)
+        row["accuracy"] = classifier_accuracy(model, images, labels)
         row["diversity"] = metrics.diversity(images, prompts, labels)
         table[n] = row
     return table
@@ -152,7 +153,7 @@ def build_digits_flow_tiny(out_dir: str | Path, seed: int = 0, steps: int = 3000
     start = time.time()
     (out / "model_index.json").unlink(missing_ok=True)
     classifier_dir = out / "classifier"
-    _, cls_info = digits.load_or_train_classifier(classifier_dir)
+    _, cls_info = load_or_train_classifier(classifier_dir)
     images, labels = digits.load_digit_images("diffusion")
     gen = torch.Generator().manual_seed(seed)
     pipe = build_tiny_sd3(seed=seed, words=digits.digit_vocabulary(), latent_channels=4, patch_size=1,

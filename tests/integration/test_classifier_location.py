@@ -11,6 +11,7 @@ import torch
 
 from sdpo_core.rewards import build_reward, digits
 from sdpo_core.stages import evaluate_stage
+from sdpo_core.tiny.classifier import load_or_train_classifier
 from sdpo_core.training.trainer import Trainer
 
 
@@ -19,7 +20,7 @@ def test_trainer_and_evaluate_read_the_model_dirs_classifier(tiny_base, tiny_cfg
     (they would then look under the working directory and find nothing)."""
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)
-    digits.load_or_train_classifier(base / digits.CLASSIFIER_SUBDIR)
+    load_or_train_classifier(base / digits.CLASSIFIER_SUBDIR)
     cfg = tiny_cfg(
         f"model.pretrained={base}", "reward.name=digit_alignment", "evaluate.metrics=[digit_accuracy]",
         "evaluate.steps=[1]", "evaluate.num_prompts=2", "evaluate.samples_per_prompt=1",

@@ -12,13 +12,14 @@ import torch
 from sdpo_core.evaluation import metrics
 from sdpo_core.evaluation.metrics import get_metric
 from sdpo_core.rewards import RewardError, available_rewards, build_reward, check_rewards, digits
+from sdpo_core.tiny.classifier import classifier_accuracy, load_or_train_classifier
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A base model directory holding only the classifier (all the digits rewards read of it)."""
     path = tmp_path_factory.mktemp("digits") / "base"
-    digits.load_or_train_classifier(path / digits.CLASSIFIER_SUBDIR)
+    load_or_train_classifier(path / digits.CLASSIFIER_SUBDIR)
     return path
 
 
@@ -73,7 +74,7 @@ def test_splits_are_disjoint_and_fixed():
 def test_classifier_accuracy_and_files(classifier_dir, heldout):
     model, config = digits.load_classifier(classifier_dir)
     assert config["test_accuracy"] > 0.9
-    assert digits.classifier_accuracy(model, heldout[0], torch.tensor(heldout[1])) > 0.9
+    assert classifier_accuracy(model, heldout[0], torch.tensor(heldout[1])) > 0.9
     assert sorted(p.name for p in classifier_dir.iterdir()) == ["config.json", "model.safetensors"]
     assert 40_000 < sum(p.numel() for p in model.parameters()) < 80_000
 
