@@ -165,7 +165,7 @@ class GRPOConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """The RL method, its hyper-parameters (DESIGN section 2), the update loop and checkpoints."""
+    """The RL method and its hyper-parameters (docs/architecture.md), the update loop and checkpoints."""
 
     method: MethodName = Field(  # type: ignore[valid-type]
         default="sdpo", description="sdpo (paired dense-reward difference loss), ddpo (PPO-clip on the final reward) "

@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from sdpo_core.config import Config
+from sdpo_core.methods import METHODS
 from sdpo_core.stages import STAGES
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -39,10 +40,22 @@ section may set others for every pipeline.
 """
 
 FOOTER = """\
-Batch sizes are per process. Both methods sample two trajectories per prompt; SDPO trains on
-pairs (`train.batch_size` pairs per backward), DDPO on single trajectories. `sdpo config show`
-prints the derived batch plan; bad combinations are rejected with what to change.
+Batch sizes are per process. Each method samples k trajectories per prompt and trains on items of
+one trajectory or of all k (`train.batch_size` items per backward), as the table says. `sdpo config
+show` prints the derived batch plan; bad combinations are rejected with what to change.
 """
+
+
+def methods_table() -> str:
+    """One row per registered method (``methods.METHODS``): what it samples and trains on."""
+    rows = ["| `train.method` | trajectories per prompt | x_T | training item | `update_schedule: auto` |",
+            "|---|---|---|---|---|"]
+    for name, m in METHODS.items():
+        k, per_item = m.trajectories_per_prompt, m.trajectories_per_item
+        item = "one trajectory" if per_item == 1 else f"the {k} together ({m.item_noun})"
+        noise = "shared" if m.shared_noise else "independent"
+        rows.append(f"| `{name}` | {k} | {noise} | {item} | `{m.update_schedule}` |")
+    return "\n".join(rows) + "\n"
 
 _BOUNDS = ((at.Ge, ">=", "ge"), (at.Gt, ">", "gt"), (at.Le, "<=", "le"), (at.Lt, "<", "lt"))
 
@@ -118,7 +131,7 @@ def config_markdown() -> str:
     for title, lead, table in groups:
         parts += [f"## {title}\n", *([lead + "\n"] if lead else []), "| key | type | default | meaning |"]
         parts += ["|---|---|---|---|", *(f"| {k} | {t} | {d} | {m} |" for k, t, d, m in table), ""]
-    parts.append(FOOTER)
+    parts += [FOOTER, methods_table()]
     return "\n".join(parts) + "\n" + stages_markdown()
 
 

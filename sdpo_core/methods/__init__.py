@@ -1,12 +1,12 @@
-"""RL methods as strategy objects (see ``base.py``): one file per method, listed in ``METHODS``."""
+"""RL methods as strategy objects (see ``method.py``): one file per method, listed in ``METHODS``."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sdpo_core.methods.base import Method
 from sdpo_core.methods.ddpo import DDPO
 from sdpo_core.methods.grpo import GRPO
+from sdpo_core.methods.method import Method
 from sdpo_core.methods.sdpo import SDPO
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SDPO, DDPO, GRPO)}

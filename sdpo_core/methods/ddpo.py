@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sdpo_core.methods.base import Method
+from sdpo_core.methods.method import Method
 from sdpo_core.rl.losses import ddpo_loss
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdpo_core.methods.base import Method
+from sdpo_core.methods.method import Method
 from sdpo_core.rl.advantages import discounted_returns
 from sdpo_core.rl.dense_rewards import predict_dense_rewards, query_steps, similarities
 from sdpo_core.rl.losses import sdpo_loss

@@ -8,7 +8,7 @@ import torch
 
 from sdpo_core.config import ConfigError, batch_plan
 from sdpo_core.methods import METHODS
-from sdpo_core.methods.base import Method
+from sdpo_core.methods.method import Method
 from sdpo_core.rl.advantages import group_normalise
 from sdpo_core.rl.losses import ddpo_loss
 from sdpo_core.training.trainer import Trainer
