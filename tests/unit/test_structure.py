@@ -320,3 +320,41 @@ def test_dvc_yaml_defines_the_declared_stages():
         sections = {k.removeprefix("defaults").removeprefix("pipelines.${item}").lstrip(".").split(".")[0] or "*"
                     for k in keys}
         assert sections == set(declared[name].params), name
+
+
+# the layers of sdpo_core, top to bottom, as docs/architecture.md draws them: a module imports only
+# from its own package or module and from layers below its own
+LAYERS = (
+    ("cli",),
+    ("config_docs",),
+    ("stages",),
+    ("tiny", "training"),
+    ("evaluation", "tracking"),
+    ("generate", "prompts"),
+    ("config",),
+    ("sampling", "methods"),
+    ("samplers", "families", "rewards", "rl", "rundir"),
+)
+
+
+def _layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "sdpo_core" and len(parts) > 1 else None
+
+
+def test_every_package_has_a_layer():
+    placed = {p for layer in LAYERS for p in layer}
+    tops = {_layer_of(m) for m in graph() if m.startswith("sdpo_core.")}
+    assert tops - {None} == placed, "place new sdpo_core modules in LAYERS and docs/architecture.md"
+
+
+def test_packages_import_only_lower_layers():
+    """Fails on e.g. families importing training, or config importing stages."""
+    rank = {p: i for i, layer in enumerate(LAYERS) for p in layer}
+    upward = [
+        f"{a} -> {b}"
+        for a, targets in graph().items()
+        for b in targets
+        if (la := _layer_of(a)) and (lb := _layer_of(b)) and la != lb and rank[lb] <= rank[la]
+    ]
+    assert not upward, "imports that do not go down a layer: " + ", ".join(sorted(upward))
