@@ -38,7 +38,6 @@ from sdpo_core.config import (
     load_config,
     pipeline_names,
 )
-from sdpo_core.config_docs import config_markdown
 from sdpo_core.prompts import PromptError
 from sdpo_core.rundir.lock import RunLockedError
 from sdpo_core.rundir.outputs import export_train_metrics
@@ -164,6 +163,9 @@ def cmd_export_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_config_docs(args: argparse.Namespace) -> int:
+    # imported on use: the docs read the method registry, whose maths imports torch (`--help` stays light)
+    from sdpo_core.config_docs import config_markdown
+
     text = config_markdown()
     if args.write:
         Path(args.write).write_text(text, encoding="utf-8")

@@ -18,18 +18,25 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from sdpo_core.methods import METHODS, Method
+if TYPE_CHECKING:
+    from sdpo_core.methods import Method
 
 DEFAULT_PIPELINES_FILE = Path("pipelines.yaml")
 
 
-# the method names the registry lists: a new method is valid here once it is in METHODS
-MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+def _methods() -> dict[str, type[Method]]:
+    """The method registry (``methods.METHODS``): a method is valid here once it is listed there."""
+    # imported on use, like the reward registry in check_reward: the methods' maths imports torch,
+    # and light commands (`sdpo --help`) import this module
+    from sdpo_core.methods import METHODS
+
+    return METHODS
 
 
 class ConfigError(ValueError):
@@ -167,7 +174,7 @@ class GRPOConfig(_Strict):
 class TrainConfig(_Strict):
     """The RL method and its hyper-parameters (docs/architecture.md), the update loop and checkpoints."""
 
-    method: MethodName = Field(  # type: ignore[valid-type]
+    method: str = Field(
         default="sdpo", description="sdpo (paired dense-reward difference loss), ddpo (PPO-clip on the final reward) "
         "or grpo (PPO-clip on final rewards normalised within groups of train.grpo.group_size samples of a prompt)"
     )
@@ -216,6 +223,16 @@ class TrainConfig(_Strict):
     async_checkpoint: bool = Field(
         default=True, description="write checkpoints in a background thread while the next epoch runs"
     )
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, v: str) -> str:
+        names = list(_methods())
+        if v not in names:
+            quoted = [f"'{n}'" for n in names]
+            raise PydanticCustomError("method", "Input should be {names}",
+                                      {"names": ", ".join(quoted[:-1]) + " or " + quoted[-1]})
+        return v
 
 
 class EvaluateConfig(_Strict):
@@ -293,7 +310,7 @@ class BatchPlan:
 
 def method_class(t: TrainConfig) -> type[Method]:
     """The class of ``train.method`` (its batch arithmetic, checks and update loop)."""
-    return METHODS[t.method]
+    return _methods()[t.method]
 
 
 def resolve_update_schedule(t: TrainConfig) -> str:

@@ -107,7 +107,8 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
         if sub is not None:
             out.extend(rows(sub, f"{prefix}{name}."))
             continue
-        kind = type_text(field.annotation)
+        # a key whose values a registry lists (train.method: methods.METHODS) shows them
+        kind = type_text(Literal[tuple(METHODS)]) if f"{prefix}{name}" == "train.method" else type_text(field.annotation)
         bounds = range_text(field)
         out.append(
             (

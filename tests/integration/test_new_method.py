@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo_core.config import ConfigError, batch_plan
+from sdpo_core.config import ConfigError
 from sdpo_core.methods import METHODS
 from sdpo_core.methods.method import Method
 from sdpo_core.rl.advantages import group_normalise
@@ -61,11 +61,9 @@ class JointTriples(Triples):
 
 def _config(tiny_cfg, monkeypatch, method: type[Method], **train):
     monkeypatch.setitem(METHODS, method.name, method)  # the registry's one line
-    cfg = tiny_cfg("sample.num_steps=2", "sample.batch_size=2", "sample.num_batches_per_epoch=2",
-                   "train.batch_size=2")
-    # the config's Literal of method names is built from METHODS at import: set the name unvalidated
-    cfg.train = cfg.train.model_copy(update={"method": method.name, **train})
-    return cfg
+    # validated like any method: the config reads the names and batch checks from METHODS
+    return tiny_cfg("sample.num_steps=2", "sample.batch_size=2", "sample.num_batches_per_epoch=2",
+                    "train.batch_size=2", f"train.method={method.name}", *(f"train.{k}={v}" for k, v in train.items()))
 
 
 @pytest.mark.parametrize("method", [Triples, JointTriples], ids=["independent", "shared-joint"])
@@ -100,6 +98,6 @@ def test_a_method_defined_in_one_file_trains_through_the_trainer(tiny_cfg, tmp_p
 
 
 def test_a_new_method_brings_its_own_batch_checks(tiny_cfg, monkeypatch):
-    cfg = _config(tiny_cfg, monkeypatch, JointTriples, batch_size=3)
+    # refused when the config loads, by the method's own arithmetic (4 triples per process)
     with pytest.raises(ConfigError, match=r"train.batch_size=3 does not divide the 4 triples each process"):
-        batch_plan(cfg)
+        _config(tiny_cfg, monkeypatch, JointTriples, batch_size=3)
