@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import torch
 
@@ -17,4 +19,14 @@ def dying_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     _calls += 1
     if _calls == int(os.environ.get("SDPO_TEST_DIE_AT", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+    return images.float().mean(dim=(1, 2, 3))
+
+
+def gated_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean pixel value, once the file ``SDPO_TEST_GATE`` names exists (at most 300 s): a run that
+    stays inside its first epoch, holding its run dir, until the test opens the gate."""
+    gate = Path(os.environ["SDPO_TEST_GATE"])
+    deadline = time.monotonic() + 300
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return images.float().mean(dim=(1, 2, 3))

@@ -4,13 +4,15 @@ Prefect flow run of the same pipeline)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from fault_helpers import ROOT, env, sdpo, start, tiny_args
+from fault_helpers import ROOT, env, sdpo, sdpo_cmd, tiny_args
 
 HOLD = (
     "import sys, time\n"
@@ -70,16 +72,24 @@ def test_lock_is_reentrant_in_one_process(tmp_path):
 def test_second_sdpo_train_on_the_same_run_dir_exits_2(tiny_base, tmp_path):
     """Two `sdpo train` on one --run-dir: the second exits 2 at once naming the first's PID and writes
     nothing; the first finishes alone with one metrics line per epoch (the bug: both exited 0 with
-    interleaved checkpoints and 6 lines for a 3-epoch run)."""
-    run_dir = tmp_path / "run"
-    first = start("train", *tiny_args(tiny_base, run_dir, "train.epochs=3"))
+    interleaved checkpoints and 6 lines for a 3-epoch run). The first run's reward waits for a gate
+    file, so it is still inside its first epoch, holding the lock, whatever the second's start-up
+    takes on a loaded machine; the test opens the gate once the second has exited."""
+    run_dir, gate = tmp_path / "run", tmp_path / "gate"
+    first_env = {**env(), "SDPO_TEST_GATE": str(gate),
+                 "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
+    args = tiny_args(tiny_base, run_dir, "train.epochs=3", "reward.name=reward_fault_fns:gated_brightness")
+    first = subprocess.Popen(sdpo_cmd("train", *args), cwd=ROOT, env=first_env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (run_dir / ".lock").is_file() or not (run_dir / ".lock").read_text():
             assert first.poll() is None and time.time() < deadline, first.communicate()
             time.sleep(0.05)
         second = sdpo("train", *tiny_args(tiny_base, run_dir, "train.epochs=3"))
+        assert first.poll() is None  # still gated in epoch 0: the refusal below was the lock's
     finally:
+        gate.touch()
         _, first_err = first.communicate(timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
