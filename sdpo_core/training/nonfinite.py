@@ -93,7 +93,7 @@ class NonFiniteGuard:
         if self.acc.scaler is not None:  # its unscale_ ran in clipping: close its iteration as a skipped step does
             self.acc.scaler.update()
         detail = (f"{self.consecutive} update(s) in a row had a non-finite loss or gradient (last: loss "
-                  f"{float(loss):.4g}, gradient norm {float(grad_norm):.4g}); they were skipped, the weights are "
+                  f"{float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}); they were skipped, the weights are "
                   "finite")
         if self.mode == "stop" and self.consecutive >= self.max_consecutive:
             raise NonFiniteError(epoch, update, global_step, detail)

@@ -118,12 +118,12 @@ class Updater:
             batches = list(order.split(train.batch_size))
             if inner == 0 and self.recompute_log_probs:
                 self.recompute_old_log_probs(s, batches, step_perm, n_steps)
-            bar = tqdm(total=n_steps * len(batches), desc=f"epoch {epoch}: training",
-                       disable=not acc.is_local_main_process, leave=False)
-            for rows, j in work_order(batches, n_steps, self.per_step):
-                self.train_step(s, rows, step_perm[rows, j], info)
-                bar.update()
-            bar.close()
+            # closed on the way out of a stop too: the error message then starts its own line
+            with tqdm(total=n_steps * len(batches), desc=f"epoch {epoch}: training",
+                      disable=not acc.is_local_main_process, leave=False) as bar:
+                for rows, j in work_order(batches, n_steps, self.per_step):
+                    self.train_step(s, rows, step_perm[rows, j], info)
+                    bar.update()
         return self._epoch_metrics(info, epoch, time.perf_counter() - start)
 
     def _epoch_metrics(self, info: dict[str, list[torch.Tensor]], epoch: int, seconds: float) -> dict[str, float]:

@@ -8,6 +8,7 @@ import signal
 import torch
 
 _calls = 0
+_overflow_calls = 0
 
 
 def dying_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -17,4 +18,15 @@ def dying_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     _calls += 1
     if _calls == int(os.environ.get("SDPO_TEST_DIE_AT", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+    return images.float().mean(dim=(1, 2, 3))
+
+
+def overflow_from_third_call(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean pixel value on the first two calls (one per epoch of tiny-random), then 3e38 for every
+    image: finite, so check_rewards passes it, but the discounted float32 returns overflow to inf
+    and the advantages (inf - inf) and the loss become NaN."""
+    global _overflow_calls
+    _overflow_calls += 1
+    if _overflow_calls > 2:
+        return torch.full((len(images),), 3e38)
     return images.float().mean(dim=(1, 2, 3))
