@@ -21,7 +21,12 @@ import torch
 from fault_helpers import ROOT, env, lora_weights, sdpo_cmd, tiny_args
 
 from sdpo_core.training.callbacks import TrainerCallback
-from sdpo_core.training.checkpoint import CheckpointWriteError, checkpoint_dirs, load_checkpoint, verify_checkpoint
+from sdpo_core.training.checkpoint import (
+    CheckpointWriteError,
+    checkpoint_dirs,
+    load_checkpoint,
+    verify_checkpoint,
+)
 from sdpo_core.training.nonfinite import NonFiniteError
 from sdpo_core.training.trainer import Trainer
 
