@@ -273,7 +273,7 @@ class Trainer:
                 shutil.rmtree(tmp)
             m = self.cfg.model
             save_trained_model(self.family, denoiser, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
-                               base_lora_scale=m.base_lora_scale)
+                               base_lora_scale=m.base_lora_scale, revision=m.revision)
             replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()
