@@ -12,7 +12,8 @@ Prefect/DVC commands (stack, deploy, version) come from ``flows.commands`` when 
 looked up by name (``COMMAND_PLUGINS``): nothing in sdpo_core imports flows.
 
 Exit codes: 0 success, 2 bad input (a clear message, nothing written; also: the run directory is
-in use by another run), 1 anything else (e.g. a checkpoint that could not be written: disk full),
+in use by another run), 1 anything else (e.g. a checkpoint that could not be written: disk full;
+training stopped on non-finite updates, naming the last good checkpoint),
 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM (what Prefect sends on cancel). An
 interrupted ``train`` or ``run`` keeps its last complete checkpoint and says how to resume.
 """
@@ -72,8 +73,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
 def _environment_errors() -> tuple[type[BaseException], ...]:
     from sdpo_core.training.checkpoint import CheckpointWriteError
+    from sdpo_core.training.nonfinite import NonFiniteError
 
-    return (CheckpointWriteError,)
+    return (CheckpointWriteError, NonFiniteError)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -223,6 +223,15 @@ class TrainConfig(_Strict):
     async_checkpoint: bool = Field(
         default=True, description="write checkpoints in a background thread while the next epoch runs"
     )
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="an update whose loss or gradient is NaN or infinite is skipped (weights and optimizer state "
+        "unchanged, counted as nonfinite/skipped); stop: the run ends (exit 1, naming the last good checkpoint) "
+        "after train.max_nonfinite_steps of them in a row; skip: the run goes on",
+    )
+    max_nonfinite_steps: int = Field(
+        default=3, ge=1, description="skipped non-finite updates in a row after which train.nonfinite: stop ends the run"
+    )
 
     @field_validator("method")
     @classmethod

@@ -4,13 +4,18 @@ The family is read from the model directory's ``model_index.json`` (``model.fami
 overrides), so pointing ``model.pretrained`` at another model directory is all a user changes.
 A trained model directory holds the LoRA in the format its family's diffusers pipeline loads
 with ``load_lora_weights`` (or the full denoiser in ``unet/`` / ``transformer/``) plus
-``sdpo_model.json`` naming the base model and family.
+``sdpo_model.json`` naming the base model and family. A local base is also recorded relative to
+the trained directory (``base_model_dir``), so the model loads from any working directory and
+moves with its run directory; a hub base keeps its id and revision (``base_revision``). Files
+written before that hold only ``base_model`` (a path relative to the working directory then, or
+a hub id) and are read as before.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +92,20 @@ def load_for_config(model_cfg: Any, device: torch.device | str, dtype: torch.dty
                        m.base_lora, m.base_lora_scale)
 
 
+def trained_base(model_dir: str | Path, meta: dict[str, Any]) -> tuple[str, str | None]:
+    """(base model, revision) of a trained directory: the local base recorded relative to it when
+    that exists, else ``base_model`` as written (absolute, a hub id, or an older file's path
+    relative to the working directory)."""
+    rel = meta.get("base_model_dir")
+    if rel is not None and (Path(model_dir) / rel).is_dir():
+        return str((Path(model_dir) / rel).resolve()), None
+    return meta["base_model"], meta.get("base_revision")
+
+
 def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path, finetune: str, base: str,
-                 base_lora: str | None = None, base_lora_scale: float = 1.0) -> Path:
-    """Final weights: LoRA in the family's diffusers format, or the full denoiser."""
+                 base_lora: str | None = None, base_lora_scale: float = 1.0, revision: str | None = None) -> Path:
+    """Final weights: LoRA in the family's diffusers format, or the full denoiser; ``base`` (a local
+    directory or a hub id at ``revision``) is recorded as ``trained_base`` reads it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if finetune == "lora":
@@ -97,6 +113,11 @@ def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path,
     else:
         denoiser.save_pretrained(out / denoiser_folder(family), safe_serialization=True)
     meta: dict[str, Any] = {"base_model": base, "finetune": finetune, "family": family_name(family)}
+    if Path(base).is_dir():
+        # (a directory written aside and renamed to a sibling, as training's final.tmp, keeps it valid)
+        meta["base_model_dir"] = os.path.relpath(Path(base).resolve(), out.resolve())
+    elif revision:
+        meta["base_revision"] = revision
     if base_lora:  # the trained LoRA applies on top of the base with this LoRA fused in
         meta.update({"base_lora": base_lora, "base_lora_scale": base_lora_scale})
     (out / MODEL_META).write_text(json.dumps(meta, indent=2))
@@ -108,7 +129,10 @@ def load_trained(model_dir: str | Path, base: str | None = None, device: torch.d
                  options: dict[str, Any] | None = None, resolution: int | None = None) -> Family:
     """The base model (``base``, else the one the trained dir names) with the trained weights applied."""
     meta = read_model_meta(model_dir)
-    family = load_family(base or meta["base_model"], revision, device, dtype, meta.get("family"), options,
+    if base is None:
+        base, recorded = trained_base(model_dir, meta)
+        revision = revision or recorded
+    family = load_family(base, revision, device, dtype, meta.get("family"), options,
                          resolution, meta.get("base_lora"), meta.get("base_lora_scale", 1.0))
     if meta["finetune"] == "lora":
         family.load_lora(Path(model_dir))

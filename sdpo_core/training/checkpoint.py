@@ -12,7 +12,8 @@ Nothing is unpickled: tensors load with safetensors and the optimizer / RNG stat
 ``CheckpointWriter`` writes in a background thread (``train.async_checkpoint``): the trainer hands
 it a ``CheckpointState`` whose tensors are copies, and goes on with the next epoch while the
 files are written. A failed write (e.g. a full disk: ``CheckpointWriteError``, which says how much
-space was needed) removes its ``.tmp`` directory and is raised at the next ``submit`` or ``wait``;
+space was needed; or weights holding NaN or infinite values, which are never written) removes its
+``.tmp`` directory and is raised at the next ``submit`` or ``wait``;
 a process killed mid-write leaves only a ``.tmp`` directory. Either way the previous checkpoint
 stays the one resume starts from.
 """
@@ -34,6 +35,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sdpo_core.rundir.atomic import fsync_dir, fsync_tree
+from sdpo_core.training.nonfinite import nonfinite_names
 
 log = logging.getLogger(__name__)
 PREFIX = "epoch_"
@@ -162,6 +164,15 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.epoch:04d}"
+    bad = nonfinite_names(state.weights)
+    if bad:  # before anything is written or pruned: the last good checkpoint stays the newest
+        previous = latest_checkpoint(run_dir)
+        raise CheckpointWriteError(
+            f"checkpoint {final.name} was not written: {len(bad)} weight tensor(s) hold NaN or infinite values "
+            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). "
+            + (f"The last good checkpoint {previous} is intact: continue from it with --resume"
+               if previous else "There is no earlier checkpoint")
+        )
     tmp = root / f"{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -13,7 +13,8 @@ same stat tracker, gradients are averaged by accelerate, and only the main proce
   2. while the next batch samples, a worker thread decodes the method's queried x0 states and
      scores them (``scoring.py``);
   3. returns -> advantages (gathered over processes), regrouped into the method's training items;
-  4. updates in the update schedule's order (``update.py``);
+  4. updates in the update schedule's order (``update.py``); a non-finite one is skipped, or stops
+     the run naming the last good checkpoint (``nonfinite.py``);
   5. log the metrics line, then checkpoint (atomic, in the background);
   6. at the end, save the trained model to RUN_DIR/final.
 Hooks into each of these: ``callbacks.TrainerCallback``.
@@ -45,6 +46,7 @@ from sdpo_core.tracking.trackers import NullTracker, Tracker
 from sdpo_core.training import checkpoint as ckpt
 from sdpo_core.training import run_state
 from sdpo_core.training.callbacks import CallbackList, TrainerCallback
+from sdpo_core.training.nonfinite import NonFiniteError
 from sdpo_core.training.rollout import EpochRollout, EpochSamples, Rollout
 from sdpo_core.training.scoring import RewardJob
 from sdpo_core.training.update import Updater
@@ -230,6 +232,10 @@ class Trainer:
                 self.callbacks.on_epoch_end(self, epoch, metrics)
                 if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
                     self.save_checkpoint(epoch)
+        except NonFiniteError as exc:
+            self.checkpoints.close()  # the checkpoint being written is the last good one: on disk first
+            exc.checkpoint, exc.checkpoint_known = ckpt.latest_checkpoint(self.run_dir), True
+            raise
         except BaseException:
             # an interrupted epoch keeps the checkpoint already being written (resume starts there)
             self.checkpoints.close()
@@ -267,7 +273,7 @@ class Trainer:
                 shutil.rmtree(tmp)
             m = self.cfg.model
             save_trained_model(self.family, denoiser, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
-                               base_lora_scale=m.base_lora_scale)
+                               base_lora_scale=m.base_lora_scale, revision=m.revision)
             replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()

@@ -4,6 +4,7 @@ For each inner epoch the items are shuffled and cut into train batches, each ite
 an independent random order; the trained (batch, step position) pairs are visited in the update
 schedule's order (``train.update_schedule``, ``auto``: the method's own), one backward each, an
 optimizer step every ``gradient_accumulation_steps`` batches (x the trained steps per_trajectory).
+An update whose loss or gradient is not finite is skipped, or stops the run (``nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from sdpo_core.methods import Method
 from sdpo_core.rl.losses import temporal_weights
 from sdpo_core.sampling import DenoiseFn, Policy, guided_output
+from sdpo_core.training.nonfinite import NonFiniteGuard
 from sdpo_core.training.rollout import EpochSamples, derive_seed
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ class Updater:
     """Trains ``denoiser`` (as prepared by accelerate) on EpochSamples with ``method``'s loss.
 
     ``denoise``: the training-time denoiser call (``sampling.denoiser_caller`` on the prepared
-    model); ``on_optimizer_step`` runs after every optimizer step.
+    model); ``on_optimizer_step`` runs after every optimizer step (not after a skipped update).
     """
 
     def __init__(self, cfg: Any, acc: Accelerator, denoiser: torch.nn.Module, denoise: DenoiseFn,
@@ -54,6 +56,9 @@ class Updater:
         rc = cfg.train.recompute_log_probs
         self.recompute_log_probs = rc == "always" or (rc == "auto" and acc.mixed_precision != "no")
         self.global_step = 0
+        self.guard = NonFiniteGuard(acc, cfg.train.nonfinite, cfg.train.max_nonfinite_steps)
+        self._micro = 0  # backward passes since the last optimizer step (or skipped update)
+        self._epoch, self._update = 0, 0  # the epoch being trained and its updates so far (for messages)
 
     def new_log_probs(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Current-policy log-probs of items ``rows`` (b,) at steps ``steps`` (b,): one (b,) per
@@ -100,6 +105,8 @@ class Updater:
         m, num_steps = len(s.cond), cfg.sample.num_steps
         n_steps = max(1, math.ceil(num_steps * train.timestep_fraction))
         info: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.guard.reset_epoch()
+        self._epoch, self._update = epoch, 0
         self.denoiser.train()
         start = time.perf_counter()
         for inner in range(train.num_inner_epochs):
@@ -111,16 +118,21 @@ class Updater:
             batches = list(order.split(train.batch_size))
             if inner == 0 and self.recompute_log_probs:
                 self.recompute_old_log_probs(s, batches, step_perm, n_steps)
-            bar = tqdm(total=n_steps * len(batches), desc=f"epoch {epoch}: training",
-                       disable=not acc.is_local_main_process, leave=False)
-            for rows, j in work_order(batches, n_steps, self.per_step):
-                self.train_step(s, rows, step_perm[rows, j], info)
-                bar.update()
-            bar.close()
+            # closed on the way out of a stop too: the error message then starts its own line
+            with tqdm(total=n_steps * len(batches), desc=f"epoch {epoch}: training",
+                      disable=not acc.is_local_main_process, leave=False) as bar:
+                for rows, j in work_order(batches, n_steps, self.per_step):
+                    self.train_step(s, rows, step_perm[rows, j], info)
+                    bar.update()
         return self._epoch_metrics(info, epoch, time.perf_counter() - start)
 
     def _epoch_metrics(self, info: dict[str, list[torch.Tensor]], epoch: int, seconds: float) -> dict[str, float]:
-        metrics = {k: float(torch.stack([x.to("cpu") for x in v]).mean()) for k, v in info.items()}
+        # a key whose values all belonged to skipped updates has none left
+        metrics = {k: float(torch.stack([x.to("cpu") for x in v]).mean()) for k, v in info.items() if v}
+        metrics["nonfinite/skipped"] = self.guard.skipped
+        if not info["approx_kl"]:
+            metrics["time/training"] = seconds
+            return metrics
         # before the first update the ratio must be 1: a non-zero value means sampling and training
         # score transitions differently (see train.recompute_log_probs)
         metrics["check/first_batch_kl"] = float(info["approx_kl"][0])
@@ -133,20 +145,33 @@ class Updater:
 
     def train_step(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor,
                    info: dict[str, list[torch.Tensor]]) -> None:
-        """One backward on items ``rows`` at ``steps``; an optimizer step when accumulation is complete."""
+        """One backward on items ``rows`` at ``steps``; an optimizer step when accumulation is complete
+        (skipped when the update is not finite: ``nonfinite.py``)."""
         acc = self.acc
+        skipped = False
         with acc.accumulate(self.denoiser):
             loss, diag = self.batch_loss(s, rows, steps)
             acc.backward(loss)
+            self.guard.observe(loss)
+            self._micro += 1
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
-                info["grad_norm"].append(torch.as_tensor(norm).detach().float())
-            self.optimizer.step()
+                self._update += 1
+                skipped = self.guard.skip_update(norm, loss, self._epoch, self._update, self.global_step)
+                if not skipped:
+                    info["grad_norm"].append(torch.as_tensor(norm).detach().float())
+            if not skipped:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         # kept as tensors and averaged once per epoch: a float() here would wait on the GPU every step
         info["loss"].append(loss.detach().float())
         for k, v in diag.items():
             info[k].append(v.float())
+        if skipped:  # the skipped update's backward passes leave the epoch's means
+            for k in ("loss", *diag):
+                del info[k][-self._micro:]
         if acc.sync_gradients:
-            self.global_step += 1
-            self.on_optimizer_step()
+            self._micro = 0
+            if not skipped:
+                self.global_step += 1
+                self.on_optimizer_step()

@@ -1,4 +1,5 @@
-"""Rewards for ``sdpo reward-server`` in tests/faults (served as ``reward_fault_fns:NAME``)."""
+"""Rewards of the fault tests (``reward_fault_fns:NAME``, served by ``sdpo reward-server`` or given to
+``sdpo train`` with tests/faults on PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 _calls = 0
+_overflow_calls = 0
 
 
 def dying_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -29,4 +31,15 @@ def gated_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     deadline = time.monotonic() + 300
     while not gate.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    return images.float().mean(dim=(1, 2, 3))
+
+
+def overflow_from_third_call(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean pixel value on the first two calls (one per epoch of tiny-random), then 3e38 for every
+    image: finite, so check_rewards passes it, but the discounted float32 returns overflow to inf
+    and the advantages (inf - inf) and the loss become NaN."""
+    global _overflow_calls
+    _overflow_calls += 1
+    if _overflow_calls > 2:
+        return torch.full((len(images),), 3e38)
     return images.float().mean(dim=(1, 2, 3))

@@ -60,3 +60,23 @@ def test_two_processes_stay_in_sync(tiny_base, tmp_path, method, family):
     # only the main process writes: one checkpoint per epoch, one final model
     assert [d.name for d in checkpoint_dirs(tmp_path / "run")] == ["epoch_0000", "epoch_0001"]
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_in_one_process_is_skipped_by_both(tiny_base, tmp_path):
+    """Process 1's gradient turns NaN in one backward: gradients are averaged, so both processes
+    skip that update (train.nonfinite=skip) and their weights stay equal after every step
+    (bugs caught: one process stepping while the other skips, a hang in the decision)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"),
+           str(out), "sdpo", "poison"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for rec in ranks:
+        assert rec["skipped"] == [1, 0]
+        assert rec["checksums_equal"] and all(rec["checksums_equal"]), "weights diverged between processes"
+    assert ranks[0]["final_sum"] == ranks[1]["final_sum"]

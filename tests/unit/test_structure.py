@@ -283,7 +283,7 @@ def test_code_that_changes_results_is_a_dvc_dep():
         cmds = spec["do"]["cmd"]
         deps = spec["do"]["deps"]
         for cmd in [cmds] if isinstance(cmds, str) else cmds:
-            argv = [a.replace("${item}", "tiny-random") for a in shlex.split(cmd)]
+            argv = [a.replace("${item}", "tiny-random").replace("${key}", "tiny-random") for a in shlex.split(cmd)]
             assert argv[0] == "sdpo", cmd
             args = build_parser().parse_args(argv[1:])
             func = args.stage.command if args.func is cmd_stage else args.func  # a declared stage's own
@@ -308,18 +308,44 @@ def test_dvc_yaml_defines_the_declared_stages():
     declared = {s.name: s for s in STAGES}
     for name, spec in dvc.items():
         do = spec["do"]
+        # a foreach over the pipelines dict names the pipeline ${key} (its item holds the base), over a list ${item}
+        run = "runs/${key}/" if spec["foreach"] == "${pipelines}" else "runs/${item}/"
         cmds = [do["cmd"]] if isinstance(do["cmd"], str) else do["cmd"]
         assert shlex.split(cmds[0])[:2] == ["sdpo", name]
         paths = [p if isinstance(p, str) else next(iter(p)) for key in ("outs", "metrics", "plots")
                  for p in do.get(key, [])]
-        assert all(p.startswith("runs/${item}/") for p in paths), paths
-        assert sorted(p.removeprefix("runs/${item}/") for p in paths) == sorted(declared[name].outputs), name
-        run_deps = [d.removeprefix("runs/${item}/") for d in do["deps"] if d.startswith("runs/")]
+        assert all(p.startswith(run) for p in paths), paths
+        assert sorted(p.removeprefix(run) for p in paths) == sorted(declared[name].outputs), name
+        run_deps = ["base" if d == "${item.base}" else d.removeprefix(run) for d in do["deps"]
+                    if d.startswith("runs/") or d == "${item.base}"]
         assert sorted(run_deps) == sorted(declared[name].inputs), name
-        keys = [k for entry in do["params"] for k in entry["pipelines.yaml"]]
-        sections = {k.removeprefix("defaults").removeprefix("pipelines.${item}").lstrip(".").split(".")[0] or "*"
+        keys = [k for entry in do["params"] if "pipelines.yaml" in entry for k in entry["pipelines.yaml"]]
+        sections = {k.removeprefix("defaults").removeprefix(f"pipelines.{run[5:-1]}").lstrip(".").split(".")[0] or "*"
                     for k in keys}
         assert sections == set(declared[name].params), name
+    # the resolved config of a run (train's config.yaml, --set overrides included) is a params file
+    assert any({"runs/${key}/config.yaml": None} in spec["do"]["params"] for spec in dvc.values())
+
+
+def test_dvc_yaml_covers_every_pipeline():
+    """dvc.yaml's `pipelines` are pipelines.yaml's, each with the base its train and evaluate load:
+    the base stage's output for a built one (model.build), the hub loader for a hub model; `built`
+    are the pipelines that build their base into runs/<name>/base, which is what the base stage
+    applies to (bug caught: a pipeline added to pipelines.yaml that a flow run does not version)."""
+    from sdpo_core.config import load_config, pipeline_names
+    from sdpo_core.rundir.paths import default_run_dir
+    from sdpo_core.stages import stage
+
+    dvc_vars = {k: v for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"] for k, v in entry.items()}
+    names = pipeline_names(ROOT / "pipelines.yaml")
+    cfgs = {n: load_config(n, [], ROOT / "pipelines.yaml") for n in names}
+    assert list(dvc_vars["pipelines"]) == names
+    want = {n: c.model.pretrained if stage("base").applies(c) else "sdpo_core/families/hub.py" for n, c in cfgs.items()}
+    assert {n: v["base"] for n, v in dvc_vars["pipelines"].items()} == want
+    assert dvc_vars["built"] == [n for n, c in cfgs.items()
+                                 if stage("base").applies(c) and Path(c.model.pretrained) == default_run_dir(n) / "base"]
+    # every built base has the base stage that writes it
+    assert {want[n] for n, c in cfgs.items() if stage("base").applies(c)} <= {f"runs/{n}/base" for n in dvc_vars["built"]}
 
 
 # the layers of sdpo_core, top to bottom, as docs/architecture.md draws them: a module imports only
