@@ -37,6 +37,7 @@ from sdpo_core.config import (
     dump_yaml,
     load_config,
     pipeline_names,
+    validate_section,
 )
 from sdpo_core.config_docs import config_markdown
 from sdpo_core.prompts import PromptError
@@ -136,6 +137,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdpo_core.families.loading import MODEL_META, load_family, load_trained
     from sdpo_core.generate import default_device, generate_trajectories, policy_for
 
+    # the options are checked before the model loads (seconds to minutes)
+    sample = validate_section(
+        SampleConfig, {"eta": args.eta, "last_step": args.last_step, "guidance_scale": args.guidance_scale},
+        "sdpo generate --eta / --guidance-scale / --last-step")
     model, device = Path(args.model), default_device()
     if args.lora:
         family = load_trained(args.lora, base=args.model, device=device)
@@ -144,7 +149,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         family = load_family(args.model, device=device)
     # the training sampler; one generator per image so image i is the same whatever --num-images is
-    sample = SampleConfig(eta=args.eta, last_step=args.last_step, guidance_scale=args.guidance_scale)
     policy = policy_for(family, args.steps, sample, ModelConfig(pretrained=args.model))
     seeds = [args.seed + i for i in range(args.num_images)]
     traj = generate_trajectories(family, policy, [args.prompt] * args.num_images, seeds, None)
