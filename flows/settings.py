@@ -22,8 +22,11 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydantic_settings import (
+    SettingsError as PydanticSettingsError,
+)
 
-from sdpo_core.config import ConfigError, read_yaml
+from sdpo_core.config import ConfigError, one_line, read_yaml
 
 DEFAULT_FILE = "orchestration.yaml"
 
@@ -170,6 +173,9 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise SettingsError(_settings_problems(exc, path)) from None
+    except PydanticSettingsError as exc:  # an SDPO_* list or mapping that is not JSON
+        raise SettingsError(f"invalid orchestration settings: {one_line(exc)}: a list or mapping in an SDPO_* "
+                            "variable is JSON, e.g. SDPO_SCHEDULE__OVERRIDES='[\"train.epochs=1\"]'") from None
 
 
 def _settings_problems(err: ValidationError, path: str) -> str:
@@ -179,7 +185,7 @@ def _settings_problems(err: ValidationError, path: str) -> str:
         var = "SDPO_" + "__".join(str(p) for p in e["loc"]).upper()
         where = f"environment variable {var}" if var in os.environ else path
         if e["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown key '{key}'")
+            problems.append(f"{where}: unknown key {key!r}")
         else:
-            problems.append(f"{where}: '{key}': {e['msg']} (got {e.get('input')!r})")
+            problems.append(f"{where}: {key!r}: {e['msg']} (got {e.get('input')!r})")
     return "invalid orchestration settings: " + "; ".join(problems)

@@ -408,12 +408,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(f"unknown key '{path}'{hint}")
+            problems.append(f"unknown key {path!r}{hint}")
         elif e["type"] == "missing":
-            problems.append(f"missing required key '{path}'")
+            problems.append(f"missing required key {path!r}")
         else:
             got = e.get("input")
-            problems.append(f"'{path}': {e['msg']} (got {got!r})")
+            problems.append(f"{path!r}: {e['msg']} (got {got!r})")
     return f"invalid configuration ({source}): " + "; ".join(problems)
 
 
@@ -428,7 +428,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
+        raise ConfigError(f"--set {key}: cannot read value {raw!r}: {one_line(exc)}") from exc
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` means "no"
     if isinstance(value, str) and _is_number(value):
@@ -487,7 +487,12 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
                           "save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{path}: not valid YAML: {one_line(exc)}") from None
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (YAML's errors span several): `sdpo` prints one line per error."""
+    return " ".join(str(exc).split())
 
 
 def _kind(value: Any) -> str:
@@ -519,7 +524,7 @@ def load_config(
     if pipeline not in pipelines:
         close = difflib.get_close_matches(pipeline, list(pipelines), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{path}: no pipeline named '{pipeline}'{hint} (have: {', '.join(pipelines)})")
+        raise ConfigError(f"{path}: no pipeline named {pipeline!r}{hint} (have: {', '.join(pipelines)})")
     raw = _deep_merge(data.get("defaults") or {}, pipelines[pipeline] or {})
     raw["pipeline"] = pipeline
     raw = apply_overrides(raw, overrides or [])
