@@ -34,6 +34,7 @@ from sdpo_core.config import (
     ModelConfig,
     SampleConfig,
     batch_plan,
+    check_steps,
     dump_yaml,
     load_config,
     pipeline_names,
@@ -141,6 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sample = validate_section(
         SampleConfig, {"eta": args.eta, "last_step": args.last_step, "guidance_scale": args.guidance_scale},
         "sdpo generate --eta / --guidance-scale / --last-step")
+    check_steps(args.model, None, {"--steps": [args.steps]}, "sdpo generate")
     model, device = Path(args.model), default_device()
     if args.lora:
         family = load_trained(args.lora, base=args.model, device=device)

@@ -536,10 +536,16 @@ def load_config(
 
 
 def check_step_counts(cfg: Config, source: str) -> None:
-    """``sample.num_steps`` and ``evaluate.steps`` against the model's scheduler, read from
-    ``scheduler/scheduler_config.json`` when ``model.pretrained`` is a local directory. A hub id or
-    a base not built yet cannot be read here: its step counts are checked when its sampler is built."""
-    path = Path(cfg.model.pretrained).expanduser() / "scheduler" / "scheduler_config.json"
+    """``sample.num_steps`` and ``evaluate.steps`` against the model's scheduler (``check_steps``)."""
+    counts = {"sample.num_steps": [cfg.sample.num_steps], "evaluate.steps": cfg.evaluate.steps}
+    check_steps(cfg.model.pretrained, cfg.sample.sampler, counts, f"invalid configuration ({source})")
+
+
+def check_steps(pretrained: str, sampler: str | None, counts: dict[str, list[int]], source: str) -> None:
+    """Step counts (by the key or flag that set them) against the scheduler of ``pretrained``, read
+    from ``scheduler/scheduler_config.json`` when it is a local directory. A hub id or a base not
+    built yet cannot be read here: its step counts are checked when its sampler is built."""
+    path = Path(pretrained).expanduser() / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return
     try:
@@ -549,14 +555,14 @@ def check_step_counts(cfg: Config, source: str) -> None:
     if not isinstance(scheduler, dict):
         raise ConfigError(f"{path}: expected a JSON object (the model's scheduler config)")
     try:
-        limit, why = step_limit(scheduler, cfg.sample.sampler)
+        limit, why = step_limit(scheduler, sampler)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    for key, counts in (("sample.num_steps", [cfg.sample.num_steps]), ("evaluate.steps", cfg.evaluate.steps)):
-        over = [n for n in counts if n > limit]
+    for key, values in counts.items():
+        over = [n for n in values if n > limit]
         if over:
-            raise ConfigError(f"invalid configuration ({source}): '{key}': {over} exceeds {limit}, the most "
-                              f"steps {why} ({path}); use at most {limit}")
+            raise ConfigError(f"{source}: '{key}': {over} exceeds {limit}, the most steps {why} ({path}); "
+                              f"use at most {limit}")
 
 
 def step_limit(scheduler: dict[str, Any], sampler: str | None) -> tuple[float, str]:

@@ -142,6 +142,8 @@ ROWS = [
     ("generate-eta-inf", lambda f, b, t: _gen("--model", f"{t}/absent", "--eta", "inf"), {}, "'eta'"),
     ("generate-guidance-below-1", lambda f, b, t: _gen("--model", f"{t}/absent", "--guidance-scale", "0.5"), {},
      "'guidance_scale'"),
+    ("generate-steps-over-scheduler", lambda f, b, t: _gen("--model", str(b), "--steps", "5000"), {},
+     "'--steps': [5000] exceeds 1000"),
     ("model-class-unsupported", lambda f, b, t: _gen("--model", f["kandinsky/model_index.json"]), {},
      "pipeline class 'KandinskyPipeline' is not supported"),
     ("model-index-list", lambda f, b, t: _gen("--model", f["index_list/model_index.json"]), {},
