@@ -65,6 +65,10 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Every error a user can cause, and only those: exit 2 with its one-line message. Each names the
+    file, key or variable, the value and what was expected (config, pipelines and orchestration
+    files: ConfigError, flows' SettingsError among them; model directories: ModelLoadError; ...).
+    Anything else is a bug: its traceback is printed, exit 1."""
     from sdpo_core.families.hub import ModelLoadError
     from sdpo_core.rewards import RewardError
     from sdpo_core.training.checkpoint import ResumeError
