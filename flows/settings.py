@@ -15,13 +15,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydantic_settings import (
+    SettingsError as PydanticSettingsError,
+)
+
+from sdpo_core.config import ConfigError, one_line, read_yaml
 
 DEFAULT_FILE = "orchestration.yaml"
 
@@ -117,8 +122,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = os.environ.get("SDPO_ORCHESTRATION_FILE", DEFAULT_FILE)
-        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=path)
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=settings_file())
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -148,5 +152,40 @@ class Settings(BaseSettings):
         return None
 
 
+class SettingsError(ConfigError):
+    """orchestration.yaml or an ``SDPO_*`` variable holds something Settings cannot take; the message
+    names the file or the variable, the key and what was expected (the CLI: exit 2, one line)."""
+
+
+def settings_file() -> str:
+    return os.environ.get("SDPO_ORCHESTRATION_FILE", DEFAULT_FILE)
+
+
 def load_settings() -> Settings:
-    return Settings()
+    """The settings, or SettingsError naming where each bad value came from."""
+    path = settings_file()
+    if Path(path).is_file():  # read here first: pydantic-settings would raise YAML / decoding errors raw
+        data = read_yaml(Path(path))
+        if data is not None and not isinstance(data, dict):
+            raise SettingsError(f"{path}: expected a mapping of sections (prefect, mlflow, s3, dvc, schedule, "
+                                f"...), got a {type(data).__name__}")
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(_settings_problems(exc, path)) from None
+    except PydanticSettingsError as exc:  # an SDPO_* list or mapping that is not JSON
+        raise SettingsError(f"invalid orchestration settings: {one_line(exc)}: a list or mapping in an SDPO_* "
+                            "variable is JSON, e.g. SDPO_SCHEDULE__OVERRIDES='[\"train.epochs=1\"]'") from None
+
+
+def _settings_problems(err: ValidationError, path: str) -> str:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        var = "SDPO_" + "__".join(str(p) for p in e["loc"]).upper()
+        where = f"environment variable {var}" if var in os.environ else path
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key {key!r}")
+        else:
+            problems.append(f"{where}: {key!r}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid orchestration settings: " + "; ".join(problems)

@@ -35,9 +35,11 @@ from sdpo_core.config import (
     ModelConfig,
     SampleConfig,
     batch_plan,
+    check_steps,
     dump_yaml,
     load_config,
     pipeline_names,
+    validate_section,
 )
 from sdpo_core.prompts import PromptError
 from sdpo_core.rundir.lock import RunLockedError
@@ -63,6 +65,10 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Every error a user can cause, and only those: exit 2 with its one-line message. Each names the
+    file, key or variable, the value and what was expected (config, pipelines and orchestration
+    files: ConfigError, flows' SettingsError among them; model directories: ModelLoadError; ...).
+    Anything else is a bug: its traceback is printed, exit 1."""
     from sdpo_core.families.hub import ModelLoadError
     from sdpo_core.rewards import RewardError
     from sdpo_core.training.checkpoint import ResumeError
@@ -137,6 +143,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdpo_core.families.loading import MODEL_META, load_family, load_trained
     from sdpo_core.generate import default_device, generate_trajectories, policy_for
 
+    # the options are checked before the model loads (seconds to minutes)
+    sample = validate_section(
+        SampleConfig, {"eta": args.eta, "last_step": args.last_step, "guidance_scale": args.guidance_scale},
+        "sdpo generate --eta / --guidance-scale / --last-step")
+    check_steps(args.model, None, {"--steps": [args.steps]}, "sdpo generate")
     model, device = Path(args.model), default_device()
     if args.lora:
         family = load_trained(args.lora, base=args.model, device=device)
@@ -145,7 +156,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         family = load_family(args.model, device=device)
     # the training sampler; one generator per image so image i is the same whatever --num-images is
-    sample = SampleConfig(eta=args.eta, last_step=args.last_step, guidance_scale=args.guidance_scale)
     policy = policy_for(family, args.steps, sample, ModelConfig(pretrained=args.model))
     seeds = [args.seed + i for i in range(args.num_images)]
     traj = generate_trajectories(family, policy, [args.prompt] * args.num_images, seeds, None)

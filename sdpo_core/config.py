@@ -14,14 +14,24 @@ Usage::
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
@@ -43,8 +53,23 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message says where and what to change."""
 
 
+def _not_bool(value: Any) -> Any:
+    """pydantic reads true as 1 in a number field: `model.lora_rank=true` would train rank 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+# number fields of the config: no booleans, and floats finite (inf passes `gt=0` and breaks training)
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_S = TypeVar("_S", bound=_Strict)
 
 
 class ModelConfig(_Strict):
@@ -55,20 +80,20 @@ class ModelConfig(_Strict):
     build: Literal["digits-tiny", "digits-flow-tiny", "random-tiny"] | None = Field(
         default=None, description="embedded builder that `sdpo base` runs when `pretrained` does not exist"
     )
-    build_seed: int = Field(default=0, description="seed of the embedded builder (independent of `seed`)")
-    build_steps: int = Field(default=2000, ge=1, description="optimizer steps of the embedded builder's UNet")
-    build_vae_steps: int = Field(default=300, ge=1, description="optimizer steps of the embedded builder's VAE")
+    build_seed: Int = Field(default=0, description="seed of the embedded builder (independent of `seed`)")
+    build_steps: Int = Field(default=2000, ge=1, description="optimizer steps of the embedded builder's UNet")
+    build_vae_steps: Int = Field(default=300, ge=1, description="optimizer steps of the embedded builder's VAE")
     finetune: Literal["lora", "full"] = Field(
         default="lora", description="train LoRA adapters on the UNet, or every UNet weight"
     )
-    lora_rank: int = Field(default=4, ge=1, le=1024, description="LoRA rank")
-    lora_alpha: float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
+    lora_rank: Int = Field(default=4, ge=1, le=1024, description="LoRA rank")
+    lora_alpha: Float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
     family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
         default=None, description="model family; read from model_index.json's _class_name when unset")
     base_lora: str | None = Field(
         default=None, description="a few-step LoRA (LCM-LoRA, Hyper-SD, TCD; local dir or hub id) fused into the "
         "base before training, e.g. SDXL + LCM-LoRA")
-    base_lora_scale: float = Field(default=1.0, gt=0, description="scale at which model.base_lora is fused")
+    base_lora_scale: Float = Field(default=1.0, gt=0, description="scale at which model.base_lora is fused")
     family_options: dict[str, Any] = Field(
         default_factory=dict, description="options of the family's loader (sd: lcm_guidance_scale; sdxl: vae; "
         "sd3: use_t5, max_sequence_length; flux: max_sequence_length, guidance_scale)")
@@ -94,23 +119,23 @@ class PromptsConfig(_Strict):
         default="digits",
         description="built-in set name, a file path (one prompt per line), or a generator `template:<name>`",
     )
-    eval_fraction: float = Field(
+    eval_fraction: Float = Field(
         default=0.2, ge=0.0, lt=1.0, description="share of prompts held out for evaluation (never trained on)"
     )
-    seed: int = Field(default=0, description="seed of the train/eval split")
+    seed: Int = Field(default=0, description="seed of the train/eval split")
 
 
 class SampleConfig(_Strict):
     """Sampling of training trajectories (stochastic DDIM)."""
 
-    num_steps: int = Field(default=4, ge=1, le=1000, description="denoising steps T of training trajectories")
-    eta: float = Field(
+    num_steps: Int = Field(default=4, ge=1, le=1000, description="denoising steps T of training trajectories")
+    eta: Float = Field(
         default=1.0, ge=0.0, le=1.0, description="DDIM eta (> 0: the stochastic step has a log-probability)"
     )
-    guidance_scale: float = Field(default=1.0, ge=1.0, description="classifier-free guidance scale (1.0 = none)")
-    batch_size: int = Field(default=8, ge=1, description="prompts per sampling batch, per process")
-    num_batches_per_epoch: int = Field(default=2, ge=1, description="sampling batches per epoch, per process")
-    resolution: int | None = Field(default=None, ge=8, description="image side in pixels; model default if unset")
+    guidance_scale: Float = Field(default=1.0, ge=1.0, description="classifier-free guidance scale (1.0 = none)")
+    batch_size: Int = Field(default=8, ge=1, description="prompts per sampling batch, per process")
+    num_batches_per_epoch: Int = Field(default=2, ge=1, description="sampling batches per epoch, per process")
+    resolution: Int | None = Field(default=None, ge=8, description="image side in pixels; model default if unset")
     last_step: Literal["clamp", "final_alpha"] = Field(
         default="clamp", description="clamp: the paper's stochastic last step (LCM: re-noise to t=0); "
         "final_alpha: diffusers exactly (deterministic, no log-prob at the last step)"
@@ -141,8 +166,8 @@ class StatTrackingConfig(_Strict):
     enabled: bool = Field(
         default=True, description="per-step, per-prompt advantage normalisation (false: batch statistics)"
     )
-    buffer_size: int = Field(default=32, ge=1, description="values kept per (prompt, step) in the running buffer")
-    min_count: int = Field(
+    buffer_size: Int = Field(default=32, ge=1, description="values kept per (prompt, step) in the running buffer")
+    min_count: Int = Field(
         default=16, ge=1, description="values a prompt needs before its own statistics replace the batch's"
     )
 
@@ -159,7 +184,7 @@ class StatTrackingConfig(_Strict):
 class GRPOConfig(_Strict):
     """GRPO's groups (Flow-GRPO, DanceGRPO): read only when ``train.method: grpo``."""
 
-    group_size: int = Field(
+    group_size: Int = Field(
         default=8, ge=2,
         description="trajectories per prompt in an epoch (each from its own x_T); advantages are normalised "
         "within the group (train.stat_tracking is not used)",
@@ -178,26 +203,26 @@ class TrainConfig(_Strict):
         default="sdpo", description="sdpo (paired dense-reward difference loss), ddpo (PPO-clip on the final reward) "
         "or grpo (PPO-clip on final rewards normalised within groups of train.grpo.group_size samples of a prompt)"
     )
-    epochs: int = Field(default=2, ge=1, description="epochs of sampling + updates")
-    batch_size: int = Field(default=4, ge=1, description="pairs (sdpo) or trajectories (ddpo, grpo) per backward")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, description="train batches per optimizer step")
-    learning_rate: float = Field(default=1e-4, gt=0, le=1.0, description="AdamW learning rate")
-    adam_beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1")
-    adam_beta2: float = Field(default=0.999, ge=0, lt=1, description="AdamW beta2")
-    adam_weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay")
-    adam_epsilon: float = Field(default=1e-8, gt=0, description="AdamW epsilon")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
-    num_inner_epochs: int = Field(default=1, ge=1, description="passes of updates over each epoch's samples")
-    timestep_fraction: float = Field(
+    epochs: Int = Field(default=2, ge=1, description="epochs of sampling + updates")
+    batch_size: Int = Field(default=4, ge=1, description="pairs (sdpo) or trajectories (ddpo, grpo) per backward")
+    gradient_accumulation_steps: Int = Field(default=1, ge=1, description="train batches per optimizer step")
+    learning_rate: Float = Field(default=1e-4, gt=0, le=1.0, description="AdamW learning rate")
+    adam_beta1: Float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: Float = Field(default=0.999, ge=0, lt=1, description="AdamW beta2")
+    adam_weight_decay: Float = Field(default=1e-4, ge=0, description="AdamW weight decay")
+    adam_epsilon: Float = Field(default=1e-8, gt=0, description="AdamW epsilon")
+    max_grad_norm: Float = Field(default=1.0, gt=0, description="gradient clipping norm")
+    num_inner_epochs: Int = Field(default=1, ge=1, description="passes of updates over each epoch's samples")
+    timestep_fraction: Float = Field(
         default=1.0, gt=0, le=1.0, description="share of each trajectory's steps trained on (ceil of T x fraction)"
     )
-    gamma: float = Field(default=0.99, ge=0, le=1, description="discount of the returns along a trajectory")
-    lam: float = Field(default=0.99, gt=0, le=1, description="temporal importance weight base: w_t = lam^t / log_scale")
-    log_scale: float = Field(default=1.0, gt=0, description="divisor of the temporal weights w_t")
-    clip_range: float = Field(
+    gamma: Float = Field(default=0.99, ge=0, le=1, description="discount of the returns along a trajectory")
+    lam: Float = Field(default=0.99, gt=0, le=1, description="temporal importance weight base: w_t = lam^t / log_scale")
+    log_scale: Float = Field(default=1.0, gt=0, description="divisor of the temporal weights w_t")
+    clip_range: Float = Field(
         default=1e-4, ge=0, description="log-probs clamped to old +/- clip_range in the clipped loss"
     )
-    adv_clip_max: float = Field(default=5.0, gt=0, description="advantages clipped to [-adv_clip_max, adv_clip_max]")
+    adv_clip_max: Float = Field(default=5.0, gt=0, description="advantages clipped to [-adv_clip_max, adv_clip_max]")
     shuffle_timesteps: bool = Field(
         default=True, description="step-shuffled updates: each sample's steps in an independent random order"
     )
@@ -218,8 +243,8 @@ class TrainConfig(_Strict):
     anchor: bool = Field(default=True, description="ablation: false predicts from first and last only")
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    checkpoint_every: int = Field(default=1, ge=1, description="epochs between checkpoints")
-    keep_checkpoints: int = Field(default=2, ge=1, description="most recent checkpoints kept (older ones deleted)")
+    checkpoint_every: Int = Field(default=1, ge=1, description="epochs between checkpoints")
+    keep_checkpoints: Int = Field(default=2, ge=1, description="most recent checkpoints kept (older ones deleted)")
     async_checkpoint: bool = Field(
         default=True, description="write checkpoints in a background thread while the next epoch runs"
     )
@@ -247,11 +272,11 @@ class TrainConfig(_Strict):
 class EvaluateConfig(_Strict):
     """Base vs trained on the held-out prompts, with fixed seeds (`sdpo evaluate`, docs/eval_schema.md)."""
 
-    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="step counts to evaluate at")
-    num_prompts: int = Field(default=32, ge=1, description="eval prompts used (at most the held-out set)")
-    samples_per_prompt: int = Field(default=2, ge=1, description="images per prompt and step count")
-    seed: int = Field(default=1234, description="first sample seed (sample i uses seed + i), the same for base and trained")
-    batch_size: int = Field(default=32, ge=1, description="images generated per batch")
+    steps: list[Int] = Field(default_factory=lambda: [1, 2, 4, 8], description="step counts to evaluate at")
+    num_prompts: Int = Field(default=32, ge=1, description="eval prompts used (at most the held-out set)")
+    samples_per_prompt: Int = Field(default=2, ge=1, description="images per prompt and step count")
+    seed: Int = Field(default=1234, description="first sample seed (sample i uses seed + i), the same for base and trained")
+    batch_size: Int = Field(default=32, ge=1, description="images generated per batch")
     metrics: list[str] = Field(default_factory=list, description="extra metrics by name (sdpo_core.evaluation.metrics)")
 
     @field_validator("steps")
@@ -277,7 +302,7 @@ class TrackingConfig(_Strict):
 
     backend: Literal["none", "mlflow"] = Field(default="mlflow", description="mlflow, or none (no tracking)")
     experiment: str = Field(default="sdpo", description="MLflow experiment name")
-    log_images_every: int = Field(
+    log_images_every: Int = Field(
         default=10, ge=1,
         description="epochs between sample grids (RUN_DIR/samples/epoch_NNNN.png, also logged to the tracker): "
         "first-step and final x0 of the first batch's first 4 trajectories, with their rewards and prompts",
@@ -290,7 +315,7 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 class Config(_Strict):
     pipeline: str = Field(default="custom", description="the pipeline's name (set from its pipelines.yaml entry)")
-    seed: int = Field(default=42, description="base seed; per-process, per-epoch seeds derive from it")
+    seed: Int = Field(default=42, description="base seed; per-process, per-epoch seeds derive from it")
     model: ModelConfig
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
@@ -401,20 +426,21 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line (the CLI's contract for bad input): every problem, each naming its dotted key."""
     valid = _valid_keys(Config)
-    lines = [f"invalid configuration ({source}):"]
+    problems = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"  - unknown key '{path}'{hint}")
+            problems.append(f"unknown key {path!r}{hint}")
         elif e["type"] == "missing":
-            lines.append(f"  - missing required key '{path}'")
+            problems.append(f"missing required key {path!r}")
         else:
             got = e.get("input")
-            lines.append(f"  - '{path}': {e['msg']} (got {got!r})")
-    return "\n".join(lines)
+            problems.append(f"{path!r}: {e['msg']} (got {got!r})")
+    return f"invalid configuration ({source}): " + "; ".join(problems)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -428,7 +454,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
+        raise ConfigError(f"--set {key}: cannot read value {raw!r}: {one_line(exc)}") from exc
     if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
         value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` means "no"
     if isinstance(value, str) and _is_number(value):
@@ -464,16 +490,39 @@ def read_pipelines_file(path: Path = DEFAULT_PIPELINES_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipelines file not found: {path} (run from the project root or pass --pipelines)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path)
     if not isinstance(data, dict) or "pipelines" not in data or not isinstance(data["pipelines"], dict):
         raise ConfigError(f"{path}: expected a mapping with 'defaults' and 'pipelines' sections")
     unknown = set(data) - {"defaults", "pipelines"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected 'defaults' and 'pipelines'")
+    if not isinstance(data.get("defaults") or {}, dict):
+        raise ConfigError(f"{path}: 'defaults' must be a mapping of config sections, got {_kind(data['defaults'])}")
+    for name, entry in data["pipelines"].items():
+        if not isinstance(name, str) or not isinstance(entry or {}, dict):
+            raise ConfigError(f"{path}: pipeline {name!r} must be a name with a mapping of config sections, "
+                              f"got {_kind(entry)}")
     return data
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; ConfigError (one line: the file, where, what) when it is not UTF-8 YAML."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {one_line(exc)}") from None
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (YAML's errors span several): `sdpo` prints one line per error."""
+    return " ".join(str(exc).split())
+
+
+def _kind(value: Any) -> str:
+    return f"a {type(value).__name__} ({value!r:.60})"
 
 
 def pipeline_names(path: Path = DEFAULT_PIPELINES_FILE) -> list[str]:
@@ -481,8 +530,13 @@ def pipeline_names(path: Path = DEFAULT_PIPELINES_FILE) -> list[str]:
 
 
 def validate_dict(raw: dict[str, Any], source: str) -> Config:
+    return validate_section(Config, raw, source)
+
+
+def validate_section(model: type[_S], raw: dict[str, Any], source: str) -> _S:
+    """``model`` (a config section) from ``raw``, or ConfigError naming ``source`` and each bad key."""
     try:
-        return Config.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
 
@@ -496,14 +550,62 @@ def load_config(
     if pipeline not in pipelines:
         close = difflib.get_close_matches(pipeline, list(pipelines), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{path}: no pipeline named '{pipeline}'{hint} (have: {', '.join(pipelines)})")
+        raise ConfigError(f"{path}: no pipeline named {pipeline!r}{hint} (have: {', '.join(pipelines)})")
     raw = _deep_merge(data.get("defaults") or {}, pipelines[pipeline] or {})
     raw["pipeline"] = pipeline
     raw = apply_overrides(raw, overrides or [])
     cfg = validate_dict(raw, f"{path}, pipeline '{pipeline}'")
     batch_plan(cfg)
+    check_step_counts(cfg, f"{path}, pipeline '{pipeline}'")
     check_reward(cfg, f"{path}, pipeline '{pipeline}'")
     return cfg
+
+
+def check_step_counts(cfg: Config, source: str) -> None:
+    """``sample.num_steps`` and ``evaluate.steps`` against the model's scheduler (``check_steps``)."""
+    counts = {"sample.num_steps": [cfg.sample.num_steps], "evaluate.steps": cfg.evaluate.steps}
+    check_steps(cfg.model.pretrained, cfg.sample.sampler, counts, f"invalid configuration ({source})")
+
+
+def check_steps(pretrained: str, sampler: str | None, counts: dict[str, list[int]], source: str) -> None:
+    """Step counts (by the key or flag that set them) against the scheduler of ``pretrained``, read
+    from ``scheduler/scheduler_config.json`` when it is a local directory. A hub id or a base not
+    built yet cannot be read here: its step counts are checked when its sampler is built."""
+    path = Path(pretrained).expanduser() / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return
+    try:
+        scheduler = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); expected the model's scheduler config") from None
+    if not isinstance(scheduler, dict):
+        raise ConfigError(f"{path}: expected a JSON object (the model's scheduler config)")
+    try:
+        limit, why = step_limit(scheduler, sampler)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for key, values in counts.items():
+        over = [n for n in values if n > limit]
+        if over:
+            raise ConfigError(f"{source}: '{key}': {over} exceeds {limit}, the most steps {why} ({path}); "
+                              f"use at most {limit}")
+
+
+def step_limit(scheduler: dict[str, Any], sampler: str | None) -> tuple[float, str]:
+    """The most steps a sampler can take on this scheduler config, and why: DDIM and LCM pick their
+    timesteps among ``num_train_timesteps``; LCM among its ``original_inference_steps`` too (as
+    diffusers' ``set_timesteps`` does); the flow SDE has no such limit. Defaults as in diffusers."""
+    is_lcm = sampler == "lcm" or (sampler is None and scheduler.get("_class_name") == "LCMScheduler")
+    is_flow = sampler == "flow_sde" or (sampler is None and "FlowMatch" in str(scheduler.get("_class_name")))
+    if is_flow:
+        return math.inf, "of the flow sampler"
+    train = scheduler.get("num_train_timesteps", 1000)
+    if not isinstance(train, int) or isinstance(train, bool) or train < 1:
+        raise ValueError(f"num_train_timesteps must be a whole number >= 1, got {train!r}")
+    original = scheduler.get("original_inference_steps", 50)
+    if is_lcm and isinstance(original, int) and original < train:
+        return original, "of the LCM sampler (the scheduler's original_inference_steps)"
+    return train, "the scheduler was trained with (num_train_timesteps)"
 
 
 def check_reward(cfg: Config, source: str) -> None:
@@ -521,7 +623,10 @@ def load_resolved(path: Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"resolved config not found: {path}")
-    return validate_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {_kind(data)}")
+    return validate_dict(data, str(path))
 
 
 def dump_yaml(cfg: Config) -> str:

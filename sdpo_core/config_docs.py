@@ -36,7 +36,10 @@ hand: change the Field(description=...) in config.py and regenerate (a test fail
 `pipelines.yaml` holds `defaults` and named `pipelines`; a pipeline's config is defaults <- pipeline <-
 `--set key=value`. Unknown keys are errors (with the closest valid name); `sdpo config show NAME`
 prints the resolved config. The defaults below are the models' own; `pipelines.yaml`'s `defaults`
-section may set others for every pipeline.
+section may set others for every pipeline. Number keys take no `true`/`false` and floats no
+`inf`/`nan`. `sample.num_steps` and `evaluate.steps` are checked against the scheduler of a local
+`model.pretrained` when the config loads (`num_train_timesteps`, and LCM's `original_inference_steps`);
+a hub id, or a base `sdpo base` has not built yet, is checked when its sampler is built.
 """
 
 FOOTER = """\
@@ -63,6 +66,8 @@ _BOUNDS = ((at.Ge, ">=", "ge"), (at.Gt, ">", "gt"), (at.Le, "<=", "le"), (at.Lt,
 def type_text(annotation: Any) -> str:
     """A reader's name for a field type: ``int``, ``str or null``, ``one of `a`, `b```, ``list[int]``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # config.Int / config.Float: the number, its checks aside
+        return type_text(args[0])
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     if origin in (typing.Union, types.UnionType):

@@ -12,6 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the 2 cores of a CI machine; set before torch is imported (here and in every subprocess)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tests' own `module:function` rewards, allowed as an operator allows theirs (here and in every
+# subprocess and flow run); no_such_module_xyz: allowed but not installed, for the import error
+TEST_REWARD_MODULES = ("reward_fixtures", "flow_rewards", "reward_fault_fns", "reward_server_fns",
+                       "test_rewards_builtin", "no_such_module_xyz")
+os.environ.setdefault("SDPO_ALLOWED_REWARD_MODULES", ",".join(TEST_REWARD_MODULES))
 
 ROOT = Path(__file__).resolve().parents[1]
 

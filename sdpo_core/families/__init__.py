@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sdpo_core.families.family import Conditioning, Family
 from sdpo_core.families.flux import FluxFamily
-from sdpo_core.families.hub import pipeline_class_of
+from sdpo_core.families.hub import UnsupportedModelError, pipeline_class_of
 from sdpo_core.families.sd import SDFamily
 from sdpo_core.families.sd3 import SD3Family
 from sdpo_core.families.sdxl import SDXLFamily
@@ -34,12 +34,12 @@ def family_for(pretrained: str, override: str | None = None, revision: str | Non
     """The family class for a model: ``override`` (a ``FAMILIES`` name) or by its pipeline class."""
     if override is not None:
         if override not in FAMILIES:
-            raise ValueError(f"model.family {override!r} is not a family; known: {sorted(FAMILIES)}")
+            raise UnsupportedModelError(f"model.family {override!r} is not a family; known: {sorted(FAMILIES)}")
         return FAMILIES[override]
     class_name = pipeline_class_of(pretrained, revision)
     by_class = supported_pipeline_classes()
     if class_name not in by_class:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"'{pretrained}': pipeline class {class_name!r} is not supported; supported: {sorted(by_class)} "
             f"(or set model.family to one of {sorted(FAMILIES)})"
         )

@@ -19,6 +19,10 @@ class ModelLoadError(RuntimeError):
     """A model directory or hub id could not be loaded; the message says what was tried."""
 
 
+class UnsupportedModelError(ModelLoadError, ValueError):
+    """A model whose pipeline class no family loads (or an unknown ``model.family``)."""
+
+
 def pipeline_class_of(pretrained: str, revision: str | None = None) -> str:
     """``_class_name`` of the model_index.json of a local directory, or of a hub id in the HF cache."""
     local = Path(pretrained).expanduser()
@@ -39,10 +43,22 @@ def pipeline_class_of(pretrained: str, revision: str | None = None) -> str:
                 "Download it on a machine with network access (huggingface-cli download "
                 f"{pretrained}) or set model.pretrained to a local diffusers directory"
             ) from exc
+    return read_json_object(index, "_class_name")["_class_name"]
+
+
+def read_json_object(path: Path, *keys: str) -> dict[str, Any]:
+    """A JSON object from ``path`` holding string ``keys``, or ModelLoadError naming the file and what
+    it holds instead (not JSON, not UTF-8, a list, a key missing or not a string)."""
     try:
-        return json.loads(index.read_text())["_class_name"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise ModelLoadError(f"{index}: expected a JSON object with '_class_name' ({exc})") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc}); expected a JSON object with {list(keys)}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object with {list(keys)}, got a {type(data).__name__}")
+    for key in keys:
+        if not isinstance(data.get(key), str):
+            raise ModelLoadError(f"{path}: expected '{key}' to be a string, got {data.get(key)!r}")
+    return data
 
 
 def open_pipeline(pipeline_cls: Any, pretrained: str, revision: str | None = None, **kwargs: Any) -> Any:

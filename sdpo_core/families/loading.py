@@ -23,7 +23,7 @@ import torch
 from peft.utils import get_peft_model_state_dict
 
 from sdpo_core.families import FAMILIES, Family, family_for
-from sdpo_core.families.hub import ModelLoadError
+from sdpo_core.families.hub import ModelLoadError, read_json_object
 
 MODEL_META = "sdpo_model.json"
 #: ``model.mixed_precision`` -> the dtype of the frozen modules (and of autocast)
@@ -35,7 +35,15 @@ def read_model_meta(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / MODEL_META
     if not path.is_file():
         raise ModelLoadError(f"{model_dir} is not a trained sdpo model directory (no {MODEL_META})")
-    return json.loads(path.read_text())
+    meta = read_json_object(path, "base_model", "finetune")
+    if meta["finetune"] not in ("lora", "full"):
+        raise ModelLoadError(f"{path}: expected 'finetune' to be 'lora' or 'full', got {meta['finetune']!r}")
+    for key, kinds in (("family", (str,)), ("base_lora", (str,)), ("base_lora_scale", (int, float))):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ModelLoadError(f"{path}: expected '{key}' to be a {' or '.join(k.__name__ for k in kinds)}, "
+                                 f"got {value!r}")
+    return meta
 
 
 def denoiser_folder(family: Family) -> str:

@@ -9,7 +9,6 @@ and both CLIPs' pooled projections concatenated as ``pooled_projections`` (N, P)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ from sdpo_core.families.flow_common import (
     decode_flow_latents,
     save_transformer_lora,
 )
-from sdpo_core.families.hub import freeze_pipeline, open_pipeline
+from sdpo_core.families.hub import freeze_pipeline, open_pipeline, read_json_object
 
 
 def _has_t5(pretrained: str) -> bool:
@@ -32,8 +31,8 @@ def _has_t5(pretrained: str) -> bool:
     index = Path(pretrained).expanduser() / "model_index.json"
     if not index.is_file():
         return True
-    entry = json.loads(index.read_text()).get("text_encoder_3")
-    return bool(entry and entry[0])
+    entry = read_json_object(index).get("text_encoder_3")
+    return bool(isinstance(entry, list) and entry and entry[0])
 
 
 class SD3Family(Family):

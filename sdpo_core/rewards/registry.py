@@ -10,8 +10,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
@@ -37,6 +39,9 @@ REGISTRY: dict[str, RewardSpec] = {}
 # (``model.pretrained``): rewards whose weights ship with the model (the digits classifier) find
 # them there, whatever the working directory.
 MODEL_DIR = "model_dir"
+#: who may name ``module:function`` rewards: an environment variable and an entry-point group
+ALLOWED_MODULES_ENV = "SDPO_ALLOWED_REWARD_MODULES"
+ENTRY_POINT_GROUP = "sdpo.rewards"
 
 
 def register_reward(name: str, description: str, value_range: str) -> Callable[[Factory], Factory]:
@@ -47,11 +52,34 @@ def register_reward(name: str, description: str, value_range: str) -> Callable[[
     return deco
 
 
+def allowed_reward_modules() -> list[str]:
+    """The modules whose functions a ``module:function`` reward may name (their submodules too): those
+    in ``SDPO_ALLOWED_REWARD_MODULES`` (comma-separated) and those of installed ``sdpo.rewards`` entry
+    points. The operator's choice, not a config key: neither ``--set`` nor a flow run's overrides can
+    widen it, so a config cannot run ``os:system`` on the worker."""
+    named = (m.strip() for m in os.environ.get(ALLOWED_MODULES_ENV, "").split(","))
+    plugins = (ep.module for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted({m for m in (*named, *plugins) if m})
+
+
+def check_allowed(spec: str, module_name: str) -> None:
+    """RewardError unless the operator allows ``module_name`` (checked before it is imported)."""
+    allowed = allowed_reward_modules()
+    if not any(module_name == m or module_name.startswith(m + ".") for m in allowed):
+        raise RewardError(
+            f"reward '{spec}': module '{module_name}' is not allowed to provide rewards (allowed: "
+            f"{', '.join(allowed) or 'none'}); the operator allows it with {ALLOWED_MODULES_ENV}={module_name} "
+            f"(comma-separated) or by installing it with an '{ENTRY_POINT_GROUP}' entry point"
+        )
+
+
 def import_callable(spec: str) -> Callable[..., Any]:
-    """``module:function`` (or ``module:Class.attr``) -> the callable, or a RewardError saying what is wrong."""
+    """``module:function`` (or ``module:Class.attr``) of an allowed module -> the callable, or a
+    RewardError saying what is wrong."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr or ":" in attr:
         raise RewardError(f"reward '{spec}': expected 'module:function' (e.g. 'my_pkg.rewards:score')")
+    check_allowed(spec, module_name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

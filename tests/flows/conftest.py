@@ -32,6 +32,7 @@ def in_project(project, prefect_api, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(project / ".dvc" / "tmp" / "site-cache"))
-    for key in [k for k in os.environ if k.startswith("SDPO_")]:
+    # the operator's allow-list of reward modules (tests/conftest.py) stays: the flows name flow_rewards
+    for key in [k for k in os.environ if k.startswith("SDPO_") and k != "SDPO_ALLOWED_REWARD_MODULES"]:
         monkeypatch.delenv(key)
     return project

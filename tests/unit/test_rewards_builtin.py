@@ -136,6 +136,7 @@ def test_module_that_fails_to_import_reports_its_error(tmp_path, monkeypatch):
     name = f"broken_reward_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text("raise RuntimeError('needs a GPU licence')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SDPO_ALLOWED_REWARD_MODULES", name)
     with pytest.raises(RewardError, match=r"importing module .* failed: RuntimeError: needs a GPU licence"):
         validate_reward_name(f"{name}:score")
 
