@@ -56,6 +56,10 @@ class ModelConfig(_Strict):
     )
     lora_rank: int = Field(default=4, ge=1, le=1024, description="LoRA rank")
     lora_alpha: float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
+    init_from: str | None = Field(
+        default=None, description="warm start: the LoRA starts from these weights instead of a random init: "
+        "`models:/NAME@champion` (or any models:/ URI), a run directory (its final/) or a trained LoRA directory; "
+        "same base, family and LoRA rank, checked")
     family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
         default=None, description="model family; read from model_index.json's _class_name when unset")
     base_lora: str | None = Field(

@@ -4,7 +4,8 @@
   ``eval.json`` its registration run keeps as the artifact :data:`EVAL_ARTIFACT` (per-sample rewards
   and the settings included: what the paired rule needs), else from the version's ``eval.*`` tags.
 * :func:`download_champion`: the champion's trained weights, for the evaluation stage to evaluate
-  them beside the new model on the new eval prompts.
+  them beside the new model on the new eval prompts; :func:`download_trained` those of any
+  ``models:/`` URI (the warm start, ``model.init_from``).
 * :func:`record_alias` tags a version with one audit entry per alias change
   (``sdpo.audit.<k>``: JSON with time, alias, previous holder, reason, margins, flow run id).
 
@@ -59,19 +60,25 @@ def current_champion(client, name: str) -> tuple[str | None, dict | None]:
     return str(mv.version), version_eval(client, mv)
 
 
+def download_trained(model_uri: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
+    """The trained weights directory of the registered model ``model_uri`` (``models:/NAME/N``,
+    ``models:/NAME@alias``), downloaded under ``dest``."""
+    root = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dest), tracking_uri=tracking_uri,
+                                               registry_uri=tracking_uri)
+    # pyfunc keeps each artifact under a path of its own choosing; MLmodel says where
+    artifacts = mlflow.models.Model.load(root).flavors.get("python_function", {}).get("artifacts", {})
+    trained = Path(root) / artifacts.get("trained", {}).get("path", "artifacts/trained")
+    if not (trained / "sdpo_model.json").is_file():
+        raise MlflowException(f"{model_uri} has no trained weights (its 'trained' artifact)")
+    return trained
+
+
 def download_champion(client, name: str, dest: str | Path) -> tuple[str, Path] | None:
     """(version, trained weights dir) of ``name@champion`` downloaded under ``dest``; None if none."""
     mv = champion_version(client, name)
     if mv is None:
         return None
-    root = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(dest),
-                                               tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri)
-    # pyfunc keeps each artifact under a path of its own choosing; MLmodel says where
-    artifacts = mlflow.models.Model.load(root).flavors.get("python_function", {}).get("artifacts", {})
-    trained = Path(root) / artifacts.get("trained", {}).get("path", "artifacts/trained")
-    if not (trained / "sdpo_model.json").is_file():
-        raise MlflowException(f"{name} version {mv.version} has no trained weights (its 'trained' artifact)")
-    return str(mv.version), trained
+    return str(mv.version), download_trained(f"models:/{name}/{mv.version}", dest, client.tracking_uri)
 
 
 def audit_entries(mv) -> list[dict]:
