@@ -154,7 +154,8 @@ def version_task(job: Job, executed: list[str]) -> dict[str, str]:
 
 @task(name="register", cache_policy=NO_CACHE, retry_delay_seconds=5, retry_condition_fn=_not_a_config_error)
 def register_task(job: Job, parent_run_id: str | None, done: dict) -> dict[str, str]:
-    reg = register_stage(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=done["version"])
+    reg = register_stage(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=done["version"],
+                         flow_run_id=flow_run.id)  # recorded with the alias change (sdpo.audit.<k>)
     create_markdown_artifact(
         key=f"sdpo-register-{_slug(job.pipeline)}",
         markdown=f"`{reg.name}` version **{reg.version}** -> alias **{reg.alias}**\n\n{reg.reason}",

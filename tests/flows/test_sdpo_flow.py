@@ -85,6 +85,10 @@ def test_flow_registers_a_champion_with_runs_metrics_artifacts_and_dvc(in_projec
     assert champion.tags["git.commit"] == result["git.commit"]
     assert champion.tags["dvc.model_md5"] == result["dvc.model_md5"]
     assert champion.run_id == by_stage["register"].info.run_id
+    from sdpo_core.tracking.champion import audit_entries
+
+    [audit] = audit_entries(champion)  # the alias change, recorded with the flow run that made it
+    assert audit["flow_run_id"] == str(state.state_details.flow_run_id) and audit["alias"] == "champion"
 
     # DVC: the executed stages are locked and their outputs are in the local remote
     lock = (in_project / "dvc.lock").read_text()
