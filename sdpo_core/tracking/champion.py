@@ -26,6 +26,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from sdpo_core.tracking import promotion
+from sdpo_core.tracking.inputs import INPUTS_TAG
 
 log = logging.getLogger(__name__)
 EVAL_ARTIFACT = "eval/eval.json"  # in the registration run of each version
@@ -79,6 +80,17 @@ def download_champion(client, name: str, dest: str | Path) -> tuple[str, Path] |
     if mv is None:
         return None
     return str(mv.version), download_trained(f"models:/{name}/{mv.version}", dest, client.tracking_uri)
+
+
+def version_with_inputs(client, name: str, inputs_hash: str) -> str | None:
+    """The latest complete version of ``name`` tagged ``sdpo.inputs_hash`` = ``inputs_hash`` (None if none)."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    same = [int(v.version) for v in versions
+            if v.tags.get(INPUTS_TAG) == inputs_hash and v.tags.get("sdpo.complete") == "true"]  # registry.COMPLETE_TAG
+    return str(max(same)) if same else None
 
 
 def audit_entries(mv) -> list[dict]:

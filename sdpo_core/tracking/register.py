@@ -19,6 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sdpo_core.config import Config
+from sdpo_core.prompts import PromptError, load_split
+from sdpo_core.rundir.paths import prompts_dir
+from sdpo_core.tracking.inputs import input_tags
 from sdpo_core.tracking.provenance import provenance_tags
 
 
@@ -36,8 +39,16 @@ def register_stage(
     or trained model."""
     from sdpo_core.tracking.registry import register_model
 
-    all_tags = {**provenance_tags(cfg.pipeline, project), **(tags or {})}
+    all_tags = {**provenance_tags(cfg.pipeline, project), **_inputs(cfg, run_dir), **(tags or {})}
     return register_model(cfg, run_dir, parent_run_id=parent_run_id, tags=all_tags, flow_run_id=flow_run_id)
+
+
+def _inputs(cfg: Config, run_dir: str | Path) -> dict[str, str]:
+    """The input hashes (``tracking.inputs``) of ``run_dir``; none when its prompt split is gone."""
+    try:
+        return input_tags(cfg, load_split(prompts_dir(run_dir)).manifest)
+    except PromptError:
+        return {}
 
 
 @contextmanager
