@@ -89,7 +89,9 @@ class PromptsConfig(_Strict):
 
     source: str = Field(
         default="digits",
-        description="built-in set name, a file path (one prompt per line), or a generator `template:<name>`",
+        description="built-in set name, a file path (one prompt per line), a generator `template:<name>`, "
+        "`s3://...` or `https://...` (fsspec; the manifest records its ETag / version id), or a `.jsonl` file "
+        "(one object per line with a string `prompt`)",
     )
     eval_fraction: float = Field(
         default=0.2, ge=0.0, lt=1.0, description="share of prompts held out for evaluation (never trained on)"
