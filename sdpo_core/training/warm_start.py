@@ -11,6 +11,7 @@ overwritten by the loaded one, so the first epoch starts from the loaded weights
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from sdpo_core.config import ConfigError
 from sdpo_core.families.loading import denoiser_folder, family_name, read_model_meta
 
+log = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights default
 
 
@@ -89,3 +91,4 @@ def warm_start(init_from: str, model_cfg, family, params: dict[str, torch.nn.Par
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(weights[key].to(dtype=p.dtype, device=p.device))
+    log.info("warm start: the LoRA starts from %s (%d tensors)", init_from, len(params))
