@@ -38,7 +38,7 @@ from sdpo_core.tracking.inputs import INPUTS_TAG, input_tags
 from sdpo_core.tracking.provenance import provenance_tags
 from sdpo_core.tracking.register import register_stage
 from sdpo_core.tracking.runs import stage_tracker, tracked
-from sdpo_core.tracking.trackers import make_tracker
+from sdpo_core.tracking.trackers import make_tracker, resolve_uri
 from sdpo_core.training.checkpoint import latest_checkpoint
 
 
@@ -223,7 +223,7 @@ def _unchanged_since(job: Job, cfg: Config) -> str | None:
     if not job.skip_unchanged or cfg.tracking.backend != "mlflow":
         return None
     inputs = input_tags(cfg, load_split(prompts_dir(job.run_dir)).manifest)[INPUTS_TAG]
-    return version_with_inputs(mlflow.MlflowClient(), cfg.register.model_name, inputs)
+    return version_with_inputs(mlflow.MlflowClient(tracking_uri=resolve_uri()), cfg.register.model_name, inputs)
 
 
 def _run_stages(job: Job, cfg: Config, parent) -> dict | State:

@@ -23,6 +23,7 @@ from sdpo_core.prompts import PromptError, load_split
 from sdpo_core.rundir.paths import prompts_dir
 from sdpo_core.tracking.inputs import input_tags
 from sdpo_core.tracking.provenance import provenance_tags
+from sdpo_core.tracking.trackers import resolve_uri
 
 
 def register_stage(
@@ -64,5 +65,5 @@ def champion_weights(cfg: Config) -> Iterator[tuple[str, str, Path] | None]:
 
     name = cfg.register.model_name
     with tempfile.TemporaryDirectory(prefix="sdpo-champion-") as tmp:
-        found = download_champion(mlflow.MlflowClient(), name, tmp)
+        found = download_champion(mlflow.MlflowClient(tracking_uri=resolve_uri()), name, tmp)
         yield None if found is None else (name, *found)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from sdpo_core.config import ConfigError
 from sdpo_core.families.loading import denoiser_folder, family_name, read_model_meta
+from sdpo_core.tracking.trackers import resolve_uri
 
 log = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights default
@@ -38,7 +39,7 @@ def resolve(init_from: str, dest: str | Path) -> Path:
         from sdpo_core.tracking.champion import download_trained  # mlflow: only for a registry URI
 
         try:
-            return download_trained(init_from, dest)
+            return download_trained(init_from, dest, resolve_uri())
         except (MlflowException, OSError) as exc:
             raise WarmStartError(f"model.init_from: cannot load {init_from}: {str(exc).splitlines()[0]}") from None
     path = Path(init_from)
