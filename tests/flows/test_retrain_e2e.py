@@ -82,7 +82,11 @@ def _logs(state) -> str:
     APILogWorker.drain_all(timeout=30)
     with get_client(sync_client=True) as client:
         flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
-        return "\n".join(log.message for log in client.read_logs(log_filter=flt, limit=500))
+        logs, page = [], None
+        while page is None or len(page) == 200:  # the API's largest page
+            page = client.read_logs(log_filter=flt, limit=200, offset=len(logs))
+            logs += page
+    return "\n".join(log.message for log in logs)
 
 
 def test_scheduled_retraining_warm_paired_and_skipped(in_project: Path, bucket):
