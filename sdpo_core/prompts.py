@@ -32,7 +32,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from sdpo_core.config import PromptsConfig
-from sdpo_core.sources import SourceError, is_remote, jsonl_prompts, read_remote
+from sdpo_core.sources import SourceError, is_remote, read_source
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ACTIVITIES = [
@@ -187,24 +187,15 @@ def _dedupe(items: Iterable[tuple[str, int | None]]) -> list[tuple[str, int | No
     return out
 
 
-def _file_source(source: str) -> tuple[list[str], dict]:
-    """Raw lines and version of a remote or JSONL source (``sdpo_core.sources``)."""
-    try:
-        if is_remote(source):
-            read = read_remote(source)
-            raw, version, fields = read.lines, read.version, read.metadata_fields
-        else:  # a local .jsonl file
-            raw, fields = jsonl_prompts("\n".join(read_prompt_file(source)), source)
-            version = {"sha256": hashlib.sha256(Path(source).read_bytes()).hexdigest()}
-    except SourceError as exc:
-        raise PromptError(str(exc)) from None
-    return raw, {**version, **({"metadata_fields": fields} if fields else {})}
-
-
 def load_prompt_set(source: str) -> PromptSet:
     """Read ``source`` and clean it; PromptError if nothing is left."""
     if is_remote(source) or source.endswith(".jsonl"):
-        raw, version = _file_source(source)
+        try:
+            read = read_source(source)
+        except SourceError as exc:
+            raise PromptError(str(exc)) from None
+        raw, fields = read.lines, read.metadata_fields
+        version = {**read.version, **({"metadata_fields": fields} if fields else {})}
         prompts = normalise(raw)
         if not prompts:
             raise PromptError(f"prompts.source: '{source}' has no prompts after dropping empty lines and duplicates")

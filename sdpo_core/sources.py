@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
@@ -105,6 +106,15 @@ def parse(data: bytes, source: str, version: dict | None = None) -> SourceText:
     return SourceText(text.splitlines(), version or {})
 
 
-def read_remote(source: str) -> SourceText:
-    data, version = fetch(source)
+def read_source(source: str) -> SourceText:
+    """A remote source, or a local ``.jsonl`` file (its version: the sha256 of its bytes)."""
+    if is_remote(source):
+        data, version = fetch(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise SourceError(f"prompts.source: file '{source}' does not exist; expected a JSONL file with one "
+                              "object per line with a string 'prompt'")
+        data = path.read_bytes()
+        version = {"sha256": hashlib.sha256(data).hexdigest()}
     return parse(data, source, version)

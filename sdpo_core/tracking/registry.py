@@ -7,8 +7,11 @@ by id. The version is tagged with the evaluation numbers (``eval.*``, see ``sdpo
 plus whatever provenance the caller passes (git commit, ``dvc.lock`` hashes, the parent run).
 
 Alias ``champion`` moves to the new version only when it beats the current champion (for a first
-version: the base model) by ``register.rule`` (docs/orchestration.md); otherwise the new version gets
-``challenger``. An invalid or missing ``eval.json`` stops everything before MLflow is touched, and
+version: the base model) by ``register.rule`` (docs/orchestration.md), paired sample by sample when
+the evaluation re-evaluated the champion or the eval sets match (``promotion``); otherwise the new
+version gets ``challenger``. The registration run keeps ``eval.json`` (``champion.EVAL_ARTIFACT``)
+for the paired rule of later versions, and the alias change is recorded on the version
+(``champion.record_alias``). An invalid or missing ``eval.json`` stops everything before MLflow is touched, and
 an unreachable tracking server before anything is logged.
 
 Never half-way: a version is tagged ``sdpo.register_key`` (a hash of the trained weights and the
