@@ -16,10 +16,12 @@ import logging
 import os
 from pathlib import Path
 
+import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from flows import versioning
@@ -27,13 +29,16 @@ from flows.settings import load_settings
 from sdpo_core import stages
 from sdpo_core.config import Config, ConfigError, load_config
 from sdpo_core.evaluation.evaluate import format_table
+from sdpo_core.prompts import load_split
 from sdpo_core.rundir.lock import run_lock
 from sdpo_core.rundir.outputs import clear_train_outputs, export_train_metrics
 from sdpo_core.rundir.paths import default_run_dir, eval_dir, prompts_dir
+from sdpo_core.tracking.champion import version_with_inputs
+from sdpo_core.tracking.inputs import INPUTS_TAG, input_tags
 from sdpo_core.tracking.provenance import provenance_tags
 from sdpo_core.tracking.register import register_stage
 from sdpo_core.tracking.runs import stage_tracker, tracked
-from sdpo_core.tracking.trackers import make_tracker
+from sdpo_core.tracking.trackers import make_tracker, resolve_uri
 from sdpo_core.training.checkpoint import latest_checkpoint
 
 
@@ -43,6 +48,7 @@ class Job(BaseModel):
     pipeline: str
     overrides: list[str] = []
     pipelines_file: str = "pipelines.yaml"
+    skip_unchanged: bool = False  # end without training when a registered version has the same inputs
 
     def config(self) -> Config:
         return load_config(self.pipeline, self.overrides, Path(self.pipelines_file))
@@ -154,7 +160,8 @@ def version_task(job: Job, executed: list[str]) -> dict[str, str]:
 
 @task(name="register", cache_policy=NO_CACHE, retry_delay_seconds=5, retry_condition_fn=_not_a_config_error)
 def register_task(job: Job, parent_run_id: str | None, done: dict) -> dict[str, str]:
-    reg = register_stage(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=done["version"])
+    reg = register_stage(job.config(), job.run_dir, parent_run_id=parent_run_id, tags=done["version"],
+                         flow_run_id=flow_run.id)  # recorded with the alias change (sdpo.audit.<k>)
     create_markdown_artifact(
         key=f"sdpo-register-{_slug(job.pipeline)}",
         markdown=f"`{reg.name}` version **{reg.version}** -> alias **{reg.alias}**\n\n{reg.reason}",
@@ -181,12 +188,14 @@ def _slug(name: str) -> str:
     flow_run_name="{pipeline}",
     description="SDPO alignment: prepare, base, train, evaluate, version (DVC), register (MLflow)",
 )
-def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None) -> dict:
+def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None,
+         skip_unchanged: bool = False) -> dict | State:
     settings = load_settings()
     if settings.mlflow.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow.tracking_uri
     _route_sdpo_core_logs()
-    job = Job(pipeline=pipeline, overrides=overrides or [], pipelines_file=str(settings.pipelines_file))
+    job = Job(pipeline=pipeline, overrides=overrides or [], pipelines_file=str(settings.pipelines_file),
+              skip_unchanged=skip_unchanged)
     cfg = job.config()  # a bad pipeline name or override fails the run here, with the reason
     # one flow run per pipeline at a time: an overlapping one fails here (RunLockedError, naming the
     # holder) before it opens an MLflow run; a queued one would only redo the same work afterwards
@@ -194,7 +203,7 @@ def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None) -> d
         return _flow_body(job, cfg, pipeline)
 
 
-def _flow_body(job: Job, cfg: Config, pipeline: str) -> dict:
+def _flow_body(job: Job, cfg: Config, pipeline: str) -> dict | State:
     parent = make_tracker(cfg.tracking.backend, cfg.tracking.experiment, run_name=f"{pipeline}-flow")
     parent.set_tags(
         {
@@ -209,12 +218,28 @@ def _flow_body(job: Job, cfg: Config, pipeline: str) -> dict:
         return _run_stages(job, cfg, parent)
 
 
-def _run_stages(job: Job, cfg: Config, parent) -> dict:
+def _unchanged_since(job: Job, cfg: Config) -> str | None:
+    """The registered version made from the same inputs as this run (``tracking.inputs``), if any."""
+    if not job.skip_unchanged or cfg.tracking.backend != "mlflow":
+        return None
+    inputs = input_tags(cfg, load_split(prompts_dir(job.run_dir)).manifest)[INPUTS_TAG]
+    return version_with_inputs(mlflow.MlflowClient(tracking_uri=resolve_uri()), cfg.register.model_name, inputs)
+
+
+def _run_stages(job: Job, cfg: Config, parent) -> dict | State:
     """The versioned stages that apply to ``cfg`` in declared order, DVC versioning, then the rest
-    (register: the network ones, retried ``prefect.network_retries`` times)."""
+    (register: the network ones, retried ``prefect.network_retries`` times). After ``prepare``,
+    with ``skip_unchanged`` (the retrain deployment's default), a run whose inputs equal a registered
+    version's ends Completed, nothing trained."""
     done: dict = {}
     for stage in (s for s in stages.STAGES if s.versioned and s.applies(cfg)):
         done[stage.name] = task_for(stage)(job, parent.run_id, done)
+        if stage.name == "prepare" and (same := _unchanged_since(job, cfg)) is not None:
+            message = (f"nothing changed since version {same} of {cfg.register.model_name} "
+                       "(run with skip_unchanged=false to train anyway)")
+            get_run_logger().info(message)
+            parent.set_tags({"sdpo.skipped": message})
+            return Completed(message=message)
     done["version"] = tags = version_task(job, list(done))  # dvc push retries itself (versioning.push)
     parent.set_tags(tags)
     summary = {

@@ -30,7 +30,8 @@ def _retrain_kwargs(settings: Settings) -> dict:
     return {
         "name": s.deployment,
         "schedules": [Cron(s.cron, timezone=s.timezone, active=s.active)],
-        "parameters": {"pipeline": s.pipeline, "overrides": s.overrides},
+        # skip a week with nothing new (same inputs as a registered version); --param skip_unchanged=false forces
+        "parameters": {"pipeline": s.pipeline, "overrides": s.overrides, "skip_unchanged": True},
         "description": f"Scheduled retraining of {s.pipeline} ({s.cron} {s.timezone})",
     }
 

@@ -5,6 +5,7 @@
     sdpo generate --model DIR --prompt "a seven" --steps 2 --out seven.png
     sdpo register --pipeline NAME              # MLflow registry; champion only if it beats the current one
     sdpo sync --run-dir DIR                    # send what MLflow missed while it was down
+    sdpo promote NAME --version N | --rollback # move NAME@champion by hand, checked and recorded
     sdpo config show NAME [--json]
     sdpo config docs [--write docs/config.md]  # the config key reference, from sdpo_core/config.py
 
@@ -195,6 +196,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0 if res.complete else 1
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from sdpo_core.tracking.promote import promote  # mlflow
+
+    print(promote(args.name, version=args.version, rollback=args.rollback, reason=args.reason).summary)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     result = run_pipeline(cfg, _run_dir(args, cfg), resume=args.resume)
@@ -244,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", help="send to MLflow what a run kept while its server was down")
     p.add_argument("--run-dir", required=True, help="run folder holding tracking_sync.json")
     p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("promote", help="move NAME@champion to a version, or back (checked, recorded on the versions)")
+    p.add_argument("name", help="registered model name (register.model_name)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="the version to make champion")
+    which.add_argument("--rollback", action="store_true", help="give champion back to the version it was taken from")
+    p.add_argument("--reason", default="", help="why (kept in the versions' record)")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("generate", help="generate images with a base or trained model")
     p.add_argument("--model", required=True, help="base model (dir or hub id) or a trained model dir")

@@ -88,6 +88,10 @@ class ModelConfig(_Strict):
     )
     lora_rank: Int = Field(default=4, ge=1, le=1024, description="LoRA rank")
     lora_alpha: Float | None = Field(default=None, gt=0, description="defaults to lora_rank (scale 1)")
+    init_from: str | None = Field(
+        default=None, description="warm start: the LoRA starts from these weights instead of a random init: "
+        "`models:/NAME@champion` (or any models:/ URI), a run directory (its final/) or a trained LoRA directory; "
+        "same base, family and LoRA rank, checked")
     family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
         default=None, description="model family; read from model_index.json's _class_name when unset")
     base_lora: str | None = Field(
@@ -117,7 +121,9 @@ class PromptsConfig(_Strict):
 
     source: str = Field(
         default="digits",
-        description="built-in set name, a file path (one prompt per line), or a generator `template:<name>`",
+        description="built-in set name, a file path (one prompt per line), a generator `template:<name>`, "
+        "`s3://...` or `https://...` (fsspec; the manifest records its ETag / version id), or a `.jsonl` file "
+        "(one object per line with a string `prompt`)",
     )
     eval_fraction: Float = Field(
         default=0.2, ge=0.0, lt=1.0, description="share of prompts held out for evaluation (never trained on)"

@@ -4,7 +4,10 @@ A source (``prompts.source``) is one of
 
 * a built-in set: ``digits``, ``simple_animals``, ``complex_animals``;
 * a generator ``template:<name>`` (see :data:`GENERATORS`), deterministic;
-* a path to a UTF-8 text file, one prompt per line.
+* a path to a UTF-8 text file, one prompt per line;
+* ``s3://...`` or ``http(s)://...`` (``sdpo_core.sources``, fsspec), its version in the manifest;
+* a local or remote ``.jsonl`` file: one object per line with a string ``prompt`` (other fields:
+  metadata, not part of the prompt).
 
 Built-in names win over a file of the same name; write ``./digits`` for such a file.
 
@@ -29,6 +32,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from sdpo_core.config import PromptsConfig
+from sdpo_core.sources import SourceError, is_remote, read_source
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ACTIVITIES = [
@@ -62,6 +66,7 @@ class PromptSet:
     raw_count: int
     phrasings: list[str] | None = None
     labels: list[int] | None = None
+    version: dict = field(default_factory=dict)  # what identifies the source's content (remote, JSONL)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,17 @@ def _dedupe(items: Iterable[tuple[str, int | None]]) -> list[tuple[str, int | No
 
 def load_prompt_set(source: str) -> PromptSet:
     """Read ``source`` and clean it; PromptError if nothing is left."""
+    if is_remote(source) or source.endswith(".jsonl"):
+        try:
+            read = read_source(source)
+        except SourceError as exc:
+            raise PromptError(str(exc)) from None
+        raw, fields = read.lines, read.metadata_fields
+        version = {**read.version, **({"metadata_fields": fields} if fields else {})}
+        prompts = normalise(raw)
+        if not prompts:
+            raise PromptError(f"prompts.source: '{source}' has no prompts after dropping empty lines and duplicates")
+        return PromptSet(source, prompts, len(raw), version=version)
     raw, labels = _raw_source(source)
     items = _dedupe(zip(raw, labels if labels is not None else [None] * len(raw), strict=True))
     if not items:
@@ -310,6 +326,7 @@ def prepare(prompts_cfg: PromptsConfig, out_dir: str | Path) -> PromptSplit:
             "eval": len(evals),
         },
         "eval_phrasings": held,
+        **({"source_version": pset.version} if pset.version else {}),
         "sha256": hashes,
         "created_by": _version(),
     }

@@ -19,6 +19,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from sdpo_core.config import Config, dump_yaml
 from sdpo_core.prompts import PromptSplit, load_split, prepare
 from sdpo_core.rundir.lock import run_lock
 from sdpo_core.rundir.paths import eval_dir, prompts_dir
-from sdpo_core.tracking.register import register_stage
+from sdpo_core.tracking.register import champion_weights, register_stage
 from sdpo_core.tracking.runs import stage_tracker, tracked
 from sdpo_core.tracking.trackers import Tracker, preflight
 
@@ -75,14 +76,16 @@ def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False, tracker:
 def evaluate_stage(
     cfg: Config, run_dir: str | Path, model_dir: str | Path | None, tracker: Tracker | None = None
 ) -> dict:
-    """Evaluate base (and trained, when ``model_dir``) on the held-out prompts."""
-    from sdpo_core.evaluation.evaluate import evaluate  # torch, diffusers
+    """Evaluate base (and trained, when ``model_dir``) on the held-out prompts; with a trained model,
+    the registry's champion too (when tracking to MLflow and there is one), on the same samples."""
+    from sdpo_core.evaluation.evaluate import Champion, evaluate  # torch, diffusers
 
-    with run_lock(run_dir):
+    with run_lock(run_dir), champion_weights(cfg) if model_dir else nullcontext() as found:
         split = load_or_prepare(cfg, run_dir)
+        champion = Champion(*found) if found else None
         return evaluate(
             cfg, cfg.model.pretrained, str(model_dir) if model_dir else None, split.eval, eval_dir(run_dir),
-            tracker=tracker,
+            tracker=tracker, champion=champion,
         )
 
 

@@ -1,7 +1,9 @@
 """Multi-step evaluation: base vs trained model on the eval prompts at several step counts.
 
 Every sample has a fixed seed (``evaluate.seed`` + its index), so the base and the trained model
-start from the same noise and are compared pair by pair. Writes ``eval.json`` (schema in
+start from the same noise and are compared pair by pair. The registered champion, when given
+(:class:`Champion`), is evaluated the same way beside them, so the promotion rule compares the new
+model with it sample by sample on this evaluation's prompts and settings. Writes ``eval.json`` (schema in
 ``docs/eval_schema.md``), ``reward_vs_steps.png`` and ``grid.png``.
 
 Usage::
@@ -101,6 +103,16 @@ def summarize(rewards: torch.Tensor, metrics: dict[str, float]) -> dict[str, Any
 
 
 @dataclass(frozen=True)
+class Champion:
+    """The registered model the new one must beat: ``name`` version ``version``, its trained
+    weights (a ``final``-like directory) at ``trained_dir``."""
+
+    name: str
+    version: str
+    trained_dir: Path
+
+
+@dataclass(frozen=True)
 class EvalPlan:
     """The N = P * S samples: sample i is prompt ``prompts[i // S]`` with seed ``seeds[i]``."""
 
@@ -185,7 +197,8 @@ def _load(cfg: Config, base: str, trained_dir: str | Path | None, device: torch.
 
 
 def build_eval_dict(
-    cfg: Config, base: str, trained_dir: str | Path | None, plan: EvalPlan, results: dict
+    cfg: Config, base: str, trained_dir: str | Path | None, plan: EvalPlan, results: dict,
+    champion: Champion | None = None,
 ) -> dict:
     """Assemble ``eval.json`` (schema: docs/eval_schema.md) from per-model, per-step summaries."""
     steps: dict[str, dict[str, Any]] = {}
@@ -194,7 +207,14 @@ def build_eval_dict(
         if "trained" in results:
             b, t = (torch.tensor(results[label][n]["rewards"]) for label in ("base", "trained"))
             entry.update(paired_stats(b, t))
+        if "champion" in results and "trained" in results:
+            c, t = (torch.tensor(results[label][n]["rewards"]) for label in ("champion", "trained"))
+            entry["vs_champion"] = paired_stats(c, t)
         steps[str(n)] = entry
+    extra = {} if champion is None else {
+        "champion": {"name": champion.name, "version": champion.version,
+                     "model_uri": f"models:/{champion.name}/{champion.version}"}
+    }
     return {
         "schema_version": SCHEMA_VERSION,
         "pipeline": cfg.pipeline,
@@ -210,6 +230,7 @@ def build_eval_dict(
         "guidance_scale": cfg.sample.guidance_scale,
         "prompts": plan.prompts,
         "steps": steps,
+        **extra,
     }
 
 
@@ -221,8 +242,10 @@ def evaluate(
     out_dir: str | Path,
     device: str | torch.device | None = None,
     tracker=None,
+    champion: Champion | None = None,
 ) -> dict:
-    """Evaluate base (and trained, unless ``trained_dir`` is None) at each of ``evaluate.steps``.
+    """Evaluate base (and trained, unless ``trained_dir`` is None; and ``champion`` when given) at
+    each of ``evaluate.steps``, on the same samples.
 
     Writes ``eval.json``, ``reward_vs_steps.png`` and ``grid.png`` into ``out_dir``; logs per-step
     means and the files to ``tracker`` when given. Samples on ``device`` (default: where training
@@ -239,12 +262,14 @@ def evaluate(
     # 2. One model at a time (the base is freed before the trained one loads).
     results, grids = {}, {}
     models_to_run = {"base": None} if trained_dir is None else {"base": None, "trained": trained_dir}
+    if champion is not None:
+        models_to_run["champion"] = champion.trained_dir
     for label, weights in models_to_run.items():
         family = _load(cfg, base, weights, device, dtype)
         results[label], grids[label] = evaluate_model(family, label, plan, cfg, reward_fn, metric_fns, dtype)
         del family
     # 3. Statistics, files, tracking.
-    result = build_eval_dict(cfg, base, trained_dir, plan, results)
+    result = build_eval_dict(cfg, base, trained_dir, plan, results, champion)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")  # temp sibling, fsync, rename
@@ -266,12 +291,14 @@ def log_to_tracker(tracker, result: dict, paths: list[Path]) -> None:
     """Per step count (as the metric step): each model's mean, and gain / win rate when paired."""
     for key, entry in result["steps"].items():
         metrics = {}
-        for label in ("base", "trained"):
+        for label in ("base", "trained", "champion"):
             if label in entry:
                 metrics[f"eval/{label}_mean"] = entry[label]["mean"]
                 metrics.update({f"eval/{label}_{m}": v for m, v in entry[label]["metrics"].items()})
         if "gain" in entry:
             metrics.update({"eval/gain": entry["gain"], "eval/win_rate": entry["win_rate"]})
+        if "vs_champion" in entry:
+            metrics["eval/gain_vs_champion"] = entry["vs_champion"]["gain"]
         tracker.log_metrics(metrics, step=int(key))
     for path in paths:
         tracker.log_artifact(path)
@@ -298,4 +325,9 @@ def format_table(eval_dict: dict) -> str:
     lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     title = f"{eval_dict['pipeline']}: {eval_dict['reward']}"
-    return "\n".join([title, *lines])
+    champ = eval_dict.get("champion")
+    versus = [] if not champ else [f"vs {champ['name']} version {champ['version']} (same samples): " + ", ".join(
+        f"{k} steps {e['vs_champion']['gain']:+.4f} [{e['vs_champion']['gain_ci95'][0]:+.4f}, "
+        f"{e['vs_champion']['gain_ci95'][1]:+.4f}]"
+        for k, e in sorted(eval_dict["steps"].items(), key=lambda kv: int(kv[0])) if "vs_champion" in e)]
+    return "\n".join([title, *lines, *versus])

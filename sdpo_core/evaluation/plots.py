@@ -20,7 +20,7 @@ PLOT_DPI = 100  # the plot is 640 x 400 px
 MIN_CELL, MAX_CELL = 96, 256  # grid cells: tiny images upscaled, large ones downscaled
 LABEL_W, HEADER_H, TITLE_H, PAD = 96, 46, 22, 4
 FONT_SIZE, LINE_H = 12, 14
-SERIES = {"base": ("tab:gray", 0.97), "trained": ("tab:blue", 1.03)}  # colour, x offset (log axis)
+SERIES = {"base": ("tab:gray", 0.97), "trained": ("tab:blue", 1.03), "champion": ("tab:orange", 1.0)}  # colour, x offset (log axis)
 
 
 def reward_vs_steps_plot(eval_dict: dict, path: str | Path) -> Path:

@@ -13,6 +13,16 @@ For each step count ``n`` of the new evaluation, with ``m(n)`` a model's mean re
 * ``mean_over_steps``: promote iff the mean of ``m_new`` over the step counts is larger than the
   champion's over the same step counts.
 
+Against a champion the comparison is paired whenever it can be: the champion re-evaluated in the
+same evaluation (``steps.<n>.champion`` of the new ``eval.json``, same prompts, seeds and settings by
+construction), or else the champion's own stored per-sample rewards when every field of
+:data:`EVAL_SET_FIELDS` matches exactly. ``m(n)`` is then the mean over samples of ``new - champion``
+and ``h(n)`` the half-width of its 95% t-interval; ``all_steps_ci`` promotes iff ``m(n) > h(n)`` at
+every ``n`` (the lower end of the paired interval is above 0), the other rules read ``m(n)`` as the
+margin. Records whose :data:`EVAL_SET_FIELDS` differ are never compared: the new model becomes
+challenger with a reason that names the field. A champion without per-sample rewards (registered
+before they were kept) but with matching fields is compared unpaired, as above.
+
 No champion yet (or one whose numbers cannot be read): the base model is the incumbent. The new
 model becomes champion only if it beats the base (``steps.<n>.base`` of its own ``eval.json``)
 under the same rule, else challenger; without base numbers it stays challenger. Models
@@ -23,15 +33,23 @@ comparable: the new model becomes challenger. An evaluation that is missing or i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
 RULES = ("all_steps_ci", "all_steps_mean", "mean_over_steps")
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG_PREFIX = "eval."
+SET_HASH_TAG = "eval.set_hash"
+# what changes the numbers of an evaluation besides the model: two records that differ in one of
+# these measured different things (the step counts are checked one by one)
+EVAL_SET_FIELDS = ("reward", "prompts", "num_prompts", "samples_per_prompt", "seed", "eta", "last_step",
+                   "guidance_scale", "mixed_precision")
 
 
 class PromotionError(ValueError):
@@ -99,11 +117,28 @@ def load_eval(path: str | Path) -> dict:
     return data
 
 
+def eval_set_hash(eval_dict: dict) -> str:
+    """sha256 (first 32 hex digits) of the :data:`EVAL_SET_FIELDS` of ``eval_dict`` (absent: null)."""
+    fields = {k: eval_dict.get(k) for k in EVAL_SET_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def eval_set_mismatch(new: dict, champion: dict) -> str | None:
+    """The first of :data:`EVAL_SET_FIELDS` whose values differ, as a reason; None when all match."""
+    for key in EVAL_SET_FIELDS:
+        if new.get(key) != champion.get(key):
+            a, b = champion.get(key), new.get(key)
+            shown = "" if key == "prompts" else f" (champion {a!r}, new {b!r})"
+            return f"not comparable: the evaluations' {key} differ{shown}"
+    return None
+
+
 def eval_tags(eval_dict: dict) -> dict[str, str]:
     """Registry tags carrying the numbers the rule reads back (floats as repr: exact round trip)."""
     tags = {
         f"{TAG_PREFIX}reward": eval_dict["reward"],
         f"{TAG_PREFIX}pipeline": str(eval_dict.get("pipeline")),
+        SET_HASH_TAG: eval_set_hash(eval_dict),
     }
     for key, entry in eval_dict["steps"].items():
         t = entry["trained"]
@@ -154,11 +189,48 @@ def base_eval(eval_dict: dict) -> dict | None:
     return result
 
 
-def _compare(rule: str, new: dict[int, StepScore], inc: dict[int, StepScore]) -> tuple[bool, str, dict]:
-    """(does ``new`` beat the incumbent ``inc`` under ``rule``, a detail line, margins per step)."""
-    margins = {n: new[n].mean - inc[n].mean for n in sorted(new)}
+def paired_difference(new: list[float], incumbent: list[float], level: float = 0.95) -> StepScore:
+    """Mean of the per-sample differences ``new[i] - incumbent[i]`` (same prompt, same seed) and the
+    half-width of its t-interval: t_{(1+level)/2, N-1} * s / sqrt(N), ``s`` the sample standard
+    deviation of the differences. Needs two equally long lists of N >= 2 finite numbers."""
+    if len(new) != len(incumbent) or len(new) < 2:
+        raise PromotionError(f"paired scores need two lists of the same length >= 2, got {len(new)} and "
+                             f"{len(incumbent)}")
+    diff = [_number(a, "rewards") - _number(b, "rewards") for a, b in zip(new, incumbent, strict=True)]
+    n = len(diff)
+    mean = sum(diff) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1))
+    return StepScore(mean, float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n))
+
+
+def _rewards(entry: Any, label: str) -> list[float] | None:
+    model = entry.get(label) if isinstance(entry, dict) else None
+    rewards = model.get("rewards") if isinstance(model, dict) else None
+    return rewards if isinstance(rewards, list) else None
+
+
+def paired_scores(new: dict, champion_label_or_eval: str | dict) -> dict[int, StepScore] | None:
+    """Paired differences (trained - incumbent) per step count of ``new``: the incumbent's per-sample
+    rewards are ``new``'s own ``steps.<n>.<label>`` (a label) or an other eval dict's trained ones;
+    None when some step count lacks per-sample rewards."""
+    scores = {}
+    for key, entry in new["steps"].items():
+        mine = _rewards(entry, "trained")
+        if isinstance(champion_label_or_eval, str):
+            theirs = _rewards(entry, champion_label_or_eval)
+        else:
+            theirs = _rewards(champion_label_or_eval["steps"].get(key), "trained")
+        if mine is None or theirs is None:
+            return None
+        scores[int(key)] = paired_difference(mine, theirs)
+    return scores
+
+
+def _compare(rule: str, margins: dict[int, float], needed: dict[int, float]) -> tuple[bool, str, dict]:
+    """(do the ``margins`` (new - incumbent, per step count) win under ``rule``, a detail line,
+    margins); ``needed``: the margin ``all_steps_ci`` asks for at each step count."""
+    margins = {n: margins[n] for n in sorted(margins)}
     if rule == "all_steps_ci":
-        needed = {n: math.hypot(new[n].half_width, inc[n].half_width) for n in margins}
         wins = all(margins[n] > needed[n] for n in margins)
         detail = ", ".join(f"{n} steps: {margins[n]:+.4g} vs CI {needed[n]:.4g}" for n in margins)
     elif rule == "all_steps_mean":
@@ -171,9 +243,43 @@ def _compare(rule: str, new: dict[int, StepScore], inc: dict[int, StepScore]) ->
     return wins, detail, margins
 
 
-def decide(rule: str, new: dict, champion: dict | None) -> Decision:
+def _unpaired(new: dict[int, StepScore], inc: dict[int, StepScore]) -> tuple[dict, dict]:
+    """Margins and the needed margins of two independent means (the interval of their difference)."""
+    return ({n: new[n].mean - inc[n].mean for n in new},
+            {n: math.hypot(new[n].half_width, inc[n].half_width) for n in new})
+
+
+def _paired(scores: dict[int, StepScore]) -> tuple[dict, dict]:
+    return {n: s.mean for n, s in scores.items()}, {n: s.half_width for n, s in scores.items()}
+
+
+def _champion_margins(new: dict, champion: dict, champion_version: str | None) -> tuple[str, tuple] | str:
+    """(how the champion was compared, (margins, needed)), or the reason it cannot be compared."""
+    evaluated = new.get("champion")
+    if isinstance(evaluated, dict) and champion_version is not None and \
+            str(evaluated.get("version")) == str(champion_version):
+        paired = paired_scores(new, "champion")
+        if paired is not None:
+            return "paired, champion re-evaluated on the same samples", _paired(paired)
+    if champion.get("reward") != new.get("reward"):
+        return f"not comparable: champion scored with {champion.get('reward')!r}, new with {new['reward']!r}"
+    champ_scores = trained_scores(champion)
+    missing = sorted(set(trained_scores(new)) - set(champ_scores))
+    if missing:
+        return f"not comparable: champion was not evaluated at step count(s) {missing}"
+    mismatch = eval_set_mismatch(new, champion)
+    if mismatch:
+        return mismatch
+    paired = paired_scores(new, champion)
+    if paired is not None:
+        return "paired, champion's stored per-sample rewards (same eval set)", _paired(paired)
+    return "unpaired, champion without per-sample rewards", _unpaired(trained_scores(new), champ_scores)
+
+
+def decide(rule: str, new: dict, champion: dict | None, champion_version: str | None = None) -> Decision:
     """Alias for the new model under ``rule`` (see the module docstring) given the champion's eval
-    (None: no champion yet, the base model of ``new`` is the incumbent)."""
+    (None: no champion yet, the base model of ``new`` is the incumbent) and its version (which
+    ``new["champion"]`` must name for the champion's re-evaluation in ``new`` to count)."""
     if rule not in RULES:
         raise PromotionError(f"unknown register.rule {rule!r}; expected one of {', '.join(RULES)}")
     new_scores = trained_scores(new)
@@ -181,22 +287,17 @@ def decide(rule: str, new: dict, champion: dict | None) -> Decision:
         base = base_eval(new)
         if base is None:
             return Decision(CHALLENGER, "no current champion, and eval.json has no base numbers to beat")
-        wins, detail, margins = _compare(rule, new_scores, trained_scores(base))
+        wins, detail, margins = _compare(rule, *_unpaired(new_scores, trained_scores(base)))
         verdict = "beats" if wins else "does not beat"
         return Decision(
             CHAMPION if wins else CHALLENGER,
             f"{rule}: no current champion; {verdict} the base model ({detail})",
             margins,
         )
-    if champion.get("reward") != new.get("reward"):
-        return Decision(
-            CHALLENGER,
-            f"not comparable: champion scored with {champion.get('reward')!r}, new with {new['reward']!r}",
-        )
-    champ_scores = trained_scores(champion)
-    missing = sorted(set(new_scores) - set(champ_scores))
-    if missing:
-        return Decision(CHALLENGER, f"not comparable: champion was not evaluated at step count(s) {missing}")
-    wins, detail, margins = _compare(rule, new_scores, champ_scores)
+    how = _champion_margins(new, champion, champion_version)
+    if isinstance(how, str):
+        return Decision(CHALLENGER, how)
+    wins, detail, margins = _compare(rule, *how[1])
     verdict = "beats" if wins else "does not beat"
-    return Decision(CHAMPION if wins else CHALLENGER, f"{rule}: {verdict} the champion ({detail})", margins)
+    return Decision(CHAMPION if wins else CHALLENGER, f"{rule}: {verdict} the champion ({how[0]}: {detail})",
+                    margins)

@@ -7,8 +7,11 @@ by id. The version is tagged with the evaluation numbers (``eval.*``, see ``sdpo
 plus whatever provenance the caller passes (git commit, ``dvc.lock`` hashes, the parent run).
 
 Alias ``champion`` moves to the new version only when it beats the current champion (for a first
-version: the base model) by ``register.rule`` (docs/orchestration.md); otherwise the new version gets
-``challenger``. An invalid or missing ``eval.json`` stops everything before MLflow is touched, and
+version: the base model) by ``register.rule`` (docs/orchestration.md), paired sample by sample when
+the evaluation re-evaluated the champion or the eval sets match (``promotion``); otherwise the new
+version gets ``challenger``. The registration run keeps ``eval.json`` (``champion.EVAL_ARTIFACT``)
+for the paired rule of later versions, and the alias change is recorded on the version
+(``champion.record_alias``). An invalid or missing ``eval.json`` stops everything before MLflow is touched, and
 an unreachable tracking server before anything is logged.
 
 Never half-way: a version is tagged ``sdpo.register_key`` (a hash of the trained weights and the
@@ -39,6 +42,7 @@ from sdpo_core.config import Config, ConfigError
 from sdpo_core.families.loading import read_model_meta
 from sdpo_core.rundir.paths import eval_dir
 from sdpo_core.tracking import promotion
+from sdpo_core.tracking.champion import EVAL_ARTIFACT, current_champion, record_alias
 from sdpo_core.tracking.trackers import MlflowTracker
 
 log = logging.getLogger(__name__)
@@ -132,15 +136,6 @@ def log_pyfunc(cfg: Config, trained_dir: Path, run_id: str):
         )
 
 
-def current_champion(client, name: str) -> tuple[str | None, dict | None]:
-    """(version, eval dict from its tags) of ``name@champion``; (None, None) when there is none."""
-    try:
-        mv = client.get_model_version_by_alias(name, promotion.CHAMPION)
-    except MlflowException:  # no such model, or no champion alias yet
-        return None, None
-    return mv.version, promotion.eval_from_tags(mv.tags)
-
-
 def register_key(trained_dir: Path, parent_run_id: str | None) -> str:
     """Identifies one registration across its retries: the trained files' bytes and the parent run."""
     h = hashlib.sha256(f"parent={parent_run_id}\n".encode())
@@ -173,8 +168,10 @@ def register_model(
     run_dir: str | Path,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    flow_run_id: str | None = None,
 ) -> Registration:
-    """Log, register, tag and alias the model of ``run_dir`` under ``register.model_name``."""
+    """Log, register, tag and alias the model of ``run_dir`` under ``register.model_name``; the
+    alias change is recorded on the version (``tracking.champion.record_alias``)."""
     # 1. Refuse before touching MLflow: a valid evaluation and a trained model must exist.
     try:
         new_eval = promotion.load_eval(eval_dir(run_dir) / "eval.json")
@@ -193,7 +190,7 @@ def register_model(
     try:
         # 2. Decide against the champion as it is before this version exists.
         champ_version, champ_eval = current_champion(client, name)
-        decision = promotion.decide(rule, new_eval, champ_eval)
+        decision = promotion.decide(rule, new_eval, champ_eval, champ_version)
         # 3. Log and register the model (or complete a version an earlier attempt left half-way);
         #    tag the version; move one alias; mark it complete.
         key = register_key(trained, parent_run_id)
@@ -210,6 +207,8 @@ def register_model(
         mv = incomplete_version(client, name, key)
         if mv is None:
             model_uri = log_pyfunc(cfg, trained, tracker.run_id).model_uri
+            # the full evaluation (per-sample rewards, settings) for the paired rule of later versions
+            client.log_artifact(tracker.run_id, str(eval_dir(run_dir) / "eval.json"), str(Path(EVAL_ARTIFACT).parent))
             mv = mlflow.register_model(model_uri, name, tags={**all_tags, KEY_TAG: key})
         else:
             log.warning("completing version %s of %s, left without its alias by an earlier attempt",
@@ -217,6 +216,8 @@ def register_model(
             model_uri = mv.source
             for k, v in all_tags.items():
                 client.set_model_version_tag(name, mv.version, k, v)
+        record_alias(client, name, mv.version, decision.alias, decision.reason, decision.margins,
+                     previous=champ_version, flow_run_id=flow_run_id)
         client.set_registered_model_alias(name, decision.alias, mv.version)
         client.set_model_version_tag(name, mv.version, COMPLETE_TAG, "true")
         tracker.set_tags(

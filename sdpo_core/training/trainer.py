@@ -50,6 +50,7 @@ from sdpo_core.training.nonfinite import NonFiniteError
 from sdpo_core.training.rollout import EpochRollout, EpochSamples, Rollout
 from sdpo_core.training.scoring import RewardJob
 from sdpo_core.training.update import Updater
+from sdpo_core.training.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 # trajectories shown in the sample grid of a logging epoch (tracking.log_images_every)
@@ -124,6 +125,8 @@ class Trainer:
         )
         # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call)
         self.lora_params = lora_param_keys(denoiser) if m.finetune == "lora" else None
+        if m.init_from:  # after the random init: the same RNG draws as a cold start
+            warm_start(m.init_from, m, self.family, self.lora_params or {})
         self.denoiser, self.optimizer = acc.prepare(denoiser, optimizer)
         self.latent_shape = self.family.latent_shape(cfg.sample.resolution)
         # the sampling policy that evaluation and `sdpo generate` rebuild the same way (build_policy)

@@ -1,5 +1,6 @@
 """The `sdpo` flow on tiny-random: a full run registers a champion (MLflow runs, metrics, artifacts,
-DVC lock and remote, Prefect logs and artifact); an equal second run becomes challenger; a broken
+DVC lock and remote, Prefect logs and artifact); an equal second run becomes challenger, a third
+is skipped when asked (skip_unchanged); a broken
 reward fails the run with its cause and leaves the registry alone; a retried run resumes training.
 
 The tests of this module share one checkout and registry and run in order (about 2 min).
@@ -30,6 +31,12 @@ def _run(overrides: list[str], retries: int = 0):
     return sdpo.with_options(retries=retries, retry_delay_seconds=0)(
         "tiny-random", overrides, return_state=True
     )
+
+
+def _run_skipping(overrides: list[str]):
+    from flows.sdpo_flow import sdpo
+
+    return sdpo("tiny-random", overrides, skip_unchanged=True, return_state=True)
 
 
 def _client():
@@ -85,6 +92,10 @@ def test_flow_registers_a_champion_with_runs_metrics_artifacts_and_dvc(in_projec
     assert champion.tags["git.commit"] == result["git.commit"]
     assert champion.tags["dvc.model_md5"] == result["dvc.model_md5"]
     assert champion.run_id == by_stage["register"].info.run_id
+    from sdpo_core.tracking.champion import audit_entries
+
+    [audit] = audit_entries(champion)  # the alias change, recorded with the flow run that made it
+    assert audit["flow_run_id"] == str(state.state_details.flow_run_id) and audit["alias"] == "champion"
 
     # DVC: the executed stages are locked and their outputs are in the local remote
     lock = (in_project / "dvc.lock").read_text()
@@ -117,6 +128,22 @@ def test_second_run_that_does_not_beat_the_champion_is_challenger(in_project: Pa
     # a new flow run retrains from scratch in the stable run dir (one epoch, not a resumed tail)
     lines = (in_project / "runs/tiny-random/train_metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0]
+
+
+def test_run_with_nothing_new_is_skipped_when_asked(in_project: Path):
+    """The retrain deployment's skip_unchanged: prompts, config, base and reward are those of the
+    versions just registered, so the run ends Completed after prepare, with no new version."""
+    from sdpo_core.tracking.inputs import INPUTS_TAG
+
+    before = _versions()
+    state = _run_skipping(IMPROVING)
+    assert state.is_completed() and state.message == (
+        f"nothing changed since version 2 of {MODEL} (run with skip_unchanged=false to train anyway)")
+    assert len(_versions()) == len(before) == 2
+    assert before[0].tags[INPUTS_TAG] == before[1].tags[INPUTS_TAG]
+    changed = _run_skipping([*IMPROVING, "train.learning_rate=0.5"])  # a config change is new input
+    assert changed.is_completed() and "nothing changed" not in str(changed.message)
+    assert len(_versions()) == 3
 
 
 def test_failing_stage_fails_the_flow_with_its_cause_and_leaves_the_registry(in_project: Path):
@@ -173,7 +200,7 @@ def test_deployments_on_a_work_pool_take_the_schedule_from_settings(in_project: 
         retrain = client.read_deployment_by_name("sdpo/retrain")
     assert train.work_pool_name == retrain.work_pool_name == "gpu"
     assert [s.schedule.cron for s in retrain.schedules] == ["*/30 * * * *"]
-    assert retrain.parameters == {"pipeline": "digits-tiny", "overrides": []}
+    assert retrain.parameters == {"pipeline": "digits-tiny", "overrides": [], "skip_unchanged": True}
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])

@@ -15,6 +15,7 @@ from sdpo_core.tracking.promotion import (
     eval_from_tags,
     eval_tags,
     load_eval,
+    paired_difference,
 )
 
 
@@ -140,3 +141,70 @@ def test_valid_evaluation_loads(tmp_path):
     path = tmp_path / "eval.json"
     path.write_text(json.dumps(_eval({1: 0.2, 2: 0.3})))
     assert load_eval(path)["steps"]["2"]["trained"]["mean"] == 0.3
+
+
+# ------------------------------------------------------------------ paired comparison (issue 23)
+def _with_samples(trained: list[float], champion: list[float] | None = None, **fields) -> dict:
+    """An eval dict at 1 step with per-sample rewards (trained, and the champion's re-evaluation)."""
+    import torch
+
+    from sdpo_core.evaluation.evaluate import mean_ci  # the stage's own interval, for the summaries
+
+    def summary(rewards):
+        mean, lo, hi = mean_ci(torch.tensor(rewards))
+        return {"mean": mean, "ci95": [lo, hi], "n": len(rewards), "rewards": rewards}
+
+    entry = {"trained": summary(trained)}
+    result = {"pipeline": "p", "reward": "r", "prompts": ["a", "b"], "num_prompts": 2, "samples_per_prompt": 2,
+              "seed": 7, "eta": 1.0, "last_step": False, "guidance_scale": 1.0, "mixed_precision": "no",
+              "steps": {"1": entry}, **fields}
+    if champion is not None:
+        entry["champion"] = summary(champion)
+        result["champion"] = {"name": "m", "version": "3"}
+    return result
+
+
+# the champion's samples vary a lot from sample to sample; the challenger is better on every one of
+# them by 0.05 +- 0.01: the independent intervals overlap, the paired one is far from 0
+CHAMP = [0.1, 0.9, 0.3, 0.7]
+CHALL = [0.16, 0.94, 0.35, 0.76]
+
+
+def test_paired_rule_promotes_a_challenger_the_unpaired_rule_cannot():
+    new, champion = _with_samples(CHALL, CHAMP), _with_samples(CHAMP)
+    del champion["steps"]["1"]["trained"]["rewards"]  # no samples: only the unpaired comparison is possible
+    unpaired = decide("all_steps_ci", new, champion, champion_version="2")  # the re-evaluation is of v3
+    assert unpaired.alias == CHALLENGER and "unpaired" in unpaired.reason
+    paired = decide("all_steps_ci", new, champion, champion_version="3")
+    assert paired.alias == CHAMPION and "paired, champion re-evaluated" in paired.reason
+    assert paired.margins == {1: pytest.approx(0.0525)}
+
+
+def test_paired_difference_is_the_t_interval_of_the_differences():
+    score = paired_difference(CHALL, CHAMP)
+    diffs = [a - b for a, b in zip(CHALL, CHAMP, strict=True)]  # 0.06, 0.04, 0.05, 0.06
+    sd = math.sqrt(sum((d - 0.0525) ** 2 for d in diffs) / 3)
+    assert score.mean == pytest.approx(0.0525) and score.half_width == pytest.approx(3.182446 * sd / 2, rel=1e-6)
+
+
+def test_stored_champion_samples_are_paired_only_when_the_eval_set_matches():
+    new, champion = _with_samples(CHALL), _with_samples(CHAMP)
+    decision = decide("all_steps_ci", new, champion, champion_version="3")
+    assert decision.alias == CHAMPION and "stored per-sample rewards" in decision.reason
+
+
+@pytest.mark.parametrize(("field", "value"), [("prompts", ["a", "c"]), ("seed", 8), ("eta", 0.5),
+                                              ("samples_per_prompt", 1), ("mixed_precision", "bf16"),
+                                              ("guidance_scale", 2.0), ("last_step", True)])
+def test_evaluations_of_different_sets_are_never_compared_and_the_reason_names_the_field(field, value):
+    new, champion = _with_samples(CHALL), _with_samples(CHAMP, **{field: value})
+    decision = decide("all_steps_mean", new, champion, champion_version="3")
+    assert decision.alias == CHALLENGER and f"not comparable: the evaluations' {field} differ" in decision.reason
+
+
+def test_eval_set_hash_is_tagged_and_changes_with_the_settings():
+    from sdpo_core.tracking.promotion import SET_HASH_TAG, eval_set_hash
+
+    a = _with_samples(CHALL)
+    assert eval_tags(a)[SET_HASH_TAG] == eval_set_hash(a) == eval_set_hash(_with_samples(CHAMP))
+    assert eval_set_hash(_with_samples(CHALL, seed=8)) != eval_set_hash(a)

@@ -359,7 +359,7 @@ LAYERS = (
     ("generate", "prompts"),
     ("config",),
     ("sampling", "methods"),
-    ("samplers", "families", "rewards", "rl", "rundir"),
+    ("samplers", "families", "rewards", "rl", "rundir", "sources"),
 )
 
 
