@@ -135,10 +135,12 @@ def looks_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
 
 
-def check_local_sources(model_cfg: Any) -> None:
-    """Raise ``ModelLoadError`` naming the key when a local file the model needs besides the base
-    (the LoRA to fuse, a replacement VAE) is missing: checked before any weights load."""
+def check_model_sources(model_cfg: Any) -> None:
+    """Raise (``ModelLoadError`` or ``ValueError``, naming the key) when the base model is neither a
+    local pipeline directory nor in the HF cache (its ``model_index.json`` is read: no weights), or a
+    local file it needs (the LoRA to fuse, a replacement VAE) is missing: before any weights load."""
     m = model_cfg
+    family_for(m.pretrained, m.family, m.revision)
     for key, source in (("model.base_lora", m.base_lora), ("model.family_options.vae", m.family_options.get("vae"))):
         if isinstance(source, str) and looks_local(source) and not Path(source).expanduser().exists():
             raise ModelLoadError(f"{key} '{source}': no such file or directory (a local LoRA / model "

@@ -31,7 +31,7 @@ from accelerate import Accelerator
 
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
 from sdpo_core.evaluation.plots import save_image_grid
-from sdpo_core.families.loading import DTYPES, check_local_sources, load_for_config
+from sdpo_core.families.loading import DTYPES, check_model_sources, load_for_config
 from sdpo_core.families.loading import save_trained as save_trained_model
 from sdpo_core.families.lora import add_lora, lora_param_keys
 from sdpo_core.methods import build_method
@@ -81,7 +81,7 @@ class Trainer:
         if not train_prompts:
             raise ValueError("no training prompts")
         self.train_prompts = list(train_prompts)
-        check_local_sources(cfg.model)
+        check_model_sources(cfg.model)
         self.reward_fn = build_reward(  # model_dir: rewards that ship with the base model find it there
             cfg.reward.name, cfg.reward.options, self.acc.device, self.infer_dtype, model_dir=cfg.model.pretrained
         )
