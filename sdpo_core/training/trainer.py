@@ -45,6 +45,7 @@ from sdpo_core.tracking.trackers import NullTracker, Tracker
 from sdpo_core.training import checkpoint as ckpt
 from sdpo_core.training import run_state
 from sdpo_core.training.callbacks import CallbackList, TrainerCallback
+from sdpo_core.training.prompt_cache import PromptEmbeddings, free_text_encoders
 from sdpo_core.training.rollout import EpochRollout, EpochSamples, Rollout
 from sdpo_core.training.scoring import RewardJob
 from sdpo_core.training.update import Updater
@@ -91,8 +92,12 @@ class Trainer:
         self.stat_tracker = (PerStepPromptStatTracker(st.buffer_size, st.min_count, self.method.tracked_steps)
                              if st.enabled and self.method.uses_stat_tracker else None)
         score = RewardJob(self.family.decode, self.reward_fn, cfg.reward.name, self.acc.device)
+        encode = None
+        if cfg.model.cache_prompt_embeddings:  # after build_policy encoded the empty prompt (CFG)
+            encode = PromptEmbeddings(self.family, self.train_prompts, cfg.sample.batch_size)
+            log.info("prompt embeddings cached; text encoders freed: %s", free_text_encoders(self.pipe))
         self.rollout = Rollout(cfg, self.acc, self.family, self.acc.unwrap_model(self.denoiser), self.policy,
-                               self.method, score, self.stat_tracker, self.train_prompts)
+                               self.method, score, self.stat_tracker, self.train_prompts, encode)
         self.updater = Updater(cfg, self.acc, self.denoiser, self.denoise_fn(self.denoiser), self.optimizer,
                                self.trainable, self.policy, self.method,
                                per_step=resolve_update_schedule(cfg.train) == "per_step",
