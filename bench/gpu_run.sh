@@ -8,7 +8,8 @@
 # own process under its own time limit (an out-of-memory or slow case loses only itself), in
 # increasing size: sd-turbo, sdxl-turbo, sd35-large-turbo, flux-schnell. Budget on one H200:
 # ~8 minutes in all (the 8B / 12B cases spend most of theirs writing and reading their random
-# weights). Results: $OUT/gpu_<case>.json and $OUT/gpu_run_log.txt (bench/results/ without $OUT).
+# weights). Then bench/gpu_serve.py (the registered champion loaded on CUDA in bf16; needs mlflow).
+# Results: $OUT/gpu_<case>.json, gpu_serve.json and gpu_run_log.txt (bench/results/ without $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"
@@ -35,3 +36,6 @@ for spec in sd-turbo:60 sdxl-turbo:80 sd35-large-turbo:150 flux-schnell:180; do
     | tee -a "$LOG"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG"
 done
+# serving the champion from the registry on the GPU (issue 21, item 5): tiny families, ~1 minute
+timeout 120 python3 bench/gpu_serve.py --out "$OUT_DIR/gpu_serve.json" 2>&1 | tee -a "$LOG"
+echo "== serve: exit ${PIPESTATUS[0]}" | tee -a "$LOG"

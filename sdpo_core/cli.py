@@ -141,8 +141,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdpo_core.evaluation.plots import save_image_grid
-    from sdpo_core.families.loading import MODEL_META, load_family, load_trained
-    from sdpo_core.generate import default_device, generate_trajectories, policy_for
+    from sdpo_core.families.loading import MODEL_META, load_family, load_trained, read_model_meta
+    from sdpo_core.generate import compute_dtype, default_device, generate_trajectories, policy_for
 
     # the options are checked before the model loads (seconds to minutes)
     sample = validate_section(
@@ -150,14 +150,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "sdpo generate --eta / --guidance-scale / --last-step")
     check_steps(args.model, None, {"--steps": [args.steps]}, "sdpo generate")
     model, device = Path(args.model), default_device()
+    trained = args.lora or (model if (model / MODEL_META).is_file() else None)
+    # a model trained in half precision is sampled in it (sdpo_model.json records it), as evaluation does
+    dtype = compute_dtype(read_model_meta(trained).get("mixed_precision", "no")) if trained else compute_dtype("no")
     if args.lora:
-        family = load_trained(args.lora, base=args.model, device=device)
-    elif (model / MODEL_META).is_file():
-        family = load_trained(model, device=device)
+        family = load_trained(args.lora, base=args.model, device=device, dtype=dtype)
+    elif trained:
+        family = load_trained(model, device=device, dtype=dtype)
     else:
         family = load_family(args.model, device=device)
     # the training sampler; one generator per image so image i is the same whatever --num-images is
-    policy = policy_for(family, args.steps, sample, ModelConfig(pretrained=args.model))
+    policy = policy_for(family, args.steps, sample, ModelConfig(pretrained=args.model), dtype)
     seeds = [args.seed + i for i in range(args.num_images)]
     traj = generate_trajectories(family, policy, [args.prompt] * args.num_images, seeds, None)
     images = family.decode(traj.x0[:, -1]).cpu()

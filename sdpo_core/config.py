@@ -114,6 +114,10 @@ class ModelConfig(_Strict):
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = Field(
         default=None, description="override the scheduler's spacing (SD-Turbo: trailing)"
     )
+    cache_prompt_embeddings: bool = Field(
+        default=False, description="encode every training prompt once before training, then free the text "
+        "encoders (T5-XXL: ~10 GB of GPU memory in bf16); off: encode each batch's prompts as it is sampled"
+    )
 
 
 class PromptsConfig(_Strict):

@@ -184,11 +184,12 @@ def evaluate_model(
 
 
 def _load(cfg: Config, base: str, trained_dir: str | Path | None, device: torch.device, dtype: torch.dtype):
-    """The base model's family as is (``trained_dir`` None), or with the trained weights applied."""
+    """The base model's family as is (``trained_dir`` None), or with the trained weights applied;
+    every module, the denoiser too, in ``dtype`` (training's compute dtype)."""
     m, res = cfg.model, cfg.sample.resolution
     if trained_dir is None:
         return loading.load_family(base, m.revision, device, dtype, m.family, m.family_options, res, m.base_lora,
-                                   m.base_lora_scale)
+                                   m.base_lora_scale, dtype)
     meta_base = loading.read_model_meta(trained_dir)["base_model"]
     if meta_base != base and Path(meta_base).resolve() != Path(base).resolve():
         log.warning("trained model %s was trained on %s but is evaluated on %s", trained_dir, meta_base, base)

@@ -94,9 +94,10 @@ class Family(ABC):
     @classmethod
     @abstractmethod
     def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
-             **options: Any) -> Family:
-        """Load from a local diffusers directory or hub id; every module frozen and in eval mode,
-        text encoders and VAE in ``dtype``, the denoiser in float32 (the trainer casts it)."""
+             denoiser_dtype: torch.dtype = torch.float32, **options: Any) -> Family:
+        """Load from a local diffusers directory or hub id, each weight read straight into its dtype;
+        every module frozen and in eval mode, text encoders and VAE in ``dtype``, the denoiser in
+        ``denoiser_dtype`` (float32 where the trainer keeps float32 master weights)."""
 
     @property
     @abstractmethod

@@ -61,15 +61,16 @@ class FluxFamily(Family):
 
     @classmethod
     def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
-             max_sequence_length: int = 256, guidance_scale: float = 3.5, **options: Any) -> FluxFamily:
+             denoiser_dtype: torch.dtype = torch.float32, max_sequence_length: int = 256, guidance_scale: float = 3.5, **options: Any) -> FluxFamily:
         """``max_sequence_length``: T5 tokens (schnell's limit is 256); ``guidance_scale``: the
         distilled-guidance embedding of FLUX.1-dev (ignored by schnell, which has none)."""
         if options:
             raise ValueError(
                 f"unknown FLUX family options {sorted(options)}; known: max_sequence_length, guidance_scale"
             )
-        pipe = open_pipeline(FluxPipeline, pretrained, revision)
-        freeze_pipeline(pipe, device, dtype, float32=("transformer",))
+        dtypes = {"default": dtype, "transformer": denoiser_dtype}
+        pipe = open_pipeline(FluxPipeline, pretrained, revision, dtypes)
+        freeze_pipeline(pipe, device, dtypes)
         return cls(pipe, max_sequence_length=max_sequence_length, guidance_scale=guidance_scale)
 
     @property

@@ -1,14 +1,14 @@
 """The one pipeline loader: a diffusers pipeline from a local directory or a hub id, frozen.
 
-Every family loads through ``open_pipeline`` (``from_pretrained`` with errors that say what was
-tried) and ``freeze_pipeline`` (frozen, eval mode, on the device, in the training dtypes);
+Every family loads through ``open_pipeline`` (``from_pretrained`` in the training dtypes, with
+errors that say what was tried) and ``freeze_pipeline`` (frozen, eval mode, in the training
+dtypes, then on the device: no float32 copy of a half-precision model is ever made on the GPU);
 ``pipeline_class_of`` reads which pipeline class a model is before any weights load.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,14 @@ def read_json_object(path: Path, *keys: str) -> dict[str, Any]:
     return data
 
 
-def open_pipeline(pipeline_cls: Any, pretrained: str, revision: str | None = None, **kwargs: Any) -> Any:
+def open_pipeline(pipeline_cls: Any, pretrained: str, revision: str | None = None,
+                  dtypes: dict[str, torch.dtype] | None = None, **kwargs: Any) -> Any:
     """``pipeline_cls.from_pretrained`` of a local diffusers directory or a hub id, progress bars off.
 
-    ``kwargs`` go to ``from_pretrained`` (e.g. a component replaced or left out). Raises
+    ``dtypes``: the dtype each component is loaded in (diffusers' ``dtype`` dict: component name ->
+    dtype, ``"default"`` for the others), so that weights are read straight into it (half the host
+    memory of a float32 load for bf16 / fp16). ``kwargs`` go to ``from_pretrained`` (e.g. a component
+    replaced or left out). Raises
     ``ModelLoadError`` naming what was tried when the directory is not a pipeline or the hub id
     cannot be reached (nor found in the HF cache).
     """
@@ -73,7 +77,7 @@ def open_pipeline(pipeline_cls: Any, pretrained: str, revision: str | None = Non
         raise ModelLoadError(f"{local} exists but is not a diffusers pipeline directory (no model_index.json)")
     source = str(local) if local.exists() else pretrained
     try:
-        pipe = pipeline_cls.from_pretrained(source, revision=revision, **kwargs)
+        pipe = pipeline_cls.from_pretrained(source, revision=revision, dtype=dtypes, **kwargs)
     except Exception as exc:  # diffusers raises several types for missing / unreachable models
         raise ModelLoadError(
             f"cannot load model '{pretrained}' as {pipeline_cls.__name__}: {exc}. Give a local diffusers "
@@ -83,15 +87,13 @@ def open_pipeline(pipeline_cls: Any, pretrained: str, revision: str | None = Non
     return pipe
 
 
-def freeze_pipeline(pipe: Any, device: torch.device | str, dtype: torch.dtype,
-                    float32: Collection[str] = ()) -> None:
-    """Every module of the pipeline frozen, in eval mode and on ``device``; cast to ``dtype``, except
-    the components named in ``float32`` (the denoiser, which the trainer casts itself; a VAE that
-    overflows in half precision)."""
+def freeze_pipeline(pipe: Any, device: torch.device | str, dtypes: dict[str, torch.dtype]) -> None:
+    """Every module of the pipeline frozen, in eval mode, cast to its dtype in ``dtypes`` (component
+    name -> dtype, ``"default"`` for the others: the denoiser float32 where the trainer keeps float32
+    master weights, a VAE that overflows in half precision) and then moved to ``device``."""
     modules = {name: m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    for module in modules.values():
+    for name, module in modules.items():
         module.requires_grad_(False)
         module.eval()
+        module.to(dtype=dtypes.get(name, dtypes["default"]))
     pipe.to(device)
-    for name, module in modules.items():
-        module.to(dtype=torch.float32 if name in float32 else dtype)

@@ -58,12 +58,15 @@ def family_name(family: Family) -> str:
 def load_family(pretrained: str, revision: str | None = None, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32, family: str | None = None,
                 options: dict[str, Any] | None = None, resolution: int | None = None,
-                base_lora: str | None = None, base_lora_scale: float = 1.0) -> Family:
+                base_lora: str | None = None, base_lora_scale: float = 1.0,
+                denoiser_dtype: torch.dtype = torch.float32) -> Family:
     """The base model as its family; ``options`` go to the family's ``load`` (e.g. SDXL's ``vae``),
-    and ``resolution`` to families that condition on the image size (SDXL's time ids).
+    and ``resolution`` to families that condition on the image size (SDXL's time ids). Every module
+    is read in ``dtype`` but the denoiser, in ``denoiser_dtype`` (float32: the trainer's full
+    fine-tune keeps float32 master weights; LoRA training, evaluation and serving pass ``dtype``).
     ``base_lora``: a few-step LoRA (LCM-LoRA, Hyper-SD, TCD; a local dir or hub id) loaded with the
     pipeline's own ``load_lora_weights`` and fused into the denoiser at ``base_lora_scale``: the
-    result is the base that training starts from."""
+    result is the base that training starts from (fused in float32, then cast to ``denoiser_dtype``)."""
     cls = family_for(pretrained, family, revision)
     kwargs = dict(options or {})
     accepted = inspect.signature(cls.load).parameters
@@ -72,10 +75,13 @@ def load_family(pretrained: str, revision: str | None = None, device: torch.devi
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ModelLoadError(f"model.family_options {unknown} are not options of the {cls.__name__} family; "
-                             f"it takes {sorted(set(accepted) - {'cls', 'pretrained', 'revision', 'device', 'dtype'})}")
-    loaded = cls.load(pretrained, revision, device, dtype, **kwargs)
+                             f"it takes {sorted(set(accepted) - {'cls', 'pretrained', 'revision', 'device', 'dtype', 'denoiser_dtype'})}")
+    if "denoiser_dtype" in kwargs:
+        raise ModelLoadError("model.family_options: denoiser_dtype is set by model.mixed_precision, not an option")
+    loaded = cls.load(pretrained, revision, device, dtype, torch.float32 if base_lora else denoiser_dtype, **kwargs)
     if base_lora:
         fuse_base_lora(loaded, base_lora, base_lora_scale)
+        loaded.denoiser.to(dtype=denoiser_dtype)
     return loaded
 
 
@@ -93,11 +99,11 @@ def fuse_base_lora(family: Family, source: str, scale: float) -> None:
 
 
 def load_for_config(model_cfg: Any, device: torch.device | str, dtype: torch.dtype,
-                    resolution: int | None) -> Family:
+                    resolution: int | None, denoiser_dtype: torch.dtype = torch.float32) -> Family:
     """``load_family`` with a ``ModelConfig``'s keys."""
     m = model_cfg
     return load_family(m.pretrained, m.revision, device, dtype, m.family, m.family_options, resolution,
-                       m.base_lora, m.base_lora_scale)
+                       m.base_lora, m.base_lora_scale, denoiser_dtype)
 
 
 def trained_base(model_dir: str | Path, meta: dict[str, Any]) -> tuple[str, str | None]:
@@ -111,9 +117,11 @@ def trained_base(model_dir: str | Path, meta: dict[str, Any]) -> tuple[str, str 
 
 
 def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path, finetune: str, base: str,
-                 base_lora: str | None = None, base_lora_scale: float = 1.0, revision: str | None = None) -> Path:
+                 base_lora: str | None = None, base_lora_scale: float = 1.0, revision: str | None = None,
+                 mixed_precision: str = "no") -> Path:
     """Final weights: LoRA in the family's diffusers format, or the full denoiser; ``base`` (a local
-    directory or a hub id at ``revision``) is recorded as ``trained_base`` reads it."""
+    directory or a hub id at ``revision``) is recorded as ``trained_base`` reads it. A model trained in
+    half precision records it (``mixed_precision``): generation and serving then load it so."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if finetune == "lora":
@@ -128,6 +136,8 @@ def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path,
         meta["base_revision"] = revision
     if base_lora:  # the trained LoRA applies on top of the base with this LoRA fused in
         meta.update({"base_lora": base_lora, "base_lora_scale": base_lora_scale})
+    if mixed_precision != "no":  # float32 (the default) is not written: its files stay as they were
+        meta["mixed_precision"] = mixed_precision
     (out / MODEL_META).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -135,18 +145,36 @@ def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path,
 def load_trained(model_dir: str | Path, base: str | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, revision: str | None = None,
                  options: dict[str, Any] | None = None, resolution: int | None = None) -> Family:
-    """The base model (``base``, else the one the trained dir names) with the trained weights applied."""
+    """The base model (``base``, else the one the trained dir names) with the trained weights applied,
+    every module (the denoiser too) in ``dtype``."""
     meta = read_model_meta(model_dir)
     if base is None:
         base, recorded = trained_base(model_dir, meta)
         revision = revision or recorded
     family = load_family(base, revision, device, dtype, meta.get("family"), options,
-                         resolution, meta.get("base_lora"), meta.get("base_lora_scale", 1.0))
+                         resolution, meta.get("base_lora"), meta.get("base_lora_scale", 1.0), dtype)
     if meta["finetune"] == "lora":
         family.load_lora(Path(model_dir))
     else:
         folder = Path(model_dir) / denoiser_folder(family)
         if not folder.is_dir():
             raise ModelLoadError(f"{model_dir}: a full fine-tune needs {folder}")
-        family.set_denoiser(type(family.denoiser).from_pretrained(folder))
+        family.set_denoiser(type(family.denoiser).from_pretrained(folder, dtype=dtype))
     return family
+
+
+def looks_local(source: str) -> bool:
+    """A filesystem path rather than a hub id (``owner/name``): absolute, ``./``, ``~``, or deeper."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def check_model_sources(model_cfg: Any) -> None:
+    """Raise (``ModelLoadError`` or ``ValueError``, naming the key) when the base model is neither a
+    local pipeline directory nor in the HF cache (its ``model_index.json`` is read: no weights), or a
+    local file it needs (the LoRA to fuse, a replacement VAE) is missing: before any weights load."""
+    m = model_cfg
+    family_for(m.pretrained, m.family, m.revision)
+    for key, source in (("model.base_lora", m.base_lora), ("model.family_options.vae", m.family_options.get("vae"))):
+        if isinstance(source, str) and looks_local(source) and not Path(source).expanduser().exists():
+            raise ModelLoadError(f"{key} '{source}': no such file or directory (a local LoRA / model "
+                                 "directory, or a hub id owner/name)")

@@ -68,9 +68,10 @@ class SDFamily(Family):
 
     @classmethod
     def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
-             lcm_guidance_scale: float = LCM_GUIDANCE_SCALE) -> SDFamily:
-        pipe = open_pipeline(StableDiffusionPipeline, pretrained, revision, safety_checker=None)
-        freeze_pipeline(pipe, device, dtype, float32=("unet",))
+             denoiser_dtype: torch.dtype = torch.float32, lcm_guidance_scale: float = LCM_GUIDANCE_SCALE) -> SDFamily:
+        dtypes = {"default": dtype, "unet": denoiser_dtype}
+        pipe = open_pipeline(StableDiffusionPipeline, pretrained, revision, dtypes, safety_checker=None)
+        freeze_pipeline(pipe, device, dtypes)
         return cls(pipe, lcm_guidance_scale=lcm_guidance_scale)
 
     @property

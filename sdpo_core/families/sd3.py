@@ -45,7 +45,7 @@ class SD3Family(Family):
 
     @classmethod
     def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
-             use_t5: bool | None = None, max_sequence_length: int = 256, **options: Any) -> SD3Family:
+             denoiser_dtype: torch.dtype = torch.float32, use_t5: bool | None = None, max_sequence_length: int = 256, **options: Any) -> SD3Family:
         """``use_t5=False`` loads without T5 (``text_encoder_3=None``): its hidden states are zeros,
         as the pipeline makes them; None (default): T5 if the model directory has one.
         ``max_sequence_length`` is the pipeline's T5 length (256)."""
@@ -54,8 +54,9 @@ class SD3Family(Family):
         if use_t5 is None:
             use_t5 = _has_t5(pretrained)
         kwargs = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = open_pipeline(StableDiffusion3Pipeline, pretrained, revision, **kwargs)
-        freeze_pipeline(pipe, device, dtype, float32=("transformer",))
+        dtypes = {"default": dtype, "transformer": denoiser_dtype}
+        pipe = open_pipeline(StableDiffusion3Pipeline, pretrained, revision, dtypes, **kwargs)
+        freeze_pipeline(pipe, device, dtypes)
         return cls(pipe, max_sequence_length=max_sequence_length)
 
     @property

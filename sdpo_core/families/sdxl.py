@@ -55,14 +55,16 @@ class SDXLFamily(SDFamily):
 
     @classmethod
     def load(cls, pretrained: str, revision: str | None, device: torch.device | str, dtype: torch.dtype,
-             resolution: int | None = None, vae: str | None = None,
+             denoiser_dtype: torch.dtype = torch.float32, resolution: int | None = None, vae: str | None = None,
              lcm_guidance_scale: float = LCM_GUIDANCE_SCALE) -> SDXLFamily:
         extra = {"vae": open_vae(vae)} if vae else {}
-        pipe = open_pipeline(StableDiffusionXLPipeline, pretrained, revision, **extra)
+        # in fp16 the VAE is read in float32 until its config says whether it must stay so (force_upcast)
+        dtypes = {"default": dtype, "unet": denoiser_dtype, "vae": torch.float32 if dtype == torch.float16 else dtype}
+        pipe = open_pipeline(StableDiffusionXLPipeline, pretrained, revision, dtypes, **extra)
         if getattr(pipe.vae.config, "latents_mean", None) is not None:
             raise ModelLoadError(f"{pretrained}: a VAE with latents_mean / latents_std is not supported")
         upcast = dtype == torch.float16 and pipe.vae.config.force_upcast
-        freeze_pipeline(pipe, device, dtype, float32=("unet", "vae") if upcast else ("unet",))
+        freeze_pipeline(pipe, device, {**dtypes, "vae": torch.float32 if upcast else dtype})
         return cls(pipe, resolution=resolution, lcm_guidance_scale=lcm_guidance_scale)
 
     @torch.no_grad()

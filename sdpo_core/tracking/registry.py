@@ -48,6 +48,7 @@ from sdpo_core.tracking.trackers import MlflowTracker
 log = logging.getLogger(__name__)
 KEY_TAG, COMPLETE_TAG = "sdpo.register_key", "sdpo.complete"
 MODEL_CODE = Path(__file__).with_name("pyfunc.py")
+CUDA_CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints-cuda.txt"  # in a source checkout
 # what the pyfunc imports when it loads (sdpo_core itself travels as code with the model)
 REQUIREMENTS = (
     "torch",
@@ -90,6 +91,14 @@ def _requirements() -> list[str]:
     return reqs
 
 
+def _cuda_constraints() -> list[str]:
+    """``-c constraints-cuda.txt`` when registering from a checkout that has it: MLflow copies it
+    into the model, so that ``pip install -r requirements.txt`` on a GPU machine gets the tested
+    CUDA build of torch (PyPI's Linux wheel) and its CUDA libraries; empty otherwise."""
+    path = CUDA_CONSTRAINTS
+    return [f"-c {path}"] if path.is_file() else []
+
+
 def _signature(cfg: Config):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -121,6 +130,10 @@ def log_pyfunc(cfg: Config, trained_dir: Path, run_id: str):
         # the rest of the training sampler, so the registered model samples as it was trained
         "sample": cfg.sample.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
+        # where to serve, chosen at load time (load_model(uri, model_config={...})); empty: a GPU if
+        # there is one, in the training dtype there, float32 on the CPU
+        "device": "",
+        "mixed_precision": "",
     }
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature is explicit; an input example would load the model and generate at logging time
@@ -131,7 +144,7 @@ def log_pyfunc(cfg: Config, trained_dir: Path, run_id: str):
             artifacts=artifacts,
             model_config=model_config,
             signature=_signature(cfg),
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements() + _cuda_constraints(),
             code_paths=[str(Path(__file__).parent)],
         )
 

@@ -71,8 +71,11 @@ class Rollout:
     """Samples epochs with ``policy`` for ``method``; ``denoiser`` is the (unwrapped) model sampled."""
 
     def __init__(self, cfg: Any, acc: Accelerator, family: Any, denoiser: torch.nn.Module, policy: Policy,
-                 method: Method, score: RewardJob, stat_tracker: Any, train_prompts: list[str]) -> None:
+                 method: Method, score: RewardJob, stat_tracker: Any, train_prompts: list[str],
+                 encode: Callable[[list[str]], Any] | None = None) -> None:
+        """``encode``: prompts -> Conditioning (default ``family.encode``; a PromptEmbeddings cache)."""
         self.cfg, self.acc, self.family, self.denoiser, self.policy = cfg, acc, family, denoiser, policy
+        self.encode = encode or family.encode
         self.method, self.score, self.stat_tracker, self.train_prompts = method, score, stat_tracker, train_prompts
         self.latent_shape = family.latent_shape(cfg.sample.resolution)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
@@ -80,7 +83,7 @@ class Rollout:
     def sample_batch(self, prompts: list[str], gen: torch.Generator, grid: int = 0) -> tuple[SampledBatch, Future]:
         """Sample k trajectories per prompt and submit their reward job (a Future of ScoredBatch)."""
         b, k, shared = len(prompts), self.method.trajectories_per_prompt, self.method.shared_noise
-        cond = self.family.encode(prompts)
+        cond = self.encode(prompts)
         # one x_T per prompt when shared, else one per trajectory: (b, ...) or (kb, ...)
         noise = torch.randn((b if shared else k * b, *self.latent_shape), generator=gen)
         self.denoiser.eval()

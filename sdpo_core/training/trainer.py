@@ -32,7 +32,7 @@ from accelerate import Accelerator
 
 from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_update, resolve_update_schedule
 from sdpo_core.evaluation.plots import save_image_grid
-from sdpo_core.families.loading import DTYPES, load_for_config
+from sdpo_core.families.loading import DTYPES, check_model_sources, load_for_config
 from sdpo_core.families.loading import save_trained as save_trained_model
 from sdpo_core.families.lora import add_lora, lora_param_keys
 from sdpo_core.methods import build_method
@@ -47,6 +47,7 @@ from sdpo_core.training import checkpoint as ckpt
 from sdpo_core.training import run_state
 from sdpo_core.training.callbacks import CallbackList, TrainerCallback
 from sdpo_core.training.nonfinite import NonFiniteError
+from sdpo_core.training.prompt_cache import PromptEmbeddings, free_text_encoders
 from sdpo_core.training.rollout import EpochRollout, EpochSamples, Rollout
 from sdpo_core.training.scoring import RewardJob
 from sdpo_core.training.update import Updater
@@ -76,22 +77,30 @@ class Trainer:
         self.plan = batch_plan(cfg, self.acc.num_processes)
         self.tracker = tracker if (tracker is not None and self.acc.is_main_process) else NullTracker()
         self.callbacks = CallbackList(callbacks or [])
-        self._setup_model()
+        self.infer_dtype = DTYPES[self.acc.mixed_precision] if self.acc.mixed_precision != "no" else torch.float32
+        # everything that can fail on the user's input (prompts, reward weights, the LoRA to fuse)
+        # before the diffusion model loads (or downloads)
         if train_prompts is None:
             train_prompts, _ = load_train_eval(cfg.prompts.source, cfg.prompts.eval_fraction, cfg.prompts.seed)
         if not train_prompts:
             raise ValueError("no training prompts")
         self.train_prompts = list(train_prompts)
+        check_model_sources(cfg.model)
         self.reward_fn = build_reward(  # model_dir: rewards that ship with the base model find it there
             cfg.reward.name, cfg.reward.options, self.acc.device, self.infer_dtype, model_dir=cfg.model.pretrained
         )
+        self._setup_model()
         self.method = build_method(cfg.train, cfg.sample.num_steps)
         st = cfg.train.stat_tracking
         self.stat_tracker = (PerStepPromptStatTracker(st.buffer_size, st.min_count, self.method.tracked_steps)
                              if st.enabled and self.method.uses_stat_tracker else None)
         score = RewardJob(self.family.decode, self.reward_fn, cfg.reward.name, self.acc.device)
+        encode = None
+        if cfg.model.cache_prompt_embeddings:  # after build_policy encoded the empty prompt (CFG)
+            encode = PromptEmbeddings(self.family, self.train_prompts, cfg.sample.batch_size)
+            log.info("prompt embeddings cached; text encoders freed: %s", free_text_encoders(self.pipe))
         self.rollout = Rollout(cfg, self.acc, self.family, self.acc.unwrap_model(self.denoiser), self.policy,
-                               self.method, score, self.stat_tracker, self.train_prompts)
+                               self.method, score, self.stat_tracker, self.train_prompts, encode)
         self.updater = Updater(cfg, self.acc, self.denoiser, self.denoise_fn(self.denoiser), self.optimizer,
                                self.trainable, self.policy, self.method,
                                per_step=resolve_update_schedule(cfg.train) == "per_step",
@@ -102,8 +111,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _setup_model(self) -> None:
         cfg, acc, m = self.cfg, self.acc, self.cfg.model
-        self.infer_dtype = DTYPES[acc.mixed_precision] if acc.mixed_precision != "no" else torch.float32
-        self.family = load_for_config(m, acc.device, self.infer_dtype, cfg.sample.resolution)
+        log.info("loading model %s", m.pretrained)
+        # a LoRA trains over a frozen base in the compute dtype; a full fine-tune keeps float32 master weights
+        denoiser_dtype = self.infer_dtype if m.finetune == "lora" else torch.float32
+        self.family = load_for_config(m, acc.device, self.infer_dtype, cfg.sample.resolution, denoiser_dtype)
         self.pipe = self.family.pipe
         denoiser = self.family.denoiser  # a UNet or a transformer: the trainer only calls it through the family
         torch.manual_seed(cfg.seed)  # LoRA init: the same in every process and every run of a config
@@ -276,7 +287,8 @@ class Trainer:
                 shutil.rmtree(tmp)
             m = self.cfg.model
             save_trained_model(self.family, denoiser, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
-                               base_lora_scale=m.base_lora_scale, revision=m.revision)
+                               base_lora_scale=m.base_lora_scale, revision=m.revision,
+                               mixed_precision=m.mixed_precision)
             replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()

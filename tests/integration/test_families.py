@@ -57,8 +57,11 @@ def test_family_for_reads_model_index(dirs, tmp_path):
 def test_the_one_loader_freezes_and_casts(dirs, tmp_path):
     # catches: a trainable or train-mode base module, the denoiser cast to half precision, a
     # component left out of the training dtype
-    pipe = open_pipeline(StableDiffusionXLPipeline, str(dirs["sdxl"]))
-    freeze_pipeline(pipe, "cpu", torch.bfloat16, float32=("unet", "vae"))
+    dtypes = {"default": torch.bfloat16, "unet": torch.float32, "vae": torch.float32}
+    pipe = open_pipeline(StableDiffusionXLPipeline, str(dirs["sdxl"]), dtypes=dtypes)
+    # read straight into the training dtypes (no float32 copy first)
+    assert pipe.text_encoder.dtype == torch.bfloat16 and pipe.unet.dtype == torch.float32
+    freeze_pipeline(pipe, "cpu", dtypes)
     modules = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     assert set(modules) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert all(not p.requires_grad for m in modules.values() for p in m.parameters())
