@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +104,27 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# moto's S3 server takes any credentials; these keep boto3 and s3fs from looking for real ones
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def versioned_bucket(bucket: str, log: Path, monkeypatch) -> Iterator:
+    """A boto3 client of a fresh moto S3 server on 127.0.0.1 holding ``bucket`` with versioning on;
+    AWS_* (endpoint included) are set through ``monkeypatch`` so boto3 and s3fs in this process use it."""
+    import boto3
+
+    port = free_port()
+    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, {**os.environ, **AWS})
+    try:
+        wait_http(f"http://127.0.0.1:{port}", 30, proc)
+        for key, value in {**AWS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(key, value)
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        client.create_bucket(Bucket=bucket)
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        yield client
+    finally:
+        stop(proc)

@@ -7,14 +7,12 @@ with nothing new is skipped. About 6 minutes (four flow runs)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from orchestration_testing import BIN, TINY, free_port, start, stop, wait_http
+from orchestration_testing import TINY, versioned_bucket
 
 pytestmark = pytest.mark.services
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET, KEY, MODEL = "sdpo-incoming", "prompts.jsonl", "sdpo-e2e"
 SOURCE = f"s3://{BUCKET}/{KEY}"
 WEEK = [*TINY, "reward.name=flow_rewards:brightness", "train.learning_rate=1.0", "register.rule=mean_over_steps",
@@ -24,21 +22,8 @@ WARM = [*WEEK, f"model.init_from=models:/{MODEL}@champion"]
 
 @pytest.fixture
 def bucket(tmp_path, monkeypatch):
-    import boto3
-
-    port = free_port()
-    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto.log",
-                 {**os.environ, **AWS})
-    try:
-        wait_http(f"http://127.0.0.1:{port}", 30, proc)
-        for key, value in {**AWS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-            monkeypatch.setenv(key, value)
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-        client.create_bucket(Bucket=BUCKET)
-        client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    with versioned_bucket(BUCKET, tmp_path / "moto.log", monkeypatch) as client:
         yield client
-    finally:
-        stop(proc)
 
 
 def _land(bucket, words: str) -> str:

@@ -5,39 +5,24 @@ JSONL; the manifest records which version of the source was read; bad sources na
 from __future__ import annotations
 
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from orchestration_testing import BIN, free_port, start, stop, wait_http
+from orchestration_testing import versioned_bucket
 
 from sdpo_core.config import PromptsConfig
 from sdpo_core.prompts import PromptError, load_prompt_set, load_split, prepare
 
 pytestmark = pytest.mark.services
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "sdpo-prompts"
 
 
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
     """A boto3 client of a fresh moto server with a versioned bucket; AWS_* point s3fs at it."""
-    import boto3
-
-    port = free_port()
-    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto.log",
-                 {**os.environ, **AWS})
-    try:
-        wait_http(f"http://127.0.0.1:{port}", 30, proc)
-        for key, value in {**AWS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-            monkeypatch.setenv(key, value)
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-        client.create_bucket(Bucket=BUCKET)
-        client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    with versioned_bucket(BUCKET, tmp_path / "moto.log", monkeypatch) as client:
         yield client
-    finally:
-        stop(proc)
 
 
 def _jsonl(prompts: list[str]) -> bytes:
