@@ -125,7 +125,8 @@ class PromptsConfig(_Strict):
 
     source: str = Field(
         default="digits",
-        description="built-in set name, a file path (one prompt per line), a generator `template:<name>`, "
+        description="built-in set name, a file path (one prompt per line; DVC-tracked: the manifest records its "
+        "DVC md5), a generator `template:<name>`, "
         "`s3://...` or `https://...` (fsspec; the manifest records its ETag / version id), or a `.jsonl` file "
         "(one object per line with a string `prompt`)",
     )

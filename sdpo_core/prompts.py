@@ -4,7 +4,7 @@ A source (``prompts.source``) is one of
 
 * a built-in set: ``digits``, ``simple_animals``, ``complex_animals``;
 * a generator ``template:<name>`` (see :data:`GENERATORS`), deterministic;
-* a path to a UTF-8 text file, one prompt per line;
+* a path to a UTF-8 text file, one prompt per line (DVC-tracked: its DVC md5 in the manifest);
 * ``s3://...`` or ``http(s)://...`` (``sdpo_core.sources``, fsspec), its version in the manifest;
 * a local or remote ``.jsonl`` file: one object per line with a string ``prompt`` (other fields:
   metadata, not part of the prompt).
@@ -32,7 +32,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from sdpo_core.config import PromptsConfig
-from sdpo_core.sources import SourceError, is_remote, read_source
+from sdpo_core.sources import SourceError, dvc_version, is_remote, read_source
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ACTIVITIES = [
@@ -189,13 +189,18 @@ def _dedupe(items: Iterable[tuple[str, int | None]]) -> list[tuple[str, int | No
 
 def load_prompt_set(source: str) -> PromptSet:
     """Read ``source`` and clean it; PromptError if nothing is left."""
+    builtin = source == "digits" or source in ASSET_SETS or source.startswith("template:")
+    try:
+        tracked = {} if builtin or is_remote(source) else dvc_version(source)
+    except SourceError as exc:
+        raise PromptError(str(exc)) from None
     if is_remote(source) or source.endswith(".jsonl"):
         try:
             read = read_source(source)
         except SourceError as exc:
             raise PromptError(str(exc)) from None
         raw, fields = read.lines, read.metadata_fields
-        version = {**read.version, **({"metadata_fields": fields} if fields else {})}
+        version = {**read.version, **tracked, **({"metadata_fields": fields} if fields else {})}
         prompts = normalise(raw)
         if not prompts:
             raise PromptError(f"prompts.source: '{source}' has no prompts after dropping empty lines and duplicates")
@@ -209,7 +214,7 @@ def load_prompt_set(source: str) -> PromptSet:
         )
     prompts = [p for p, _ in items]
     if labels is None:
-        return PromptSet(source, prompts, len(raw))
+        return PromptSet(source, prompts, len(raw), version=tracked)
     digits = [int(d) for _, d in items]  # type: ignore[arg-type]
     phrasings = [digit_phrasing(p, d) for p, d in items]  # type: ignore[arg-type]
     return PromptSet(source, prompts, len(raw), phrasings, digits)

@@ -9,6 +9,11 @@ and the sha256 of the bytes, which the prompt manifest records (``source_version
 A file whose name ends in ``.jsonl`` holds one JSON object per line with a string ``prompt``;
 other fields are metadata (kept out of the prompt; their names are listed in the manifest).
 Anything else is text, one prompt per line.
+
+A local file tracked by DVC (a ``<name>.dvc`` file beside it or beside a tracked folder above it,
+or an output in a ``dvc.lock`` above it) is read as usual; its version is the DVC hash read from
+that YAML file (``dvc_md5``; no dvc import). A tracked file missing from the workspace is an error
+that says to run ``dvc pull``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
@@ -118,3 +125,56 @@ def read_source(source: str) -> SourceText:
         data = path.read_bytes()
         version = {"sha256": hashlib.sha256(data).hexdigest()}
     return parse(data, source, version)
+
+
+def _dvc_outs(path: Path) -> list[dict]:
+    """The ``outs`` of a ``.dvc`` file or of every stage of a ``dvc.lock``."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SourceError(f"prompts.source: cannot read the DVC file '{path}': {exc}") from None
+    if path.name == "dvc.lock":
+        return [out for stage in (data.get("stages") or {}).values() for out in stage.get("outs") or []]
+    return list(data.get("outs") or [])
+
+
+def _tracking(path: Path) -> tuple[Path, dict] | None:
+    """(DVC file, its ``out`` entry) that tracks ``path`` itself or a folder holding it, nearest first,
+    up to the DVC repository's root (the folder with ``.dvc/``)."""
+    path = path.absolute()
+    chain = [path, *path.parents]
+    for target, folder in zip(chain[:-1], chain[1:], strict=True):  # the file, then each folder holding it
+        sidecar = folder / f"{target.name}.dvc"
+        if sidecar.is_file():
+            for out in _dvc_outs(sidecar):
+                if out.get("path") == target.name:
+                    return sidecar, out
+        lock = folder / "dvc.lock"
+        if lock.is_file():
+            inside = path.relative_to(folder).as_posix()
+            for out in _dvc_outs(lock):
+                if inside == out.get("path") or inside.startswith(f"{str(out.get('path')).rstrip('/')}/"):
+                    return lock, out
+        if (folder / ".dvc").is_dir():
+            break
+    return None
+
+
+def dvc_version(source: str) -> dict:
+    """The DVC version of a local ``source`` (``dvc_md5``, ``dvc_file``, ``dvc_path``), or {} when DVC
+    does not track it. ``dvc_modified`` is true when the file's bytes no longer match the md5 of a
+    single tracked file (edited since ``dvc add``/``dvc commit``). SourceError saying to run
+    ``dvc pull`` when the file is tracked but absent."""
+    path = Path(source)
+    found = _tracking(path)
+    if found is None:
+        return {}
+    dvc_file, out = found
+    if not path.is_file():
+        raise SourceError(f"prompts.source: '{source}' is tracked by DVC ({dvc_file}) but is not in the "
+                          f"workspace; run `dvc pull {source}` first")
+    md5 = str(out.get("md5", ""))
+    version = {"dvc_md5": md5, "dvc_file": str(dvc_file), "dvc_path": str(out.get("path"))}
+    if md5 and not md5.endswith(".dir") and hashlib.md5(path.read_bytes()).hexdigest() != md5:
+        version["dvc_modified"] = True
+    return version

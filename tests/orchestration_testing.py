@@ -68,6 +68,21 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
+def run_ok(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A user's command; its exit status must be 0 (else its output's tail in the assertion)."""
+    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+def exports(stdout: str) -> dict[str, str]:
+    """The ``export NAME=value`` lines of `sdpo stack up` as a dict."""
+    lines = [line.removeprefix("export ") for line in stdout.splitlines() if line.startswith("export ")]
+    return dict(line.split("=", 1) for line in lines)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,9 +22,11 @@ from orchestration_testing import (
     GIT_IDENTITY,
     OFFLINE_ENV,
     TINY,
+    exports,
     free_port,
     git,
     make_project,
+    run_ok,
     start,
     stop,
     wait_http,
@@ -97,21 +99,6 @@ def user_env(s3_endpoint, tmp_path_factory) -> dict[str, str]:
     return env
 
 
-def _run(
-    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300
-) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (
-        f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return proc
-
-
-def _exports(stdout: str) -> dict[str, str]:
-    lines = [line.removeprefix("export ") for line in stdout.splitlines() if line.startswith("export ")]
-    return dict(line.split("=", 1) for line in lines)
-
-
 # A background job of a non-interactive shell, as a script or CI runner starts it: bash starts
 # `cmd &` with SIGINT (and SIGQUIT) ignored when job control is off, and children inherit that.
 BACKGROUND_JOB = ["bash", "-c", '"$@" & wait $!', "bash"]
@@ -128,8 +115,8 @@ def stack(tmp_path_factory, user_env):
     """`sdpo stack up` in a fresh checkout, started with SIGINT ignored; yields (project, shell env
     with the exports)."""
     project = make_project(tmp_path_factory.mktemp("e2e") / "project")
-    up = _run([*BACKGROUND_JOB, str(BIN / "sdpo"), "stack", "up"], user_env, project, timeout=240)
-    shell = {**user_env, **_exports(up.stdout)}
+    up = run_ok([*BACKGROUND_JOB, str(BIN / "sdpo"), "stack", "up"], user_env, project, timeout=240)
+    shell = {**user_env, **exports(up.stdout)}
     assert shell["PREFECT_API_URL"].startswith("http://127.0.0.1:")
     yield project, shell
     if (project / ".sdpo-stack/stack.json").exists():  # a test failed before its own `stack down`
@@ -140,7 +127,7 @@ def test_deployment_run_trains_and_registers_with_s3_artifacts(stack, s3_client,
     project, shell = stack
     params = json.dumps({"pipeline": "tiny-random", "overrides": TINY})
     run = [str(BIN / "prefect"), "deployment", "run", "sdpo/train", "--params", params, "--watch"]
-    out = _run(run, shell, project, timeout=400)
+    out = run_ok(run, shell, project, timeout=400)
     assert "Completed" in out.stdout + out.stderr
 
     import mlflow
@@ -173,11 +160,11 @@ def test_fresh_clone_pulls_the_model_from_s3_and_evaluates_it(stack, s3_client, 
     assert s3_client.list_objects_v2(Bucket=BUCKET, Prefix="e2e/dvc/")["KeyCount"] > 0
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(project), str(clone))
-    _run([str(BIN / "sdpo"), "version", "--pipeline", "tiny-random", "--pull"], shell, clone)
+    run_ok([str(BIN / "sdpo"), "version", "--pipeline", "tiny-random", "--pull"], shell, clone)
     assert (clone / "runs/tiny-random/final/sdpo_model.json").is_file()
 
     sets = [a for o in [*TINY, "tracking.backend=none"] for a in ("--set", o)]
-    _run([str(BIN / "sdpo"), "evaluate", "--pipeline", "tiny-random", *sets], shell, clone)
+    run_ok([str(BIN / "sdpo"), "evaluate", "--pipeline", "tiny-random", *sets], shell, clone)
     fresh = json.loads((clone / "runs/tiny-random/eval/eval.json").read_text())
     original = json.loads((project / "runs/tiny-random/eval/eval.json").read_text())
     # same weights, same seeds: the clone reproduces the flow's evaluation exactly
@@ -190,7 +177,7 @@ def test_stack_down_stops_every_process(stack, user_env):
     # `up` ran with SIGINT ignored (the fixture); what it started must not have inherited that
     ignoring = [name for name, proc in state["processes"].items() if _ignores_sigint(proc["pid"])]
     assert ignoring == [], f"{ignoring} ignore SIGINT: `stack down` cannot stop them by it"
-    down = _run([str(BIN / "sdpo"), "stack", "down"], user_env, project, timeout=180)
+    down = run_ok([str(BIN / "sdpo"), "stack", "down"], user_env, project, timeout=180)
     print(down.stderr)  # the stop times, for `pytest -rP`
     stops = re.findall(r"^(\w+): stopped \((\w+), ([\d.]+) s\)$", down.stderr, re.MULTILINE)
     assert [(name, sig) for name, sig, _ in stops] == [
