@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.gpu import DTYPES, make_trainer  # noqa: E402
@@ -90,6 +91,7 @@ def measure(name: str, precision: str, args, work: Path) -> dict:
     build_pipeline(case, True, torch.device("cpu"), DTYPES[precision]).save_pretrained(model_dir)
     targs = SimpleNamespace(smoke=True, mixed_precision=precision, gradient_checkpointing=False, lora_rank=4,
                             steps=2, sample_batch=2, sample_batches=1, train_batch=1, resolution=None)
+    AcceleratorState._reset_state(reset_partial_state=True)  # the next precision needs a new Accelerator
     tr = make_trainer(model_dir, case, targs, work / f"{name}-{precision}-run")
     try:
         row = {"case": name, "family": type(tr.family).__name__, "precision": precision}
