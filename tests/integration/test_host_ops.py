@@ -53,3 +53,14 @@ def test_bf16_lora_skips_the_input_cast_round_trip_bit_exactly(tiny_cfg, tmp_pat
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     assert all(torch.equal(a, b) for a, b in zip(fast[2], slow[2], strict=True))
     assert fast_ops < slow_ops - 2 * len(layers)  # at least a cast per layer forward and backward
+
+
+def test_model_compile_compiles_the_trainers_denoiser_in_place(tiny_cfg, tmp_path):
+    # the compile itself happens at the first call (minutes on a CPU, BENCHMARKS 5d): here only that
+    # the option reaches the module every trainer call goes through, with its LoRA keys unchanged
+    eager = Trainer(tiny_cfg(), tmp_path / "eager")
+    tr = Trainer(tiny_cfg("model.compile=true"), tmp_path / "compiled")
+    model = tr.acc.unwrap_model(tr.denoiser)
+    assert model._compiled_call_impl is not None
+    assert eager.acc.unwrap_model(eager.denoiser)._compiled_call_impl is None
+    assert list(tr.lora_params) == list(eager.lora_params)
