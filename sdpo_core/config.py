@@ -114,6 +114,11 @@ class ModelConfig(_Strict):
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = Field(
         default=None, description="override the scheduler's spacing (SD-Turbo: trailing)"
     )
+    compile: bool = Field(
+        default=False, description="torch.compile the denoiser (`nn.Module.compile`): fewer host operations per "
+        "call after a compile per mode (sampling, training); the pre-update ratio need not be exactly 1 "
+        "(BENCHMARKS.md 5d), check `check/first_batch_kl`"
+    )
     cache_prompt_embeddings: bool = Field(
         default=False, description="encode every training prompt once before training, then free the text "
         "encoders (T5-XXL: ~10 GB of GPU memory in bf16); off: encode each batch's prompts as it is sampled"

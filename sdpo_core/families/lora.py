@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 
@@ -23,6 +24,21 @@ def add_lora(denoiser: torch.nn.Module, rank: int, alpha: float | None, target_m
     for p in denoiser.parameters():  # LoRA weights train in float32 even when the base is half
         if p.requires_grad:
             p.data = p.data.float()
+
+
+def skip_lora_input_casts(denoiser: torch.nn.Module) -> int:
+    """Stop peft casting each adapted layer's input to the float32 LoRA dtype; returns the layers.
+
+    Only for a denoiser every call of which runs under autocast (the trainer's ``denoiser_caller``):
+    there peft's cast of the half-precision input to float32 is undone by autocast's cast back to
+    half precision before the adapter's matmul, a lossless round trip (forward and backward) that
+    costs two copies per adapted layer and call. The attribute is the one peft's own
+    ``peft.helpers.disable_input_dtype_casting`` sets, set once instead of around every call.
+    """
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:

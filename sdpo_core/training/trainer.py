@@ -34,7 +34,7 @@ from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_upda
 from sdpo_core.evaluation.plots import save_image_grid
 from sdpo_core.families.loading import DTYPES, check_model_sources, load_for_config
 from sdpo_core.families.loading import save_trained as save_trained_model
-from sdpo_core.families.lora import add_lora, lora_param_keys
+from sdpo_core.families.lora import add_lora, lora_param_keys, skip_lora_input_casts
 from sdpo_core.methods import build_method
 from sdpo_core.prompts import load_train_eval
 from sdpo_core.rewards import build_reward
@@ -122,10 +122,14 @@ class Trainer:
             denoiser.to(dtype=self.infer_dtype)
             targets = m.lora_target_modules or list(self.family.default_lora_targets)
             add_lora(denoiser, m.lora_rank, m.lora_alpha, targets, self.family.lora_exclude_modules())
+            if self.infer_dtype != torch.float32:  # every call of it runs under autocast (denoise_fn)
+                skip_lora_input_casts(denoiser)
         else:
             denoiser.requires_grad_(True)
         if m.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
+        if m.compile:  # in place: the same module, parameters and state-dict keys (LoRA checkpoints)
+            denoiser.compile()
         self.trainable = [p for p in denoiser.parameters() if p.requires_grad]
         train = cfg.train
         # foreach: one multi-tensor kernel per update instead of a Python loop over the LoRA tensors

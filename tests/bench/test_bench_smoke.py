@@ -112,6 +112,18 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert "| case | family / sampler |" in proc.stdout
 
 
+def test_host_ops_smoke(tmp_path):
+    # the trainer's own sampling call and training step, profiled: a backward dispatches more
+    # operations than the forward it differentiates, and both are timed
+    out = tmp_path / "host_ops.json"
+    proc = run_script("host_ops.py", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["case"], row["family"], row["precision"]) == ("sd-turbo", "SDFamily", "no")
+    assert 0 < row["forward_ops"] < row["fwd_bwd_ops"]
+    assert finite_positive(row["forward_ms"]) and finite_positive(row["fwd_bwd_ms"])
+    assert "| sd-turbo | no |" in proc.stdout
+
+
 def test_gpu_run_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_run.sh")], check=True)
 
