@@ -118,6 +118,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sdpo_core.plan import format_budget, plan_budget  # torch / diffusers: only for this command
+
+    cfg = _load_cfg(args)
+    gpu = int(args.gpu_memory * 2**30) if args.gpu_memory else None
+    print(format_budget(plan_budget(cfg, args.pipeline), gpu))
+    return 0
+
+
 def cmd_config_list(args: argparse.Namespace) -> int:
     print("\n".join(pipeline_names(Path(args.pipelines))))
     return 0
@@ -281,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-metrics", help="RUN_DIR/train_metrics.jsonl -> train_metrics.csv (dvc plots)")
     _add_common(p)
     p.set_defaults(func=cmd_export_metrics)
+
+    p = sub.add_parser("plan", help="the GPU memory budget of a pipeline, from its model configs (no download)")
+    p.add_argument("--pipeline", required=True)
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU to check the budget against")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pipelines", default="pipelines.yaml")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="show resolved pipeline configs")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -1,0 +1,261 @@
+"""``sdpo plan``: the GPU memory budget of a training config, from the model's configs alone.
+
+Every module is built from its ``config.json`` on the meta device (no weights, no download): the
+shipped hub models' configs live in ``sdpo_core/assets/model_configs/<hub id>/``, a local model
+directory is read as it is. Parameter counts are exact; dtypes follow the loader
+(``families/hub.py``: every module in ``model.mixed_precision``, the denoiser float32 for a full
+fine-tune, SDXL's VAE float32 in fp16 when its config forces the upcast).
+
+Activations are *measured* on the meta device: one sample of the denoiser forward (LoRA added as the
+trainer adds it, or every weight trainable for a full fine-tune) with a saved-tensor hook summing the
+bytes autograd keeps for backward (parameters and views of them excluded). With gradient
+checkpointing the estimate keeps, per checkpointed block (ResnetBlock2D / Transformer2DModel /
+joint and single transformer blocks), only its input, plus the largest block's saved tensors (its
+recomputation during backward). Both scale linearly with the micro-batch: ``train.batch_size`` x the
+method's trajectories per item x 2 when classifier-free guidance doubles the batch. The VAE decode
+is the float activations of one DECODE_CHUNK of images at the output resolution, counted as
+``4`` live tensors the size of the largest decoder feature map (an estimate, not measured).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdpo_core.config import Config
+from sdpo_core.families import FAMILIES, family_for
+from sdpo_core.families.hub import read_json_object
+from sdpo_core.families.loading import DTYPES
+from sdpo_core.families.lora import add_lora
+from sdpo_core.methods import build_method
+from sdpo_core.training.scoring import DECODE_CHUNK
+
+ASSETS = Path(__file__).parent / "assets" / "model_configs"
+GiB = 1024**3
+CHECKPOINTED = ("ResnetBlock2D", "Transformer2DModel", "JointTransformerBlock", "FluxTransformerBlock",
+                "FluxSingleTransformerBlock")
+DTYPES_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+TEXT_LENGTHS = {"sd3": 77 + 256, "flux": 256}  # the sequence the transformer sees (CLIP + T5)
+
+
+class PlanError(ValueError):
+    """No configs for the model (neither a local directory nor shipped with the project)."""
+
+
+@dataclass
+class Budget:
+    """Bytes per GPU of each part of a training step (``parts``: name -> bytes) and the peak."""
+
+    pipeline: str
+    params: dict[str, tuple[int, str]]  # component -> (parameters, dtype)
+    weights: dict[str, int]
+    trainable: int  # LoRA or denoiser parameters trained
+    optimizer: int  # trainable weights' grads + AdamW m, v (+ float32 LoRA copies)
+    micro_batch: int
+    activations: int  # with the configured gradient checkpointing
+    activations_other: int  # with the other setting
+    decode: int
+    checkpointing: bool
+    text_freed: int  # text-encoder bytes freed by cache_prompt_embeddings
+
+    @property
+    def peak(self) -> int:
+        return sum(self.weights.values()) - self.text_freed + self.optimizer + max(self.activations, self.decode)
+
+
+def config_dir(pretrained: str) -> Path:
+    """The directory holding ``model_index.json`` of a local model or of a shipped hub id."""
+    for path in (Path(pretrained).expanduser(), ASSETS / pretrained):
+        if (path / "model_index.json").is_file():
+            return path
+    raise PlanError(f"model.pretrained '{pretrained}': no local diffusers directory and no configs shipped in "
+                    f"{ASSETS} (shipped: {', '.join(shipped_models())}); give a local model directory")
+
+
+def shipped_models() -> list[str]:
+    return sorted(str(p.parent.relative_to(ASSETS)) for p in ASSETS.glob("*/*/model_index.json"))
+
+
+def meta_components(model_dir: Path) -> dict[str, torch.nn.Module]:
+    """Every diffusers / transformers module of ``model_index.json`` built on the meta device."""
+    import diffusers
+    import transformers
+
+    index = read_json_object(model_dir / "model_index.json", "_class_name")
+    out = {}
+    for name, spec in index.items():
+        if not (isinstance(spec, list) and len(spec) == 2 and (model_dir / name / "config.json").is_file()):
+            continue
+        lib, cls_name = spec
+        with torch.device("meta"):
+            if lib == "diffusers":
+                cls = getattr(diffusers, cls_name)
+                out[name] = cls.from_config(cls.load_config(model_dir / name))
+            elif lib == "transformers":
+                cfg = transformers.AutoConfig.from_pretrained(model_dir / name)
+                out[name] = getattr(transformers, cls_name)._from_config(cfg)
+    return out
+
+
+def component_dtypes(cfg: Config, family: str, modules: dict[str, torch.nn.Module]) -> dict[str, torch.dtype]:
+    """The dtype the loader gives each component (the rules of families/*.py load and the trainer)."""
+    dtype = DTYPES[cfg.model.mixed_precision]
+    out = {name: dtype for name in modules}
+    den = "unet" if "unet" in modules else "transformer"
+    out[den] = dtype if cfg.model.finetune == "lora" else torch.float32
+    vae = modules.get("vae")
+    if family == "sdxl" and dtype == torch.float16 and vae is not None and vae.config.get("force_upcast"):
+        out["vae"] = torch.float32
+    return out
+
+
+def denoiser_inputs(family: str, den: torch.nn.Module, latent: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One sample's denoiser call on the meta device: (1, C, latent, latent) latents, a text sequence
+    of the pipeline's length and width, and the family's extra conditioning."""
+    c = den.config
+    meta = dict(device="meta", dtype=dtype)
+    if family in ("sd", "sdxl"):
+        kw = dict(sample=torch.zeros(1, c.in_channels, latent, latent, **meta), timestep=torch.zeros(1, **meta),
+                  encoder_hidden_states=torch.zeros(1, 77, c.cross_attention_dim, **meta))
+        if c.get("time_cond_proj_dim"):
+            kw["timestep_cond"] = torch.zeros(1, c.time_cond_proj_dim, **meta)
+        if c.get("addition_embed_type") == "text_time":
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            kw["added_cond_kwargs"] = dict(text_embeds=torch.zeros(1, pooled, **meta), time_ids=torch.zeros(1, 6, **meta))
+        return kw
+    text = torch.zeros(1, TEXT_LENGTHS[family], c.joint_attention_dim, **meta)
+    pooled = torch.zeros(1, c.pooled_projection_dim, **meta)
+    if family == "sd3":
+        return dict(hidden_states=torch.zeros(1, c.in_channels, latent, latent, **meta), encoder_hidden_states=text,
+                    pooled_projections=pooled, timestep=torch.zeros(1, **meta))
+    tokens = (latent // 2) ** 2  # FLUX packs 2 x 2 latent patches: 64 = 16 channels x 4
+    return dict(hidden_states=torch.zeros(1, tokens, c.in_channels, **meta), encoder_hidden_states=text,
+                pooled_projections=pooled, timestep=torch.zeros(1, **meta),
+                img_ids=torch.zeros(tokens, 3, **meta), txt_ids=torch.zeros(TEXT_LENGTHS[family], 3, **meta))
+
+
+def saved_bytes(den: torch.nn.Module, inputs: dict) -> tuple[int, int]:
+    """Bytes autograd saves for one sample's backward, without and with gradient checkpointing
+    (outside the blocks + the blocks' inputs + the largest block's own); parameters and views of
+    them excluded."""
+    params = {id(p) for p in den.parameters()}
+    seen: set[int] = set()
+    state = {"total": 0, "block": None, "blocks": {}, "inputs": 0}
+
+    def pack(t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if id(t) not in params and id(base) not in params and id(base) not in seen:
+            seen.add(id(base))
+            n = base.numel() * base.element_size()
+            state["total"] += n
+            if state["block"] is not None:
+                state["blocks"][state["block"]] = state["blocks"].get(state["block"], 0) + n
+        return t
+
+    def enter(module, args):
+        if state["block"] is None:
+            state["block"] = id(module)
+            state["inputs"] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+    def leave(module, args, out):
+        if state["block"] == id(module):
+            state["block"] = None
+
+    hooks = [h for m in den.modules() if type(m).__name__ in CHECKPOINTED
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            den(**inputs, return_dict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    blocks = state["blocks"].values()
+    return state["total"], state["total"] - sum(blocks) + state["inputs"] + max(blocks, default=0)
+
+
+def plan_budget(cfg: Config, name: str) -> Budget:
+    """The per-GPU memory budget of training ``cfg`` (named ``name``)."""
+    m = cfg.model
+    fam_cls = family_for(str(config_dir(m.pretrained)), m.family)
+    family = next(k for k, v in FAMILIES.items() if v is fam_cls)
+    modules = meta_components(config_dir(m.pretrained))
+    if family == "sd3" and m.family_options.get("use_t5") is False:
+        modules.pop("text_encoder_3", None)
+    modules.pop("safety_checker", None)
+    dtypes = component_dtypes(cfg, family, modules)
+    den_name = "unet" if "unet" in modules else "transformer"
+    den = modules[den_name]
+    for module in modules.values():
+        module.requires_grad_(False)  # the loader freezes every module; the trainer then adds LoRA
+    den.to(dtype=dtypes[den_name])
+    if m.finetune == "lora":
+        holder = types.SimpleNamespace(pipe=types.SimpleNamespace(**{den_name: den}))
+        add_lora(den, m.lora_rank, m.lora_alpha, m.lora_target_modules or list(fam_cls.default_lora_targets),
+                 fam_cls.lora_exclude_modules(holder))
+    else:
+        den.requires_grad_(True)
+    trainable = [p for p in den.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    params = {k: (sum(p.numel() for p in v.parameters() if not p.requires_grad), str(dtypes[k]).removeprefix("torch."))
+              for k, v in modules.items()}
+    weights = {k: n * DTYPES_BYTES[d] for k, (n, d) in params.items()}
+    # grads + AdamW m and v in float32; LoRA weights themselves (float32) are not in ``weights``
+    optimizer = n_train * 4 * (3 if m.finetune == "full" else 4)
+    scale = modules["vae"].config.get("block_out_channels")
+    factor = 2 ** (len(scale) - 1)
+    latent = cfg.sample.resolution // factor if cfg.sample.resolution else den.config.sample_size
+    plain, ckpt = saved_bytes(den, denoiser_inputs(family, den, latent, dtypes[den_name]))
+    method = build_method(cfg.train, cfg.sample.num_steps)
+    doubled = cfg.sample.guidance_scale > 1 and family != "flux" and not den.config.get("time_cond_proj_dim")
+    micro = cfg.train.batch_size * method.trajectories_per_item * (2 if doubled else 1)
+    on, off = (ckpt, plain) if m.gradient_checkpointing else (plain, ckpt)
+    vae = modules["vae"]
+    side = latent * factor
+    # the decoder's largest feature map: its first block width at full resolution, float32 in the VAE dtype
+    decode = DECODE_CHUNK * 4 * vae.config.block_out_channels[0] * side * side * DTYPES_BYTES[params["vae"][1]]
+    text = sum(w for k, w in weights.items() if k.startswith("text_encoder")) if m.cache_prompt_embeddings else 0
+    return Budget(name, params, weights, n_train, optimizer, micro, on * micro, off * micro, decode,
+                  m.gradient_checkpointing, text)
+
+
+def refusal(budget: Budget, gpu_bytes: int) -> str | None:
+    """Why the budget does not fit ``gpu_bytes`` per GPU (what to change), or None when it fits."""
+    if budget.peak <= gpu_bytes:
+        return None
+    hints = []
+    if not budget.checkpointing and budget.activations_other < budget.activations:
+        hints.append("model.gradient_checkpointing=true")
+    if not budget.text_freed and any(k.startswith("text_encoder") for k in budget.weights):
+        hints.append("model.cache_prompt_embeddings=true (frees the text encoders)")
+    if any(d == "float32" for _, d in budget.params.values()):
+        hints.append("model.mixed_precision=bf16")
+    if budget.optimizer > budget.trainable * 16:
+        hints.append("model.finetune=lora")
+    if budget.micro_batch > 1:
+        hints.append("a smaller train.batch_size (more gradient_accumulation_steps)")
+    hints.append("sharding over more GPUs (FSDP) is not built yet")
+    return (f"pipeline '{budget.pipeline}' needs ~{budget.peak / GiB:.1f} GiB per GPU, more than the "
+            f"{gpu_bytes / GiB:.1f} GiB there; try: " + "; ".join(hints))
+
+
+def format_budget(b: Budget, gpu_bytes: int | None) -> str:
+    """The table ``sdpo plan`` prints."""
+    rows = [f"memory plan for '{b.pipeline}' (per GPU; GiB = 2^30 bytes)"]
+    for k, (n, d) in b.params.items():
+        rows.append(f"  weights {k:<16} {n / 1e6:>9.1f} M params  {d:<8} {b.weights[k] / GiB:>7.2f} GiB")
+    if b.text_freed:
+        rows.append(f"  text encoders freed (cache_prompt_embeddings)      {-b.text_freed / GiB:>7.2f} GiB")
+    rows.append(f"  trainable {b.trainable / 1e6:.2f} M params: grads + AdamW state   {b.optimizer / GiB:>7.2f} GiB")
+    on, off = ("with", "without") if b.checkpointing else ("without", "with")
+    rows.append(f"  activations, micro-batch {b.micro_batch}, {on} grad checkpointing  {b.activations / GiB:>7.2f} GiB")
+    rows.append(f"    ({off} gradient checkpointing: {b.activations_other / GiB:.2f} GiB)")
+    rows.append(f"  VAE decode of {DECODE_CHUNK} images (estimate)               {b.decode / GiB:>7.2f} GiB")
+    rows.append(f"  peak                                              {b.peak / GiB:>7.2f} GiB")
+    if gpu_bytes:
+        why = refusal(b, gpu_bytes)
+        rows.append(why or f"  fits in {gpu_bytes / GiB:.1f} GiB")
+    rows.append("  (predicted from configs; CUDA allocator overhead and fragmentation not included)")
+    return "\n".join(rows)

@@ -1,0 +1,20 @@
+"""sdpo plan: exact parameter counts from shipped configs on the meta device, and the fit decision."""
+
+from sdpo_core.config import load_config
+from sdpo_core.plan import GiB, plan_budget, refusal
+
+
+def test_sd_turbo_unet_weights_match_the_released_model():
+    # stabilityai/sd-turbo's UNet (SD 2.1-base): 865,910,724 parameters, fp16 -> 1.73 GB
+    b = plan_budget(load_config("sd-turbo-aesthetic"), "sd-turbo-aesthetic")
+    n, dtype = b.params["unet"]
+    assert n == 865_910_724 and dtype == "float16"
+    assert b.weights["unet"] == 2 * n
+    assert b.params["text_encoder"][0] > 300_000_000  # OpenCLIP ViT-H text tower, not a stub
+
+
+def test_refusal_names_what_makes_it_fit():
+    b = plan_budget(load_config("sd-turbo-aesthetic"), "sd-turbo-aesthetic")
+    assert refusal(b, 80 * GiB) is None
+    why = refusal(b, 8 * GiB)
+    assert "gradient_checkpointing=true" in why and "FSDP" in why
