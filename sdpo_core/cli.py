@@ -124,6 +124,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     gpu = int(args.gpu_memory * 2**30) if args.gpu_memory else None
     print(format_budget(plan_budget(cfg, args.pipeline), gpu))
+    if args.gpus > 1:
+        print(f"  {args.gpus} GPUs: each process holds the whole model (DDP), so the budget per GPU is the same; "
+              "sharding (FSDP) is not built yet")
     return 0
 
 
@@ -144,6 +147,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     """``sdpo <stage>`` for a stage of ``stages.STAGES`` (``args.stage``)."""
     cfg = _load_cfg(args)
     stage = args.stage
+    if stage.name == "train":
+        from sdpo_core.plan import refuse_if_too_big  # torch / diffusers: train loads them anyway
+
+        refuse_if_too_big(cfg, args.pipeline)
     stage.command(cfg, _run_dir(args, cfg) if stage.takes_run_dir else default_run_dir(cfg.pipeline), args)
     return 0
 
@@ -292,10 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_metrics)
 
     p = sub.add_parser("plan", help="the GPU memory budget of a pipeline, from its model configs (no download)")
-    p.add_argument("--pipeline", required=True)
+    _add_common(p, run_dir=False)
+    p.add_argument("--gpus", type=_positive_int, default=1, help="GPUs (processes) the run uses")
     p.add_argument("--gpu-memory", type=float, help="GiB per GPU to check the budget against")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--pipelines", default="pipelines.yaml")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="show resolved pipeline configs")

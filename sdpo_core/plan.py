@@ -19,18 +19,20 @@ is the float activations of one DECODE_CHUNK of images at the output resolution,
 
 from __future__ import annotations
 
+import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sdpo_core.config import Config
+from sdpo_core.config import Config, ConfigError
 from sdpo_core.families import FAMILIES, family_for
-from sdpo_core.families.hub import read_json_object
+from sdpo_core.families.hub import ModelLoadError, read_json_object
 from sdpo_core.families.loading import DTYPES
 from sdpo_core.families.lora import add_lora
 from sdpo_core.methods import build_method
+from sdpo_core.tiny.build import untrained_base
 from sdpo_core.training.scoring import DECODE_CHUNK
 
 ASSETS = Path(__file__).parent / "assets" / "model_configs"
@@ -41,8 +43,12 @@ DTYPES_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 TEXT_LENGTHS = {"sd3": 77 + 256, "flux": 256}  # the sequence the transformer sees (CLIP + T5)
 
 
-class PlanError(ValueError):
-    """No configs for the model (neither a local directory nor shipped with the project)."""
+class PlanError(ModelLoadError):
+    """No configs for the model (neither a local directory, the HF cache nor shipped with the project)."""
+
+
+class DoesNotFit(ConfigError):
+    """``sdpo train`` refused: the configuration's budget exceeds the GPU's memory."""
 
 
 @dataclass
@@ -67,12 +73,30 @@ class Budget:
 
 
 def config_dir(pretrained: str) -> Path:
-    """The directory holding ``model_index.json`` of a local model or of a shipped hub id."""
+    """The directory holding ``model_index.json``: a local model, a shipped hub id, or a hub id whose
+    configs are in the HF cache (never downloaded)."""
     for path in (Path(pretrained).expanduser(), ASSETS / pretrained):
         if (path / "model_index.json").is_file():
             return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(pretrained, allow_patterns=["*.json"], local_files_only=True))
+    except Exception:  # not a repo id, or not in the cache: the error below says what to do
+        pass
     raise PlanError(f"model.pretrained '{pretrained}': no local diffusers directory and no configs shipped in "
                     f"{ASSETS} (shipped: {', '.join(shipped_models())}); give a local model directory")
+
+
+def built_or_config_dir(model_cfg, tmp: Path) -> Path:
+    """``config_dir`` of ``model.pretrained``, or for a ``model.build`` not built yet its untrained
+    architecture saved under ``tmp`` (the same configs ``sdpo base`` writes)."""
+    try:
+        return config_dir(model_cfg.pretrained)
+    except PlanError:
+        if model_cfg.build is None:
+            raise
+    return untrained_base(model_cfg.build, tmp / "base", model_cfg.build_seed)
 
 
 def shipped_models() -> list[str]:
@@ -137,6 +161,24 @@ def denoiser_inputs(family: str, den: torch.nn.Module, latent: int, dtype: torch
                 img_ids=torch.zeros(tokens, 3, **meta), txt_ids=torch.zeros(TEXT_LENGTHS[family], 3, **meta))
 
 
+class FusedAttention(torch.overrides.TorchFunctionMode):
+    """``scaled_dot_product_attention`` as the fused kernel a GPU runs (flash for half precision,
+    memory-efficient for float32): on the meta device torch would pick the math path, which saves
+    the (tokens x tokens) attention matrix a GPU never keeps."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args, strict=False)) | kwargs
+            if named.get("attn_mask") is None and not named.get("dropout_p") and not named.get("enable_gqa"):
+                q, k, v = named["query"], named["key"], named["value"]
+                extra = dict(is_causal=named.get("is_causal", False), scale=named.get("scale"))
+                if q.dtype in (torch.float16, torch.bfloat16):
+                    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, **extra)[0]
+                return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, **extra)[0]
+        return func(*args, **kwargs)
+
+
 def saved_bytes(den: torch.nn.Module, inputs: dict) -> tuple[int, int]:
     """Bytes autograd saves for one sample's backward, without and with gradient checkpointing
     (outside the blocks + the blocks' inputs + the largest block's own); parameters and views of
@@ -167,7 +209,7 @@ def saved_bytes(den: torch.nn.Module, inputs: dict) -> tuple[int, int]:
     hooks = [h for m in den.modules() if type(m).__name__ in CHECKPOINTED
              for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FusedAttention():
             den(**inputs, return_dict=False)
     finally:
         for h in hooks:
@@ -179,9 +221,11 @@ def saved_bytes(den: torch.nn.Module, inputs: dict) -> tuple[int, int]:
 def plan_budget(cfg: Config, name: str) -> Budget:
     """The per-GPU memory budget of training ``cfg`` (named ``name``)."""
     m = cfg.model
-    fam_cls = family_for(str(config_dir(m.pretrained)), m.family)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = built_or_config_dir(m, Path(tmp))
+        fam_cls = family_for(str(model_dir), m.family)
+        modules = meta_components(model_dir)
     family = next(k for k, v in FAMILIES.items() if v is fam_cls)
-    modules = meta_components(config_dir(m.pretrained))
     if family == "sd3" and m.family_options.get("use_t5") is False:
         modules.pop("text_encoder_3", None)
     modules.pop("safety_checker", None)
@@ -241,21 +285,50 @@ def refusal(budget: Budget, gpu_bytes: int) -> str | None:
             f"{gpu_bytes / GiB:.1f} GiB there; try: " + "; ".join(hints))
 
 
+def gpu_memory() -> int | None:
+    """Bytes of memory of CUDA device 0, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def refuse_if_too_big(cfg: Config, name: str) -> None:
+    """``sdpo train``'s check: DoesNotFit (exit 2) when the budget exceeds the detected GPU; nothing
+    without CUDA (a CPU run has no such limit) or for a built tiny model not made yet."""
+    total = gpu_memory()
+    if total is None:
+        return
+    try:
+        budget = plan_budget(cfg, name)
+    except PlanError:
+        return  # no configs to read before the loader runs: loading itself reports the model
+    why = refusal(budget, total)
+    if why:
+        raise DoesNotFit(why + f" (see `sdpo plan --pipeline {name}`)")
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:8.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:8.1f} MiB"
+
+
 def format_budget(b: Budget, gpu_bytes: int | None) -> str:
     """The table ``sdpo plan`` prints."""
     rows = [f"memory plan for '{b.pipeline}' (per GPU; GiB = 2^30 bytes)"]
+
+    def row(label: str, n: int) -> None:
+        rows.append(f"  {label:<62} {_size(n)}")
+
     for k, (n, d) in b.params.items():
-        rows.append(f"  weights {k:<16} {n / 1e6:>9.1f} M params  {d:<8} {b.weights[k] / GiB:>7.2f} GiB")
+        row(f"weights {k:<15} {n:>15,} params  {d}", b.weights[k])
     if b.text_freed:
-        rows.append(f"  text encoders freed (cache_prompt_embeddings)      {-b.text_freed / GiB:>7.2f} GiB")
-    rows.append(f"  trainable {b.trainable / 1e6:.2f} M params: grads + AdamW state   {b.optimizer / GiB:>7.2f} GiB")
+        row("text encoders freed (model.cache_prompt_embeddings)", -b.text_freed)
+    row(f"trained {b.trainable:,} params: grads + AdamW m, v (float32)", b.optimizer)
     on, off = ("with", "without") if b.checkpointing else ("without", "with")
-    rows.append(f"  activations, micro-batch {b.micro_batch}, {on} grad checkpointing  {b.activations / GiB:>7.2f} GiB")
-    rows.append(f"    ({off} gradient checkpointing: {b.activations_other / GiB:.2f} GiB)")
-    rows.append(f"  VAE decode of {DECODE_CHUNK} images (estimate)               {b.decode / GiB:>7.2f} GiB")
-    rows.append(f"  peak                                              {b.peak / GiB:>7.2f} GiB")
+    row(f"activations, micro-batch {b.micro_batch}, {on} gradient checkpointing", b.activations)
+    row(f"  ({off} gradient checkpointing)", b.activations_other)
+    row(f"VAE decode of {DECODE_CHUNK} images (estimate)", b.decode)
+    row("peak", b.peak)
     if gpu_bytes:
-        why = refusal(b, gpu_bytes)
-        rows.append(why or f"  fits in {gpu_bytes / GiB:.1f} GiB")
-    rows.append("  (predicted from configs; CUDA allocator overhead and fragmentation not included)")
+        rows.append("  " + (refusal(b, gpu_bytes) or f"fits in {gpu_bytes / GiB:.1f} GiB"))
+    rows.append("  (predicted from configs, not measured; CUDA context and allocator overhead not included)")
     return "\n".join(rows)
