@@ -58,8 +58,9 @@ class Budget:
     pipeline: str
     params: dict[str, tuple[int, str]]  # component -> (parameters, dtype)
     weights: dict[str, int]
+    finetune: str  # model.finetune: lora or full
     trainable: int  # LoRA or denoiser parameters trained
-    optimizer: int  # trainable weights' grads + AdamW m, v (+ float32 LoRA copies)
+    optimizer: int  # float32 grads + AdamW m, v of the trained weights (and LoRA's own float32 weights)
     micro_batch: int
     activations: int  # with the configured gradient checkpointing
     activations_other: int  # with the other setting
@@ -235,6 +236,9 @@ def plan_budget(cfg: Config, name: str) -> Budget:
     for module in modules.values():
         module.requires_grad_(False)  # the loader freezes every module; the trainer then adds LoRA
     den.to(dtype=dtypes[den_name])
+    # the model's own weights, counted before LoRA adds its (float32, in ``optimizer``) adapters
+    params = {k: (sum(p.numel() for p in v.parameters()), str(dtypes[k]).removeprefix("torch."))
+              for k, v in modules.items()}
     if m.finetune == "lora":
         holder = types.SimpleNamespace(pipe=types.SimpleNamespace(**{den_name: den}))
         add_lora(den, m.lora_rank, m.lora_alpha, m.lora_target_modules or list(fam_cls.default_lora_targets),
@@ -243,8 +247,6 @@ def plan_budget(cfg: Config, name: str) -> Budget:
         den.requires_grad_(True)
     trainable = [p for p in den.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
-    params = {k: (sum(p.numel() for p in v.parameters() if not p.requires_grad), str(dtypes[k]).removeprefix("torch."))
-              for k, v in modules.items()}
     weights = {k: n * DTYPES_BYTES[d] for k, (n, d) in params.items()}
     # grads + AdamW m and v in float32; LoRA weights themselves (float32) are not in ``weights``
     optimizer = n_train * 4 * (3 if m.finetune == "full" else 4)
@@ -261,7 +263,7 @@ def plan_budget(cfg: Config, name: str) -> Budget:
     # the decoder's largest feature map: its first block width at full resolution, float32 in the VAE dtype
     decode = DECODE_CHUNK * 4 * vae.config.block_out_channels[0] * side * side * DTYPES_BYTES[params["vae"][1]]
     text = sum(w for k, w in weights.items() if k.startswith("text_encoder")) if m.cache_prompt_embeddings else 0
-    return Budget(name, params, weights, n_train, optimizer, micro, on * micro, off * micro, decode,
+    return Budget(name, params, weights, m.finetune, n_train, optimizer, micro, on * micro, off * micro, decode,
                   m.gradient_checkpointing, text)
 
 
@@ -276,7 +278,7 @@ def refusal(budget: Budget, gpu_bytes: int) -> str | None:
         hints.append("model.cache_prompt_embeddings=true (frees the text encoders)")
     if any(d == "float32" for _, d in budget.params.values()):
         hints.append("model.mixed_precision=bf16")
-    if budget.optimizer > budget.trainable * 16:
+    if budget.finetune == "full":
         hints.append("model.finetune=lora")
     if budget.micro_batch > 1:
         hints.append("a smaller train.batch_size (more gradient_accumulation_steps)")
@@ -322,7 +324,8 @@ def format_budget(b: Budget, gpu_bytes: int | None) -> str:
         row(f"weights {k:<15} {n:>15,} params  {d}", b.weights[k])
     if b.text_freed:
         row("text encoders freed (model.cache_prompt_embeddings)", -b.text_freed)
-    row(f"trained {b.trainable:,} params: grads + AdamW m, v (float32)", b.optimizer)
+    what = "LoRA weights + grads + AdamW m, v" if b.finetune == "lora" else "grads + AdamW m, v"
+    row(f"trained {b.trainable:,} params: {what} (float32)", b.optimizer)
     on, off = ("with", "without") if b.checkpointing else ("without", "with")
     row(f"activations, micro-batch {b.micro_batch}, {on} gradient checkpointing", b.activations)
     row(f"  ({off} gradient checkpointing)", b.activations_other)
