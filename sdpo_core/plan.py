@@ -19,6 +19,7 @@ is the float activations of one DECODE_CHUNK of images at the output resolution,
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import types
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sdpo_core.config import Config, ConfigError
+from sdpo_core.config import Config, ConfigError, ModelConfig
 from sdpo_core.families import FAMILIES, family_for
 from sdpo_core.families.hub import ModelLoadError, read_json_object
 from sdpo_core.families.loading import DTYPES
@@ -125,12 +126,12 @@ def meta_components(model_dir: Path) -> dict[str, torch.nn.Module]:
     return out
 
 
-def component_dtypes(cfg: Config, family: str, modules: dict[str, torch.nn.Module]) -> dict[str, torch.dtype]:
+def component_dtypes(m: ModelConfig, family: str, modules: dict[str, torch.nn.Module]) -> dict[str, torch.dtype]:
     """The dtype the loader gives each component (the rules of families/*.py load and the trainer)."""
-    dtype = DTYPES[cfg.model.mixed_precision]
+    dtype = DTYPES[m.mixed_precision]
     out = {name: dtype for name in modules}
     den = "unet" if "unet" in modules else "transformer"
-    out[den] = dtype if cfg.model.finetune == "lora" else torch.float32
+    out[den] = dtype if m.finetune == "lora" else torch.float32
     vae = modules.get("vae")
     if family == "sdxl" and dtype == torch.float16 and vae is not None and vae.config.get("force_upcast"):
         out["vae"] = torch.float32
@@ -219,9 +220,25 @@ def saved_bytes(den: torch.nn.Module, inputs: dict) -> tuple[int, int]:
     return state["total"], state["total"] - sum(blocks) + state["inputs"] + max(blocks, default=0)
 
 
-def plan_budget(cfg: Config, name: str) -> Budget:
-    """The per-GPU memory budget of training ``cfg`` (named ``name``)."""
-    m = cfg.model
+@dataclass(frozen=True)
+class ModelFigures:
+    """What a budget needs from the model: per-component (parameters, dtype), trained parameters,
+    one sample's saved activation bytes without / with checkpointing, the output side in pixels."""
+
+    family: str
+    params: tuple[tuple[str, tuple[int, str]], ...]
+    trainable: int
+    plain: int
+    ckpt: int
+    side: int
+    vae_width: int  # channels of the decoder's full-resolution block
+    cfg_doubles: bool  # classifier-free guidance doubles the batch (not FLUX, not an LCM UNet)
+
+
+@functools.lru_cache(maxsize=16)
+def model_figures(model_json: str, resolution: int | None) -> ModelFigures:
+    """``ModelFigures`` of a ``model`` config (as JSON: cached, a model is measured once per process)."""
+    m = ModelConfig.model_validate_json(model_json)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = built_or_config_dir(m, Path(tmp))
         fam_cls = family_for(str(model_dir), m.family)
@@ -230,41 +247,47 @@ def plan_budget(cfg: Config, name: str) -> Budget:
     if family == "sd3" and m.family_options.get("use_t5") is False:
         modules.pop("text_encoder_3", None)
     modules.pop("safety_checker", None)
-    dtypes = component_dtypes(cfg, family, modules)
+    dtypes = component_dtypes(m, family, modules)
     den_name = "unet" if "unet" in modules else "transformer"
     den = modules[den_name]
     for module in modules.values():
         module.requires_grad_(False)  # the loader freezes every module; the trainer then adds LoRA
     den.to(dtype=dtypes[den_name])
     # the model's own weights, counted before LoRA adds its (float32, in ``optimizer``) adapters
-    params = {k: (sum(p.numel() for p in v.parameters()), str(dtypes[k]).removeprefix("torch."))
-              for k, v in modules.items()}
+    params = tuple((k, (sum(p.numel() for p in v.parameters()), str(dtypes[k]).removeprefix("torch.")))
+                   for k, v in modules.items())
     if m.finetune == "lora":
         holder = types.SimpleNamespace(pipe=types.SimpleNamespace(**{den_name: den}))
         add_lora(den, m.lora_rank, m.lora_alpha, m.lora_target_modules or list(fam_cls.default_lora_targets),
                  fam_cls.lora_exclude_modules(holder))
     else:
         den.requires_grad_(True)
-    trainable = [p for p in den.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
-    weights = {k: n * DTYPES_BYTES[d] for k, (n, d) in params.items()}
-    # grads + AdamW m and v in float32; LoRA weights themselves (float32) are not in ``weights``
-    optimizer = n_train * 4 * (3 if m.finetune == "full" else 4)
-    scale = modules["vae"].config.get("block_out_channels")
-    factor = 2 ** (len(scale) - 1)
-    latent = cfg.sample.resolution // factor if cfg.sample.resolution else den.config.sample_size
+    n_train = sum(p.numel() for p in den.parameters() if p.requires_grad)
+    vae = modules["vae"].config
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    latent = resolution // factor if resolution else den.config.sample_size
     plain, ckpt = saved_bytes(den, denoiser_inputs(family, den, latent, dtypes[den_name]))
+    doubles = family != "flux" and not den.config.get("time_cond_proj_dim")
+    return ModelFigures(family, params, n_train, plain, ckpt, latent * factor, vae.block_out_channels[0], doubles)
+
+
+def plan_budget(cfg: Config, name: str) -> Budget:
+    """The per-GPU memory budget of training ``cfg`` (named ``name``)."""
+    m = cfg.model
+    f = model_figures(m.model_dump_json(), cfg.sample.resolution)
+    params = dict(f.params)
+    weights = {k: n * DTYPES_BYTES[d] for k, (n, d) in params.items()}
+    # float32 grads + AdamW m and v; LoRA's own float32 weights too (a full fine-tune's are in ``weights``)
+    optimizer = f.trainable * 4 * (3 if m.finetune == "full" else 4)
     method = build_method(cfg.train, cfg.sample.num_steps)
-    doubled = cfg.sample.guidance_scale > 1 and family != "flux" and not den.config.get("time_cond_proj_dim")
+    doubled = cfg.sample.guidance_scale > 1 and f.cfg_doubles
     micro = cfg.train.batch_size * method.trajectories_per_item * (2 if doubled else 1)
-    on, off = (ckpt, plain) if m.gradient_checkpointing else (plain, ckpt)
-    vae = modules["vae"]
-    side = latent * factor
-    # the decoder's largest feature map: its first block width at full resolution, float32 in the VAE dtype
-    decode = DECODE_CHUNK * 4 * vae.config.block_out_channels[0] * side * side * DTYPES_BYTES[params["vae"][1]]
+    on, off = (f.ckpt, f.plain) if m.gradient_checkpointing else (f.plain, f.ckpt)
+    # the decoder's largest feature map (its first block's width at full resolution), 4 alive at once
+    decode = DECODE_CHUNK * 4 * f.vae_width * f.side**2 * DTYPES_BYTES[params["vae"][1]]
     text = sum(w for k, w in weights.items() if k.startswith("text_encoder")) if m.cache_prompt_embeddings else 0
-    return Budget(name, params, weights, m.finetune, n_train, optimizer, micro, on * micro, off * micro, decode,
-                  m.gradient_checkpointing, text)
+    return Budget(name, params, weights, m.finetune, f.trainable, optimizer, micro, on * micro, off * micro,
+                  decode, m.gradient_checkpointing, text)
 
 
 def refusal(budget: Budget, gpu_bytes: int) -> str | None:

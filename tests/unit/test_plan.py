@@ -1,7 +1,10 @@
 """sdpo plan: exact parameter counts from shipped configs on the meta device, and the fit decision."""
 
+import torch
+
 from sdpo_core.config import load_config
-from sdpo_core.plan import GiB, plan_budget, refusal
+
+from sdpo_core.plan import GiB, plan_budget, refuse_if_too_big, refusal
 
 
 def test_sd_turbo_unet_weights_match_the_released_model():
@@ -18,3 +21,12 @@ def test_refusal_names_what_makes_it_fit():
     assert refusal(b, 80 * GiB) is None
     why = refusal(b, 8 * GiB)
     assert "gradient_checkpointing=true" in why and "FSDP" in why
+
+
+def test_checkpointing_keeps_less_and_the_cpu_skips_the_train_check():
+    cfg = load_config("sd-turbo-aesthetic", ["train.batch_size=512"])
+    b = plan_budget(cfg, "sd-turbo-aesthetic")
+    assert b.activations_other < b.activations  # checkpointing (the other setting) keeps less
+    assert refusal(b, 80 * GiB)  # 1024 trajectories per backward do not fit one 80 GB GPU
+    assert not torch.cuda.is_available()
+    refuse_if_too_big(cfg, "sd-turbo-aesthetic")  # no CUDA: nothing to check against, no refusal
