@@ -3,8 +3,7 @@
 import torch
 
 from sdpo_core.config import load_config
-
-from sdpo_core.plan import GiB, plan_budget, refuse_if_too_big, refusal
+from sdpo_core.plan import GiB, plan_budget, refusal, refuse_if_too_big
 
 
 def test_sd_turbo_unet_weights_match_the_released_model():
