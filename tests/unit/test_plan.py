@@ -23,7 +23,7 @@ def test_refusal_names_what_makes_it_fit():
 
 
 def test_checkpointing_keeps_less_and_the_cpu_skips_the_train_check():
-    cfg = load_config("sd-turbo-aesthetic", ["train.batch_size=512"])
+    cfg = load_config("sd-turbo-aesthetic", ["sample.batch_size=512", "train.batch_size=512", "train.gradient_accumulation_steps=1"])
     b = plan_budget(cfg, "sd-turbo-aesthetic")
     assert b.activations_other < b.activations  # checkpointing (the other setting) keeps less
     assert refusal(b, 80 * GiB)  # 1024 trajectories per backward do not fit one 80 GB GPU
