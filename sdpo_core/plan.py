@@ -65,7 +65,7 @@ class Budget:
     micro_batch: int
     activations: int  # with the configured gradient checkpointing
     activations_other: int  # with the other setting
-    decode: int
+    decode: int  # one decode chunk (DECODE_CHUNK images at most)
     checkpointing: bool
     text_freed: int  # text-encoder bytes freed by cache_prompt_embeddings
 
@@ -284,7 +284,8 @@ def plan_budget(cfg: Config, name: str) -> Budget:
     micro = cfg.train.batch_size * method.trajectories_per_item * (2 if doubled else 1)
     on, off = (f.ckpt, f.plain) if m.gradient_checkpointing else (f.plain, f.ckpt)
     # the decoder's largest feature map (its first block's width at full resolution), 4 alive at once
-    decode = DECODE_CHUNK * 4 * f.vae_width * f.side**2 * DTYPES_BYTES[params["vae"][1]]
+    images = min(DECODE_CHUNK, cfg.sample.batch_size * method.trajectories_per_prompt * cfg.sample.num_batches_per_epoch)
+    decode = images * 4 * f.vae_width * f.side**2 * DTYPES_BYTES[params["vae"][1]]
     text = sum(w for k, w in weights.items() if k.startswith("text_encoder")) if m.cache_prompt_embeddings else 0
     return Budget(name, params, weights, m.finetune, f.trainable, optimizer, micro, on * micro, off * micro,
                   decode, m.gradient_checkpointing, text)
@@ -352,7 +353,7 @@ def format_budget(b: Budget, gpu_bytes: int | None) -> str:
     on, off = ("with", "without") if b.checkpointing else ("without", "with")
     row(f"activations, micro-batch {b.micro_batch}, {on} gradient checkpointing", b.activations)
     row(f"  ({off} gradient checkpointing)", b.activations_other)
-    row(f"VAE decode of {DECODE_CHUNK} images (estimate)", b.decode)
+    row(f"VAE decode of up to {DECODE_CHUNK} images (estimate)", b.decode)
     row("peak", b.peak)
     if gpu_bytes:
         rows.append("  " + (refusal(b, gpu_bytes) or f"fits in {gpu_bytes / GiB:.1f} GiB"))
