@@ -148,9 +148,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     stage = args.stage
     if stage.name == "train":
-        from sdpo_core.plan import refuse_if_too_big  # torch / diffusers: train loads them anyway
-
-        refuse_if_too_big(cfg, args.pipeline)
+        _refuse_if_too_big(cfg, args.pipeline)
     stage.command(cfg, _run_dir(args, cfg) if stage.takes_run_dir else default_run_dir(cfg.pipeline), args)
     return 0
 
@@ -222,8 +220,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_if_too_big(cfg, name: str) -> None:
+    """Exit 2 before training when the budget of ``sdpo plan`` exceeds the detected GPU (no check on the CPU)."""
+    from sdpo_core.plan import refuse_if_too_big  # torch / diffusers: training loads them anyway
+
+    refuse_if_too_big(cfg, name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
+    _refuse_if_too_big(cfg, args.pipeline)
     result = run_pipeline(cfg, _run_dir(args, cfg), resume=args.resume)
     print(result.summary)
     return 0
