@@ -234,10 +234,11 @@ def gpu_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def refuse_if_too_big(cfg: Config, name: str) -> None:
-    """``sdpo train``'s check: DoesNotFit (exit 2) when the budget exceeds the detected GPU; nothing
-    without CUDA (a CPU run has no such limit) or for a built tiny model not made yet."""
-    total = gpu_memory()
+def refuse_if_too_big(cfg: Config, name: str, total: int | None = None) -> None:
+    """``sdpo train``'s check: DoesNotFit (exit 2) when the budget exceeds ``total`` bytes (default:
+    the detected GPU's); nothing without CUDA (a CPU run has no such limit) or without configs to
+    read (the loader then reports the model)."""
+    total = total or gpu_memory()
     if total is None:
         return
     try:

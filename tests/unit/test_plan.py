@@ -1,9 +1,10 @@
 """sdpo plan: exact parameter counts from shipped configs on the meta device, and the fit decision."""
 
+import pytest
 import torch
 
 from sdpo_core.config import load_config
-from sdpo_core.plan import GiB, plan_budget, refusal, refuse_if_too_big
+from sdpo_core.plan import DoesNotFit, GiB, plan_budget, refusal, refuse_if_too_big
 
 
 def test_sd_turbo_unet_weights_match_the_released_model():
@@ -29,3 +30,14 @@ def test_checkpointing_keeps_less_and_the_cpu_skips_the_train_check():
     assert refusal(b, 80 * GiB)  # 1024 trajectories per backward do not fit one 80 GB GPU
     assert not torch.cuda.is_available()
     refuse_if_too_big(cfg, "sd-turbo-aesthetic")  # no CUDA: nothing to check against, no refusal
+
+
+def test_train_refuses_with_the_plans_numbers():
+    # the decision `sdpo train` takes on a GPU, given the GPU's size (no GPU here)
+    cfg = load_config("sd-turbo-aesthetic")
+    refuse_if_too_big(cfg, "sd-turbo-aesthetic", total=80 * GiB)  # fits: no error
+    with pytest.raises(DoesNotFit) as err:
+        refuse_if_too_big(cfg, "sd-turbo-aesthetic", total=8 * GiB)
+    b = plan_budget(cfg, "sd-turbo-aesthetic")
+    assert str(err.value).startswith(refusal(b, 8 * GiB)) and f"~{b.peak / GiB:.1f} GiB" in str(err.value)
+    assert "sdpo plan --pipeline sd-turbo-aesthetic" in str(err.value)
