@@ -1,5 +1,7 @@
 """Random-weight diffusers pipelines shaped like SD-Turbo, SDXL-Turbo, SD3.5-Large-Turbo and
-FLUX.1-schnell, built in code from their public configs (no download), for ``bench/gpu.py``.
+FLUX.1-schnell, built in code from their public configs (no download), for ``bench/gpu.py``. The
+denoiser and VAE configs are the files shipped in ``sdpo_core/assets/model_configs`` (``sdpo plan``
+reads the same ones, with the full-size text encoders).
 
 The denoiser (UNet / transformer) and the VAE have the released models' configs; the text
 encoders keep only what the denoiser's input dimensions fix (hidden / projection widths, the
@@ -13,6 +15,7 @@ length in its place, the same sequence length the transformer sees with T5). FLU
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from sdpo_core.plan import ASSETS
 from sdpo_core.tiny.flow import FLUX_SCHEDULER, build_t5_tokenizer
 from sdpo_core.tiny.random_model import SD_TURBO_SCHEDULER
 from sdpo_core.tiny.tokenizer import build_tokenizer
@@ -40,54 +44,28 @@ from sdpo_core.tiny.tokenizer import build_tokenizer
 WORDS = "a an the photo of picture cat dog horse cow pig bird fish rabbit in on grass field".split()
 CLIP_LENGTH = 77
 
-# stabilityai/sd-turbo unet/config.json (the SD 2.1-base UNet, 866M parameters)
-SD_TURBO_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
-    attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
-)
-# stabilityai/sdxl-turbo unet/config.json (the SDXL UNet, 2.57B parameters)
-SDXL_TURBO_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
+def _config(repo: str, component: str) -> dict:
+    """A component's config.json as shipped in sdpo_core/assets/model_configs (``sdpo plan`` reads
+    the same files), without diffusers' ``_class_name``."""
+    path = ASSETS / repo / component / "config.json"
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+SD_TURBO_UNET = _config("stabilityai/sd-turbo", "unet")  # the SD 2.1-base UNet, 866M parameters
+SDXL_TURBO_UNET = _config("stabilityai/sdxl-turbo", "unet")  # the SDXL UNet, 2.57B parameters
 # scheduler/scheduler_config.json of sdxl-turbo
 SDXL_TURBO_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1,
 )
-# stabilityai/stable-diffusion-3.5-large-turbo transformer/config.json (8.1B parameters)
-SD35_LARGE_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-    pos_embed_max_size=192, qk_norm="rms_norm",
-)
-# black-forest-labs/FLUX.1-schnell transformer/config.json (11.9B parameters)
-FLUX_SCHNELL_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
-    axes_dims_rope=(16, 56, 56),
-)
+SD35_LARGE_TRANSFORMER = _config("stabilityai/stable-diffusion-3.5-large-turbo", "transformer")  # 8.1B
+FLUX_SCHNELL_TRANSFORMER = _config("black-forest-labs/FLUX.1-schnell", "transformer")  # 11.9B
 # the VAEs: SD / SDXL (4 latent channels) and SD3 / FLUX (16 channels, no quant convs)
-VAE_BLOCKS = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    norm_num_groups=32,
-)
 VAES = {
-    "sd": dict(latent_channels=4, sample_size=512, scaling_factor=0.18215),
-    "sdxl": dict(latent_channels=4, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-    "sd3": dict(latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-                use_quant_conv=False, use_post_quant_conv=False),
-    "flux": dict(latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-                 use_quant_conv=False, use_post_quant_conv=False),
+    "sd": _config("stabilityai/sd-turbo", "vae"),
+    "sdxl": _config("stabilityai/sdxl-turbo", "vae"),
+    "sd3": _config("stabilityai/stable-diffusion-3.5-large-turbo", "vae"),
+    "flux": _config("black-forest-labs/FLUX.1-schnell", "vae"),
 }
 
 
@@ -119,7 +97,7 @@ def _clip(tok, hidden: int, projection: int | None = None):
 
 
 def _vae(kind: str) -> AutoencoderKL:
-    return AutoencoderKL(**VAE_BLOCKS, **VAES[kind])
+    return AutoencoderKL(**VAES[kind])
 
 
 # Each builder makes its modules under ``torch.device(device)`` (initialised there) and everything

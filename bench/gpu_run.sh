@@ -9,7 +9,7 @@
 # increasing size: sd-turbo, sdxl-turbo, sd35-large-turbo, flux-schnell. Budget on one H200:
 # ~8 minutes in all (the 8B / 12B cases spend most of theirs writing and reading their random
 # weights). Then bench/gpu_serve.py (the registered champion loaded on CUDA in bf16; needs mlflow).
-# Results: $OUT/gpu_<case>.json, gpu_serve.json and gpu_run_log.txt (bench/results/ without $OUT).
+# Results: $OUT/gpu_<case>.json, plan_<case>.txt, gpu_serve.json and gpu_run_log.txt (bench/results/ without $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"
@@ -35,6 +35,23 @@ for spec in sd-turbo:60 sdxl-turbo:80 sd35-large-turbo:150 flux-schnell:180; do
   timeout "$limit" python3 bench/gpu.py --case "$name" --work-dir /tmp --out "$OUT_DIR/gpu_$name.json" "$@" 2>&1 \
     | tee -a "$LOG"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s (limit $limit s)" | tee -a "$LOG"
+done
+# `sdpo plan`'s prediction for each case at bench/gpu.py's default settings (issue 21, item 3), to set
+# beside the measured peaks in gpu_<case>.json. From the shipped full-size configs: their text
+# encoders are the real ones, the benchmark's are one-layer stubs (SD3.5 without T5), so compare the
+# measured training peak with the plan's peak minus its text-encoder rows.
+for spec in sd-turbo:stabilityai/sd-turbo:512 sdxl-turbo:stabilityai/sdxl-turbo:512 \
+    sd35-large-turbo:stabilityai/stable-diffusion-3.5-large-turbo:1024 \
+    flux-schnell:black-forest-labs/FLUX.1-schnell:1024; do
+  IFS=: read -r name model res <<< "$spec"
+  python3 -m sdpo_core.cli plan --pipeline tiny-random --gpu-memory 80 \
+    --set model.pretrained="$model" --set model.build=null --set model.mixed_precision=bf16 \
+    --set model.gradient_checkpointing=true --set model.lora_rank=4 --set sample.num_steps=4 \
+    --set sample.batch_size=2 --set sample.num_batches_per_epoch=1 --set train.batch_size=1 \
+    --set sample.resolution="$res" --set reward.name=jpeg_compressibility \
+    $([ "$name" = sd35-large-turbo ] && echo --set model.family_options.use_t5=false) \
+    > "$OUT_DIR/plan_$name.txt" 2>&1
+  echo "== plan $name: exit $?" | tee -a "$LOG"; cat "$OUT_DIR/plan_$name.txt" >> "$LOG"
 done
 # serving the champion from the registry on the GPU (issue 21, item 5): tiny families, ~1 minute
 timeout 120 python3 bench/gpu_serve.py --out "$OUT_DIR/gpu_serve.json" 2>&1 | tee -a "$LOG"

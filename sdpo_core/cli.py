@@ -118,6 +118,18 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sdpo_core.plan import format_budget, plan_budget  # torch / diffusers: only for this command
+
+    cfg = _load_cfg(args)
+    gpu = int(args.gpu_memory * 2**30) if args.gpu_memory else None
+    print(format_budget(plan_budget(cfg, args.pipeline), gpu))
+    if args.gpus > 1:
+        print(f"  {args.gpus} GPUs: each process holds the whole model (DDP), so the budget per GPU is the same; "
+              "sharding (FSDP) is not built yet")
+    return 0
+
+
 def cmd_config_list(args: argparse.Namespace) -> int:
     print("\n".join(pipeline_names(Path(args.pipelines))))
     return 0
@@ -135,6 +147,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     """``sdpo <stage>`` for a stage of ``stages.STAGES`` (``args.stage``)."""
     cfg = _load_cfg(args)
     stage = args.stage
+    if stage.name == "train":
+        _refuse_if_too_big(cfg, args.pipeline)
     stage.command(cfg, _run_dir(args, cfg) if stage.takes_run_dir else default_run_dir(cfg.pipeline), args)
     return 0
 
@@ -206,8 +220,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_if_too_big(cfg, name: str) -> None:
+    """Exit 2 before training when the budget of ``sdpo plan`` exceeds the detected GPU (no check on the CPU)."""
+    from sdpo_core.plan import refuse_if_too_big  # torch / diffusers: training loads them anyway
+
+    refuse_if_too_big(cfg, name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
+    _refuse_if_too_big(cfg, args.pipeline)
     result = run_pipeline(cfg, _run_dir(args, cfg), resume=args.resume)
     print(result.summary)
     return 0
@@ -281,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-metrics", help="RUN_DIR/train_metrics.jsonl -> train_metrics.csv (dvc plots)")
     _add_common(p)
     p.set_defaults(func=cmd_export_metrics)
+
+    p = sub.add_parser("plan", help="the GPU memory budget of a pipeline, from its model configs (no download)")
+    _add_common(p, run_dir=False)
+    p.add_argument("--gpus", type=_positive_int, default=1, help="GPUs (processes) the run uses")
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU to check the budget against")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="show resolved pipeline configs")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

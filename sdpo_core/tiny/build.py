@@ -15,14 +15,23 @@ from pathlib import Path
 from sdpo_core.config import Config
 from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS, TinySizes, build_tiny_pipeline
 from sdpo_core.tiny.repro import fixed_threads
-from sdpo_core.tiny.train_base import build_digits_base
-from sdpo_core.tiny.train_flow import build_digits_flow_tiny
+from sdpo_core.tiny.train_base import build_digits_base, digits_pipeline
+from sdpo_core.tiny.train_flow import build_digits_flow_tiny, digits_flow_pipeline
 
 log = logging.getLogger(__name__)
 
 
 def base_exists(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
+
+
+def untrained_base(build: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """The architecture of ``model.build``, randomly initialised and saved to ``out_dir`` (its
+    configs and parameter counts are those of the trained base; ``sdpo plan`` reads them)."""
+    builders = {"random-tiny": lambda: build_tiny_pipeline(TinySizes(words=RANDOM_TINY_WORDS), seed=seed),
+                "digits-tiny": lambda: digits_pipeline(seed), "digits-flow-tiny": lambda: digits_flow_pipeline(seed)}
+    builders[build]().save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
 
 
 def build_random_tiny(out_dir: str | Path, seed: int = 0) -> Path:

@@ -232,6 +232,11 @@ def build_digits_base(
     return out
 
 
+def digits_pipeline(seed: int) -> StableDiffusionPipeline:
+    """The digits-tiny architecture, randomly initialised (what ``sdpo base`` then trains)."""
+    return build_tiny_pipeline(TinySizes(words=digits.digit_vocabulary(), prediction_type="epsilon"), seed=seed)
+
+
 def _build(
     out: Path,
     steps: int,
@@ -249,9 +254,7 @@ def _build(
     _, cls_info = load_or_train_classifier(classifier_dir)
     images, labels = digits.load_digit_images("diffusion")
     gen = torch.Generator().manual_seed(seed)
-    pipe = build_tiny_pipeline(
-        TinySizes(words=digits.digit_vocabulary(), prediction_type="epsilon"), seed=seed
-    )
+    pipe = digits_pipeline(seed)
     psnr = _train_vae(pipe.vae, images, vae_steps, gen, batch_size, progress)
     latents = _latent_stats(pipe.vae, images)
     loss = _train_denoiser(pipe, latents, labels, steps, gen, batch_size, lr, progress)

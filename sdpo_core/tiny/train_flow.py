@@ -143,6 +143,12 @@ def evaluate_flow_digits(family: SD3Family, classifier_path, steps=EVAL_STEPS, p
     return table
 
 
+def digits_flow_pipeline(seed: int):
+    """The digits-flow-tiny architecture (a tiny SD3), randomly initialised."""
+    return build_tiny_sd3(seed=seed, words=digits.digit_vocabulary(), latent_channels=4, patch_size=1,
+                          num_layers=4, attention_head_dim=16, num_attention_heads=4, shift=1.0)
+
+
 def build_digits_flow_tiny(out_dir: str | Path, seed: int = 0, steps: int = 3000, vae_steps: int = 300,
                            batch_size: int = 32, lr: float = 1e-3, progress: bool = True, force: bool = False,
                            eval_per_digit: int = 20) -> Path:
@@ -156,8 +162,7 @@ def build_digits_flow_tiny(out_dir: str | Path, seed: int = 0, steps: int = 3000
     _, cls_info = load_or_train_classifier(classifier_dir)
     images, labels = digits.load_digit_images("diffusion")
     gen = torch.Generator().manual_seed(seed)
-    pipe = build_tiny_sd3(seed=seed, words=digits.digit_vocabulary(), latent_channels=4, patch_size=1,
-                          num_layers=4, attention_head_dim=16, num_attention_heads=4, shift=1.0)
+    pipe = digits_flow_pipeline(seed)
     psnr = _train_vae(pipe.vae, images, vae_steps, gen, batch_size, progress)
     mean, std = _latent_stats(pipe.vae, images)
     shift, scale = _set_shift_and_scale(pipe.vae, mean, std)

@@ -354,6 +354,7 @@ LAYERS = (
     ("cli",),
     ("config_docs",),
     ("stages",),
+    ("plan",),
     ("tiny", "training"),
     ("evaluation", "tracking"),
     ("generate", "prompts"),
