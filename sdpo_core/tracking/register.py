@@ -23,7 +23,7 @@ from sdpo_core.prompts import PromptError, load_split
 from sdpo_core.rundir.paths import prompts_dir
 from sdpo_core.tracking.inputs import input_tags
 from sdpo_core.tracking.provenance import provenance_tags
-from sdpo_core.tracking.trackers import resolve_uri
+from sdpo_core.tracking.trackers import mlflow_installed, resolve_uri
 
 
 def register_stage(
@@ -55,8 +55,9 @@ def _inputs(cfg: Config, run_dir: str | Path) -> dict[str, str]:
 @contextmanager
 def champion_weights(cfg: Config) -> Iterator[tuple[str, str, Path] | None]:
     """(model name, version, trained weights dir) of ``register.model_name@champion``, downloaded
-    for the length of the ``with`` block; None when tracking is off or there is no champion."""
-    if cfg.tracking.backend != "mlflow":
+    for the length of the ``with`` block; None when tracking is off (or falls back to none, mlflow
+    not being installed) or there is no champion."""
+    if cfg.tracking.backend != "mlflow" or not mlflow_installed():
         yield None
         return
     import mlflow
