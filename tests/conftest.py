@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def mlflow_per_test(tmp_path_factory, monkeypatch):
     """Every test (and every subprocess it starts) tracks into its own temporary MLflow store."""
     store = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{store}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    if "mlflow" in sys.modules:
-        # an earlier test's tracker set mlflow's process-wide URI (MlflowTracker does, as a run must):
-        # a bare MlflowClient() here would read that test's store instead of this one's
-        sys.modules["mlflow"].set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     return store
 
 
