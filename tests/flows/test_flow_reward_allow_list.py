@@ -4,6 +4,7 @@ the overrides cannot widen the allow-list: it is not a config key."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,5 +35,7 @@ def test_os_system_reward_fails_the_flow_before_any_task(in_project: Path, widen
     assert expected in state.message
     assert _task_runs(state.state_details.flow_run_id) == []  # prepare, base, train: none ran
     assert not marker.exists()
-    experiment = mlflow.MlflowClient().get_experiment_by_name("sdpo")
-    assert experiment is None or not mlflow.MlflowClient().search_runs([experiment.experiment_id])
+    # this test's store, named: an earlier test's tracker may have set mlflow's process-wide URI
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("sdpo")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])

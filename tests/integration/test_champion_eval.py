@@ -6,6 +6,7 @@ decision is paired and recorded on the versions."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -34,7 +35,7 @@ def _run(tiny_cfg, tmp_path: Path, label: str, prompts: list[str]):
 
 
 def test_champion_is_reevaluated_on_the_challengers_prompts_before_the_decision(tiny_cfg, tmp_path):
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     cfg_a, run_a = _run(tiny_cfg, tmp_path, "a", [f"a red digit {i}" for i in range(8)])
     eval_a = evaluate_stage(cfg_a, run_a, run_a / "final")
     assert "champion" not in eval_a  # nothing registered yet
