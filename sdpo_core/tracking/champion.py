@@ -74,6 +74,19 @@ def download_trained(model_uri: str, dest: str | Path, tracking_uri: str | None 
     return trained
 
 
+class TrainedModelUnavailable(RuntimeError):
+    """A registered model's trained weights cannot be had (no such model or version, no weights)."""
+
+
+def fetch_trained(model_uri: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
+    """:func:`download_trained`, its MLflow and I/O failures as one error that callers outside
+    ``tracking/`` can catch without importing mlflow."""
+    try:
+        return download_trained(model_uri, dest, tracking_uri)
+    except (MlflowException, OSError) as exc:
+        raise TrainedModelUnavailable(str(exc).splitlines()[0]) from None
+
+
 def download_champion(client, name: str, dest: str | Path) -> tuple[str, Path] | None:
     """(version, trained weights dir) of ``name@champion`` downloaded under ``dest``; None if none."""
     mv = champion_version(client, name)

@@ -34,14 +34,13 @@ class WarmStartError(ConfigError):
 def resolve(init_from: str, dest: str | Path) -> Path:
     """The trained model directory ``init_from`` names (a ``models:/`` URI is downloaded under ``dest``)."""
     if init_from.startswith("models:/"):
-        from mlflow.exceptions import MlflowException
-
-        from sdpo_core.tracking.champion import download_trained  # mlflow: only for a registry URI
+        # mlflow: imported only for a registry URI (the champion module imports it)
+        from sdpo_core.tracking.champion import TrainedModelUnavailable, fetch_trained
 
         try:
-            return download_trained(init_from, dest, resolve_uri())
-        except (MlflowException, OSError) as exc:
-            raise WarmStartError(f"model.init_from: cannot load {init_from}: {str(exc).splitlines()[0]}") from None
+            return fetch_trained(init_from, dest, resolve_uri())
+        except TrainedModelUnavailable as exc:
+            raise WarmStartError(f"model.init_from: cannot load {init_from}: {exc}") from None
     path = Path(init_from)
     for candidate in (path, path / "final"):
         if (candidate / "sdpo_model.json").is_file():
