@@ -32,7 +32,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from sdpo_core.config import PromptsConfig
-from sdpo_core.sources import SourceError, dvc_version, is_remote, read_source
+from sdpo_core.sources import SourceError, decode, dvc_version, is_remote, read_source
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ACTIVITIES = [
@@ -132,16 +132,10 @@ def read_prompt_file(path: str | Path) -> list[str]:
             f"prompts.source: file '{path}' {what}; expected a UTF-8 text file with one prompt per line, "
             f"or a built-in set ({', '.join(known_sources())})"
         )
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise PromptError(
-            f"prompts.source: file '{path}' is not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset "
-            f"{exc.start} (line {line}); save the file as UTF-8"
-        ) from None
-    return text.removeprefix("\ufeff").splitlines()
+        return decode(path.read_bytes(), f"file {path}").splitlines()
+    except SourceError as exc:
+        raise PromptError(str(exc)) from None
 
 
 def _raw_source(source: str) -> tuple[list[str], list[int] | None]:
