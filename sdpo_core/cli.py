@@ -17,11 +17,20 @@ in use by another run), 1 anything else (e.g. a checkpoint that could not be wri
 training stopped on non-finite updates, naming the last good checkpoint),
 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM (what Prefect sends on cancel). An
 interrupted ``train`` or ``run`` keeps its last complete checkpoint and says how to resume.
+
+Under ``torchrun`` / ``accelerate launch`` (N processes, on one machine or several) every process
+runs the same command; rank 0 alone prints its result, logs at INFO and reports errors that every
+rank shares (``rundir/ranks.py``); the other ranks log only warnings and errors, prefixed
+``[rank N]`` (everything with ``-v``), and stop quietly on a signal. The launcher forwards SIGINT /
+SIGTERM to every process (torchrun: the same signal, SIGKILL 30 s later); each stops as one
+process does, rank 0 keeping the last complete checkpoint. The launcher's own exit status is 1 when
+any process fails or is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -43,6 +52,7 @@ from sdpo_core.config import (
     validate_section,
 )
 from sdpo_core.prompts import PromptError
+from sdpo_core.rundir import ranks
 from sdpo_core.rundir.lock import RunLockedError
 from sdpo_core.rundir.outputs import export_train_metrics
 from sdpo_core.rundir.paths import default_run_dir
@@ -61,8 +71,13 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+STOP_SIGNALS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+_received: list[signal.Signals] = []  # the stop signals this process got
+
+
+def _stop(signum, frame) -> None:
+    _received.append(signal.Signals(signum))
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -75,7 +90,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from sdpo_core.training.checkpoint import ResumeError
 
     return (ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError, TrackingUnavailable,
-            PromptError)
+            PromptError, ranks.RunDirNotShared)
 
 
 def _environment_errors() -> tuple[type[BaseException], ...]:
@@ -86,9 +101,11 @@ def _environment_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    # under a launcher rank 0 logs for the run; the others only what goes wrong on them (all with -v)
+    quiet = not ranks.is_main_process()
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+        format=f"%(asctime)s %(levelname)s {_rank_prefix()}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "PIL"):
@@ -97,6 +114,14 @@ def _setup_logging(verbose: bool) -> None:
     for var, value in (("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
         os.environ.setdefault(var, value)
+
+
+def _rank_prefix() -> str:
+    return f"[rank {ranks.rank()}] " if not ranks.is_main_process() else ""
+
+
+def _error(exc: BaseException) -> None:
+    print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
 
 
 def _load_cfg(args: argparse.Namespace):
@@ -364,21 +389,39 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars on every load
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+    # the command's printed result comes from rank 0 alone
+    quiet = open(os.devnull, "w") if not ranks.is_main_process() else None  # noqa: SIM115
     try:
-        return int(args.func(args) or 0)
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            return int(args.func(args) or 0)
+    except ranks.ReportedByRankZero as exc:  # rank 0 prints it
+        return BAD_INPUT if isinstance(exc.error, _bad_input_errors()) else 1
     except _bad_input_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return BAD_INPUT
     except _environment_errors() as exc:  # no traceback: the message says what happened and what to do
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 1
     except (KeyboardInterrupt, Terminated) as exc:
-        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
-        print(_interrupted_message(args, argv, name), file=sys.stderr)
-        return code
+        return _interrupted(args, argv, signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    except Exception:
+        if not _received:
+            raise
+        # under a launcher: a collective broken by another rank that stopped first; the same stop
+        return _interrupted(args, argv, _received[0])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if quiet:
+            quiet.close()
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str], sig: signal.Signals) -> int:
+    name, code = STOP_SIGNALS[sig]
+    if ranks.is_main_process():  # the other ranks stop quietly: rank 0 says where the run stands
+        print(_interrupted_message(args, argv, name), file=sys.stderr)
+    return code
 
 
 def _interrupted_message(args: argparse.Namespace, argv: list[str], signame: str) -> str:
@@ -389,6 +432,8 @@ def _interrupted_message(args: argparse.Namespace, argv: list[str], signame: str
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.pipeline)
     latest = latest_checkpoint(run_dir)
     again = shlex.join(["sdpo", *argv, *([] if "--resume" in argv else ["--resume"])])
+    if ranks.launched():
+        again = f"the same launcher command running {again}"
     if latest is None:
         return f"interrupted by {signame} before the first checkpoint: nothing to resume; start again with: {again}"
     return f"interrupted by {signame}: the last complete checkpoint is {latest}; continue with: {again}"

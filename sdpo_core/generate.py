@@ -22,6 +22,7 @@ import torch
 from sdpo_core.config import Config, ModelConfig, SampleConfig
 from sdpo_core.families.family import Family
 from sdpo_core.families.loading import DTYPES
+from sdpo_core.rundir import ranks
 from sdpo_core.sampling import Policy, Trajectories, build_policy, denoiser_caller, draw_noise
 
 
@@ -31,8 +32,11 @@ def compute_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def default_device() -> torch.device:
-    """Where training runs by default (accelerate's choice on one process): a GPU if there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where training runs by default (accelerate's choice): a GPU if there is one; under a launcher,
+    this process's GPU (its rank on this machine, as accelerate assigns them)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", ranks.local_rank() % torch.cuda.device_count()) if ranks.launched() else torch.device("cuda")
 
 
 def policy_for(family: Family, num_steps: int, sample_cfg: SampleConfig, model_cfg: ModelConfig,

@@ -4,6 +4,8 @@ the DVC versioning and its dvc.yaml check all read this list.
 Each stage reads and writes fixed paths under the run directory (``runs/<pipeline>`` by default,
 ``rundir/paths.py``), which are also the ``outs`` of the DVC stages. Every stage that writes there
 holds the run directory's lock (``rundir/lock.py``): a second run on the same directory fails at once.
+Under ``torchrun`` / ``accelerate launch`` every rank runs the same stage functions; rank 0 alone
+writes, builds, downloads and talks to MLflow, the others read what it wrote (``rundir/ranks.py``).
 
 A new stage is one :class:`Stage` in :data:`STAGES` plus its command (see docs/architecture.md):
 ``sdpo <name>`` appears, ``run_pipeline`` and the flow run it in order, and
@@ -19,13 +21,14 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdpo_core.config import Config, dump_yaml
 from sdpo_core.prompts import PromptSplit, load_split, prepare
+from sdpo_core.rundir import ranks
 from sdpo_core.rundir.lock import run_lock
 from sdpo_core.rundir.paths import eval_dir, prompts_dir
 from sdpo_core.tracking.register import champion_weights, register_stage
@@ -37,22 +40,29 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------ the stage functions
 def prepare_stage(cfg: Config, run_dir: str | Path) -> PromptSplit:
-    """Write the cleaned train/eval prompt split; returns the PromptSplit."""
+    """Write the cleaned train/eval prompt split (rank 0 under a launcher); returns the PromptSplit."""
     with run_lock(run_dir):
-        return prepare(cfg.prompts, prompts_dir(run_dir))
+        return ranks.main_only(prepare, cfg.prompts, prompts_dir(run_dir))
+
+
+def _prepare_if_missing(cfg: Config, run_dir: str | Path) -> None:
+    if not (prompts_dir(run_dir) / "manifest.json").is_file():
+        prepare(cfg.prompts, prompts_dir(run_dir))
 
 
 def load_or_prepare(cfg: Config, run_dir: str | Path) -> PromptSplit:
-    if (prompts_dir(run_dir) / "manifest.json").is_file():
+    """The run's prompt split, written first (by rank 0) when the run dir has none."""
+    with run_lock(run_dir):
+        ranks.main_only(_prepare_if_missing, cfg, run_dir)
         return load_split(prompts_dir(run_dir))
-    return prepare_stage(cfg, run_dir)
 
 
 def base_stage(cfg: Config, force: bool = False) -> str:
-    """The model to train from (``model.pretrained``), built first when ``model.build`` says so."""
-    from sdpo_core.tiny.build import ensure_base  # diffusers
+    """The model to train from (``model.pretrained``), built first when ``model.build`` says so (under
+    a launcher by rank 0, the others then load it: ``tiny.build.ensure_base_once``)."""
+    from sdpo_core.tiny.build import ensure_base_once  # diffusers
 
-    return ensure_base(cfg, force=force)
+    return ensure_base_once(cfg, force=force)
 
 
 def check_train_start(cfg: Config, run_dir: str | Path, resume: bool) -> None:
@@ -61,7 +71,7 @@ def check_train_start(cfg: Config, run_dir: str | Path, resume: bool) -> None:
     a tracking run opened or a file written."""
     from sdpo_core.training.checkpoint import plan_resume  # torch
 
-    plan_resume(run_dir, dump_yaml(cfg), resume)
+    ranks.main_only(plan_resume, run_dir, dump_yaml(cfg), resume)  # one verdict, one message
 
 
 def train_stage(cfg: Config, run_dir: str | Path, resume: bool = False, tracker: Tracker | None = None) -> Path:
@@ -80,13 +90,19 @@ def evaluate_stage(
     the registry's champion too (when tracking to MLflow and there is one), on the same samples."""
     from sdpo_core.evaluation.evaluate import Champion, evaluate  # torch, diffusers
 
-    with run_lock(run_dir), champion_weights(cfg) if model_dir else nullcontext() as found:
+    with run_lock(run_dir), _champion(cfg, run_dir) if model_dir else nullcontext() as found:
         split = load_or_prepare(cfg, run_dir)
         champion = Champion(*found) if found else None
         return evaluate(
             cfg, cfg.model.pretrained, str(model_dir) if model_dir else None, split.eval, eval_dir(run_dir),
             tracker=tracker, champion=champion,
         )
+
+
+def _champion(cfg: Config, run_dir: str | Path) -> AbstractContextManager[tuple[str, str, Path] | None]:
+    """``champion_weights``, downloaded by rank 0 alone (the only process that talks to MLflow);
+    under a launcher into the run dir, where every rank reads it."""
+    return ranks.from_main_process(lambda: champion_weights(cfg, run_dir if ranks.launched() else None))
 
 
 def trained_model(run_dir: Path) -> str | None:
@@ -125,6 +141,8 @@ def evaluate_command(cfg: Config, run_dir: Path, args: argparse.Namespace) -> No
 
 
 def register_command(cfg: Config, run_dir: Path, args: argparse.Namespace) -> None:
+    if not ranks.is_main_process():  # under a launcher: one registration, by rank 0
+        return
     reg = register_stage(cfg, run_dir, parent_run_id=args.parent_run_id)
     print(f"{reg.name} version {reg.version} -> {reg.alias}: {reg.reason}")
 

@@ -30,6 +30,7 @@ from sdpo_core.evaluation.plots import reward_vs_steps_plot, save_image_grid
 from sdpo_core.families import loading
 from sdpo_core.generate import compute_dtype, default_device, generate
 from sdpo_core.rewards import RewardFn, build_reward, check_rewards
+from sdpo_core.rundir import ranks
 from sdpo_core.rundir.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -153,26 +154,36 @@ def evaluate_model(
     """Score one model at every step count, sampled with the training policy (``generate``): the
     reward and the metrics ``metric_fns``, by name.
 
+    Under ``torchrun`` / ``accelerate launch`` the ranks share the work and gather it: batch j (of
+    ``evaluate.batch_size`` samples) is sampled and scored on rank j mod R, exactly as one process
+    samples it (same samples, seeds and batch), and every rank gets every batch back in order; so the
+    result is one process's, bit for bit, in about 1/R of its time (tests/e2e/test_launchers.py).
+
     Returns ({steps: summary}, grid images (len(steps), K, 3, H, W) uint8 for K grid prompts).
     """
     steps, bs, n = cfg.evaluate.steps, cfg.evaluate.batch_size, len(plan.sample_prompts)
+    starts = list(range(0, n, bs))
+    mine = starts[ranks.rank() :: ranks.world_size()]
     results, grid_rows = {}, []
-    bar = tqdm(total=len(steps) * math.ceil(n / bs), desc=f"eval {label}", unit="batch")
+    bar = tqdm(total=len(steps) * len(mine), desc=f"eval {label}", unit="batch", disable=not ranks.is_local_main_process())
     for num_steps in steps:
-        rewards, kept = [], []
-        for start in range(0, n, bs):
+        done = {}  # batch start -> (rewards (b,), images (b, 3, H, W) for the metrics or None, grid uint8)
+        for start in mine:
             prompts, seeds = plan.sample_prompts[start : start + bs], plan.seeds[start : start + bs]
             images = generate(family, prompts, seeds, num_steps, cfg, dtype)
-            rewards.append(check_rewards(cfg.reward.name, reward_fn(images, prompts), len(prompts)).cpu())
-            if metric_fns:  # metrics see all N images of a step count at once
-                kept.append(images.cpu())
+            rewards = check_rewards(cfg.reward.name, reward_fn(images, prompts), len(prompts)).cpu()
             in_grid = [i - start for i in plan.grid_samples if start <= i < start + bs]
-            grid_rows.append((images[in_grid].clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            grid = (images[in_grid].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            done[start] = (rewards, images.cpu() if metric_fns else None, grid)  # metrics see all N at once
             bar.update()
+        every = {start: batch for part in ranks.gather(done) for start, batch in part.items()}
+        batches = [every[start] for start in starts]
         metrics = {
-            m: float(metric_fns[m](torch.cat(kept), plan.sample_prompts, plan.groups)) for m in metric_fns
+            m: float(metric_fns[m](torch.cat([b[1] for b in batches]), plan.sample_prompts, plan.groups))
+            for m in metric_fns
         }
-        results[num_steps] = summarize(torch.cat(rewards), metrics)
+        results[num_steps] = summarize(torch.cat([b[0] for b in batches]), metrics)
+        grid_rows += [b[2] for b in batches]
         log.info("%s, %d step(s): mean reward %.4f", label, num_steps, results[num_steps]["mean"])
     bar.close()
     grid = torch.cat(grid_rows).reshape(len(steps), len(plan.grid_samples), *grid_rows[0].shape[1:])
@@ -251,7 +262,8 @@ def evaluate(
     Writes ``eval.json``, ``reward_vs_steps.png`` and ``grid.png`` into ``out_dir``; logs per-step
     means and the files to ``tracker`` when given. Samples on ``device`` (default: where training
     runs, a GPU if there is one) in training's compute dtype (``model.mixed_precision``), with the
-    training sampler. Returns the eval dict.
+    training sampler. Returns the eval dict. Under a launcher every rank calls it: they share the
+    sampling (``evaluate_model``) and all return the result; rank 0 alone writes and tracks.
     """
     # 1. Check everything cheap before loading a model.
     plan = eval_plan(cfg, eval_prompts)
@@ -269,23 +281,24 @@ def evaluate(
         family = _load(cfg, base, weights, device, dtype)
         results[label], grids[label] = evaluate_model(family, label, plan, cfg, reward_fn, metric_fns, dtype)
         del family
-    # 3. Statistics, files, tracking.
+    # 3. Statistics (the same on every rank), files and tracking (rank 0: the one writer).
     result = build_eval_dict(cfg, base, trained_dir, plan, results, champion)
-    out = Path(out_dir)
+    if ranks.is_main_process():
+        write_outputs(cfg, plan, result, grids, Path(out_dir), tracker)
+    return result
+
+
+def write_outputs(cfg: Config, plan: EvalPlan, result: dict, grids: dict, out: Path, tracker=None) -> None:
+    """eval.json, reward_vs_steps.png and grid.png into ``out``; the means and files to ``tracker``."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")  # temp sibling, fsync, rename
     reward_vs_steps_plot(result, out / "reward_vs_steps.png")
     rows = [f"{n} step{'s' if n > 1 else ''}" for n in cfg.evaluate.steps]
-    save_image_grid(
-        grids,
-        rows,
-        [plan.prompts[i // cfg.evaluate.samples_per_prompt] for i in plan.grid_samples],
-        out / "grid.png",
-    )
+    columns = [plan.prompts[i // cfg.evaluate.samples_per_prompt] for i in plan.grid_samples]
+    save_image_grid(grids, rows, columns, out / "grid.png")
     if tracker is not None:
         log_to_tracker(tracker, result, [out / f for f in FILES])
     log.info("evaluation written to %s", out)
-    return result
 
 
 def log_to_tracker(tracker, result: dict, paths: list[Path]) -> None:

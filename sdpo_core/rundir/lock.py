@@ -8,7 +8,9 @@ however it exits (a crash or ``kill -9`` leaves no stale lock to clean up). Whil
 process writes its PID, host and start time into the file, which is what a refused second run
 reports. The lock is re-entrant within a process (``sdpo run`` and the Prefect flow hold it around
 stages that take it again). Under ``torchrun`` / ``accelerate launch`` only global rank 0 (the
-process that writes) takes it; the other ranks write nothing.
+process that writes) takes it; the other ranks write nothing. Every rank enters ``run_lock`` at the
+same points, and the outermost entry checks that every rank sees the same run directory
+(``ranks.check_shared_run_dir``: a collective, so rank 0 holds the lock while the others check).
 
 On release the holder deletes the file, and removes the run directory again if it created it and
 left it empty (a refused or failed start writes nothing). Deleting a lock file is safe here because
@@ -24,8 +26,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from sdpo_core.rundir.ranks import check_shared_run_dir, is_main_process
 
 LOCK_NAME = ".lock"
 
@@ -35,11 +39,6 @@ _guard = threading.Lock()
 
 class RunLockedError(RuntimeError):
     """Another live process is writing into this run directory."""
-
-
-def _is_writer_rank() -> bool:
-    """Global rank 0, or not a distributed launch (torchrun and accelerate set RANK)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _describe_holder(lock_path: Path) -> str:
@@ -73,18 +72,14 @@ def _acquire(lock_path: Path) -> int:
 
 @contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[Path]:
-    """Hold the run directory's lock for the ``with`` block (creating the directory if needed)."""
+    """Hold the run directory's lock for the ``with`` block (creating the directory if needed); under
+    a launcher, rank 0 holds it and the outermost entry checks that the directory is shared."""
     run_dir = Path(run_dir)
-    if not _is_writer_rank():
-        yield run_dir
-        return
     key = run_dir.resolve()
     with _guard:
-        if key in _held:
+        reentered = key in _held
+        if reentered:
             _held[key] += 1
-            reentered = True
-        else:
-            reentered = False
     if reentered:
         try:
             yield run_dir
@@ -92,6 +87,19 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
             with _guard:
                 _held[key] -= 1
         return
+    with _file_lock(run_dir) if is_main_process() else nullcontext():
+        with _guard:
+            _held[key] = 1
+        try:
+            check_shared_run_dir(run_dir)
+            yield run_dir
+        finally:
+            with _guard:
+                del _held[key]
+
+
+@contextmanager
+def _file_lock(run_dir: Path) -> Iterator[None]:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / LOCK_NAME
@@ -104,13 +112,9 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(info).encode())
     os.fsync(fd)
-    with _guard:
-        _held[key] = 1
     try:
-        yield run_dir
+        yield
     finally:
-        with _guard:
-            del _held[key]
         lock_path.unlink(missing_ok=True)  # still locked: a waiter re-checks the path (see _acquire)
         os.close(fd)
         _remove_if_empty(run_dir, created)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 from pathlib import Path
 
-from sdpo_core.config import Config
+from sdpo_core.config import Config, ConfigError
+from sdpo_core.rundir import ranks
 from sdpo_core.tiny.random_model import RANDOM_TINY_WORDS, TinySizes, build_tiny_pipeline
 from sdpo_core.tiny.repro import fixed_threads
 from sdpo_core.tiny.train_base import build_digits_base, digits_pipeline
@@ -66,5 +68,18 @@ def ensure_base(cfg: Config, force: bool = False) -> str:
     else:
         build_digits_base(
             target, steps=cfg.model.build_steps, vae_steps=cfg.model.build_vae_steps, seed=cfg.model.build_seed
+        )
+    return target
+
+
+def ensure_base_once(cfg: Config, force: bool = False) -> str:
+    """:func:`ensure_base` by rank 0 alone under a launcher (one writer); the other ranks wait for it
+    and then check that they see the model it built (on several machines: a shared filesystem)."""
+    target = ranks.main_only(ensure_base, cfg, force)
+    if cfg.model.build is not None and not base_exists(target):  # only a rank on another machine can miss it
+        raise ConfigError(
+            f"model.pretrained: rank 0 built the base model in {target}, but rank {ranks.rank()} on "
+            f"{socket.gethostname()} does not see it; point model.pretrained at a filesystem every node mounts, "
+            f"or build it on every node first (sdpo base --pipeline {cfg.pipeline})"
         )
     return target

@@ -53,10 +53,11 @@ def _inputs(cfg: Config, run_dir: str | Path) -> dict[str, str]:
 
 
 @contextmanager
-def champion_weights(cfg: Config) -> Iterator[tuple[str, str, Path] | None]:
+def champion_weights(cfg: Config, parent: str | Path | None = None) -> Iterator[tuple[str, str, Path] | None]:
     """(model name, version, trained weights dir) of ``register.model_name@champion``, downloaded
-    for the length of the ``with`` block; None when tracking is off (or falls back to none, mlflow
-    not being installed) or there is no champion."""
+    (into a temporary folder under ``parent``, default the system's) for the length of the ``with``
+    block; None when tracking is off (or falls back to none, mlflow not being installed) or there is
+    no champion."""
     if cfg.tracking.backend != "mlflow" or not mlflow_installed():
         yield None
         return
@@ -65,6 +66,6 @@ def champion_weights(cfg: Config) -> Iterator[tuple[str, str, Path] | None]:
     from sdpo_core.tracking.champion import download_champion
 
     name = cfg.register.model_name
-    with tempfile.TemporaryDirectory(prefix="sdpo-champion-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".sdpo-champion-", dir=parent) as tmp:
         found = download_champion(mlflow.MlflowClient(tracking_uri=resolve_uri()), name, tmp)
         yield None if found is None else (name, *found)

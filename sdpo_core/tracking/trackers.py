@@ -11,6 +11,8 @@ model loads. One that goes away later does not stop training: metrics, tags and 
 cannot be sent are kept (in memory, and in ``RUN_DIR/tracking_sync.json`` once ``bind_run_dir``
 named the run dir) and sent when the server answers again (the next ``log_metrics`` or ``end``),
 or by ``sdpo sync --run-dir RUN_DIR`` after a run that ended offline (``sdpo_core.tracking.sync``).
+Under ``torchrun`` / ``accelerate launch`` only global rank 0 makes an MLflow tracker (one run per
+stage, whatever the number of processes); :func:`make_tracker` gives the other ranks a NullTracker.
 Unless they are set, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_BACKOFF_FACTOR`` / ``_TIMEOUT`` are set
 to 3 / 1 / 60 (MLflow's 7 / 2 / 120 retry a dead server for minutes per call).
 """
@@ -26,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
+
+from sdpo_core.rundir.ranks import is_main_process
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -89,7 +93,7 @@ def mlflow_installed() -> bool:
 def preflight(backend: str) -> str:
     """Check tracking before a run loads anything: the backend to use (``none`` when mlflow is not
     installed, said once); TrackingUnavailable when the server does not answer."""
-    if backend != "mlflow":
+    if backend != "mlflow" or not is_main_process():  # under a launcher, rank 0 alone talks to MLflow
         return backend
     if not mlflow_installed():
         _warn_no_mlflow()
@@ -289,7 +293,9 @@ class MlflowTracker:
 
 
 def make_tracker(backend: str, experiment: str, run_name: str | None = None, **kwargs: Any) -> Tracker:
-    if backend == "none":
+    """The tracker of ``backend``; under a launcher, only rank 0's talks to MLflow (the other ranks get
+    a NullTracker and never touch the store: the trainer logs metrics gathered over every rank)."""
+    if backend == "none" or not is_main_process():
         return NullTracker()
     if not mlflow_installed():
         _warn_no_mlflow()

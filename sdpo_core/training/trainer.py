@@ -3,7 +3,8 @@
 Run it with ``sdpo train --pipeline NAME``; for several GPUs (or two CPU processes) start the
 same command under ``accelerate launch`` / ``torchrun``: every process samples its own prompts
 and noise (per-process seeds), rewards and prompts are gathered so that all processes hold the
-same stat tracker, gradients are averaged by accelerate, and only the main process writes.
+same stat tracker, gradients are averaged by accelerate, the epoch's metrics are gathered over the
+processes (``distributed.py``), and only the main process writes.
 
 ``Trainer.run`` (the method decides k, the x_T sharing, the scored steps, advantages and loss):
   0. prepare the run dir: check it, resume from the newest good checkpoint (``run_state.py``);
@@ -46,6 +47,7 @@ from sdpo_core.tracking.trackers import NullTracker, Tracker
 from sdpo_core.training import checkpoint as ckpt
 from sdpo_core.training import run_state
 from sdpo_core.training.callbacks import CallbackList, TrainerCallback
+from sdpo_core.training.distributed import gathered_metrics, weights_digest
 from sdpo_core.training.nonfinite import NonFiniteError
 from sdpo_core.training.prompt_cache import PromptEmbeddings, free_text_encoders
 from sdpo_core.training.rollout import EpochRollout, EpochSamples, Rollout
@@ -141,7 +143,7 @@ class Trainer:
         # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call)
         self.lora_params = lora_param_keys(denoiser) if m.finetune == "lora" else None
         if m.init_from:  # after the random init: the same RNG draws as a cold start
-            warm_start(m.init_from, m, self.family, self.lora_params or {})
+            warm_start(m.init_from, m, self.family, self.lora_params or {}, shared_dir=self.run_dir)
         self.denoiser, self.optimizer = acc.prepare(denoiser, optimizer)
         self.latent_shape = self.family.latent_shape(cfg.sample.resolution)
         # the sampling policy that evaluation and `sdpo generate` rebuild the same way (build_policy)
@@ -244,6 +246,7 @@ class Trainer:
                 metrics.update(self.train_epoch(rollout.samples, epoch))  # 4. update
                 metrics["time/epoch"] = time.perf_counter() - t0
                 metrics["epoch"] = epoch
+                metrics = gathered_metrics(metrics)  # every rank's share (a collective)
                 # 5. metrics first: a stop between the two retrains this epoch (its line is dropped on
                 # resume); the other order would lose the metrics of a checkpointed epoch for good
                 self._log_epoch(epoch, metrics)
@@ -284,6 +287,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.rollout.close()
         final = self.run_dir / "final"
+        if log.isEnabledFor(logging.DEBUG):  # `sdpo -v`: each rank says what it holds (they must agree)
+            log.debug("rank %d: trained weights sha256 %s", self.acc.process_index, weights_digest(self.trainable_state()))
         if self.acc.is_main_process:
             denoiser = self.acc.unwrap_model(self.denoiser)
             tmp = final.with_name("final.tmp")  # written aside and renamed: never a half `final/`

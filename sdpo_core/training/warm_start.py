@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 
 from sdpo_core.config import ConfigError
 from sdpo_core.families.loading import denoiser_folder, family_name, read_model_meta
+from sdpo_core.rundir import ranks
 from sdpo_core.tracking.trackers import resolve_uri
 
 log = logging.getLogger(__name__)
@@ -72,11 +75,23 @@ def load_init_weights(model_dir: Path, family) -> dict[str, torch.Tensor]:
     return convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in raw.items()})
 
 
-def warm_start(init_from: str, model_cfg, family, params: dict[str, torch.nn.Parameter]) -> None:
+@contextmanager
+def _resolved(init_from: str, shared_dir: str | Path | None) -> Iterator[Path]:
+    # under a launcher, into the run dir that every rank reads (see warm_start)
+    parent = Path(shared_dir) if shared_dir is not None and ranks.launched() else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sdpo-init-", dir=parent) as tmp:
+        yield resolve(init_from, tmp)
+
+
+def warm_start(init_from: str, model_cfg, family, params: dict[str, torch.nn.Parameter],
+               shared_dir: str | Path | None = None) -> None:
     """Overwrite the live LoRA ``params`` (``lora_param_keys``) with the weights ``init_from`` names,
-    after checking that they fit."""
-    with tempfile.TemporaryDirectory(prefix="sdpo-init-") as tmp:
-        model_dir = resolve(init_from, tmp)
+    after checking that they fit. Under a launcher rank 0 alone resolves ``init_from`` (the only
+    process that talks to MLflow), downloading a ``models:/`` URI under ``shared_dir`` (the run dir,
+    which every rank sees); every rank then reads the weights from there."""
+    with ranks.from_main_process(lambda: _resolved(init_from, shared_dir)) as model_dir:
         _check_meta(read_model_meta(model_dir), model_cfg, family, init_from)
         weights = load_init_weights(model_dir, family)
     if set(weights) != set(params):

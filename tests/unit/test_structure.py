@@ -31,6 +31,8 @@ NOT_RESULTS = {
     "sdpo_core.tracking.runs": "opens and ends a stage's tracking run: nothing a stage writes depends on it",
     "sdpo_core.rundir.lock": "the run directory's lock: who may write, not what is written",
     "sdpo_core.rundir.atomic": "write-then-rename: how files land, not their content",
+    "sdpo_core.rundir.ranks": "which process of a launch writes and the collectives that move data between them: "
+    "who computes, not what (a launched evaluation is one process's, bit for bit: tests/e2e/test_launchers.py)",
 }
 
 
