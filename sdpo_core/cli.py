@@ -89,8 +89,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from sdpo_core.rewards import RewardError
     from sdpo_core.training.checkpoint import ResumeError
 
-    return (ConfigError, ModelLoadError, RewardError, ResumeError, RunLockedError, TrackingUnavailable,
-            PromptError, ranks.RunDirNotShared)
+    return (*LIGHT_BAD_INPUT, ModelLoadError, RewardError, ResumeError)
+
+
+# bad input whose classes are loaded already: reported without importing torch or diffusers first
+LIGHT_BAD_INPUT = (ConfigError, PromptError, RunLockedError, TrackingUnavailable, ranks.RunDirNotShared)
 
 
 def _environment_errors() -> tuple[type[BaseException], ...]:
@@ -397,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args) or 0)
     except ranks.ReportedByRankZero as exc:  # rank 0 prints it
         return BAD_INPUT if isinstance(exc.error, _bad_input_errors()) else 1
+    except LIGHT_BAD_INPUT as exc:
+        _error(exc)
+        return BAD_INPUT
     except _bad_input_errors() as exc:
         _error(exc)
         return BAD_INPUT

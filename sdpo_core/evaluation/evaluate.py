@@ -164,6 +164,7 @@ def evaluate_model(
     steps, bs, n = cfg.evaluate.steps, cfg.evaluate.batch_size, len(plan.sample_prompts)
     starts = list(range(0, n, bs))
     mine = starts[ranks.rank() :: ranks.world_size()]
+    log.debug("rank %d: eval %s samples the batches starting at %s of %d", ranks.rank(), label, mine, n)
     results, grid_rows = {}, []
     bar = tqdm(total=len(steps) * len(mine), desc=f"eval {label}", unit="batch", disable=not ranks.is_local_main_process())
     for num_steps in steps:

@@ -190,9 +190,9 @@ def check_shared_run_dir(run_dir: str | Path) -> None:
         raise ReportedByRankZero(RunDirNotShared("run dir not shared"))
     where = ", ".join(f"rank {r} on {host}: {why}" for r, host, why in problems)
     raise RunDirNotShared(
-        f"run dir {run_dir} is not shared between the nodes: rank 0 on {socket.gethostname()} wrote {path.name} "
-        f"there and {len(problems)} rank(s) cannot read it ({where}); put the run dir on a filesystem every node "
-        "mounts at the same path (e.g. --run-dir /shared/runs/NAME)"
+        f"run dir {run_dir} is not shared between the nodes: rank 0 on {socket.gethostname()} wrote {path} and "
+        f"{len(problems)} rank(s) cannot read it ({where}); put the run dir on a filesystem every node mounts at "
+        "the same path and pass that path to every node (e.g. --run-dir /shared/runs/NAME)"
     )
 
 
@@ -203,9 +203,9 @@ def _read_token(path: Path, token: str) -> str | None:
         try:
             os.listdir(path.parent)  # refreshes a network filesystem's cached view of the folder
             text = path.read_text(encoding="utf-8")
-            problem = None if text == token else f"{path.name} holds another token"
+            problem = None if text == token else f"{path} holds another token"
         except FileNotFoundError:
-            problem = "no such file" if path.parent.is_dir() else f"no folder {path.parent}"
+            problem = f"no {path if path.parent.is_dir() else path.parent}"
         except OSError as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem is None or time.monotonic() > deadline:

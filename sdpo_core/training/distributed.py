@@ -12,12 +12,15 @@ averaged gradient, so those are the same on every rank already.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 
 import torch
 
 from sdpo_core.rundir import ranks
 
+log = logging.getLogger(__name__)
 SLOWEST = "time/"  # keys with this prefix: the maximum over ranks, not the mean
 
 
@@ -41,6 +44,8 @@ def gathered_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """This rank's epoch ``metrics`` combined with every other rank's (a collective: every rank calls it)."""
     if not ranks.launched():
         return metrics
+    # `sdpo -v`: what each rank measured on its own share, before the gathering
+    log.debug("rank %d: epoch metrics of this rank %s", ranks.rank(), json.dumps(metrics))
     return combine_rank_metrics(ranks.gather(metrics))
 
 
