@@ -26,8 +26,8 @@ SLOWEST = "time/"  # keys with this prefix: the maximum over ranks, not the mean
 
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """One metrics dict from R ranks' dicts (rank order): per key, the mean over the ranks that have
-    it (summed in float64, so R equal values give that value back exactly), or the maximum for
-    ``time/*`` keys. Keys keep rank 0's order, then any others in order of appearance.
+    it (an exactly rounded sum; equal values on every rank give that value back, bit for bit), or the
+    maximum for ``time/*`` keys. Keys keep rank 0's order, then any others in order of appearance.
 
     e.g. [{"loss": 1.0, "time/epoch": 2.0}, {"loss": 2.0, "time/epoch": 3.0}]
       -> {"loss": 1.5, "time/epoch": 3.0}
@@ -36,7 +36,12 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in keys:
         values = [float(m[key]) for m in per_rank if key in m]
-        out[key] = max(values) if key.startswith(SLOWEST) else math.fsum(values) / len(values)
+        if key.startswith(SLOWEST):
+            out[key] = max(values)
+        elif all(v == values[0] for v in values):  # the same on every rank (e.g. grad_norm): no rounding
+            out[key] = values[0]
+        else:
+            out[key] = math.fsum(values) / len(values)
     return out
 
 
