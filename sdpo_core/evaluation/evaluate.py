@@ -168,14 +168,14 @@ def evaluate_model(
     results, grid_rows = {}, []
     bar = tqdm(total=len(steps) * len(mine), desc=f"eval {label}", unit="batch", disable=not ranks.is_local_main_process())
     for num_steps in steps:
-        done = {}  # batch start -> (rewards (b,), images (b, 3, H, W) for the metrics or None, grid uint8)
+        done = {}  # batch start -> (rewards (b,), images (b, 3, H, W) if metrics else (0,), grid uint8)
         for start in mine:
             prompts, seeds = plan.sample_prompts[start : start + bs], plan.seeds[start : start + bs]
             images = generate(family, prompts, seeds, num_steps, cfg, dtype)
             rewards = check_rewards(cfg.reward.name, reward_fn(images, prompts), len(prompts)).cpu()
             in_grid = [i - start for i in plan.grid_samples if start <= i < start + bs]
             grid = (images[in_grid].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            done[start] = (rewards, images.cpu() if metric_fns else None, grid)  # metrics see all N at once
+            done[start] = (rewards, images.cpu() if metric_fns else torch.empty(0), grid)  # metrics: all N at once
             bar.update()
         every = {start: batch for part in ranks.gather(done) for start, batch in part.items()}
         batches = [every[start] for start in starts]

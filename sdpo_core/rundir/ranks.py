@@ -21,8 +21,9 @@ split) and only rank 0 writes it. :func:`check_shared_run_dir` proves it at the 
 stage (``run_lock`` calls it): rank 0 writes a file with a random token, every rank reads it back.
 
 The process identity comes from the launcher's environment (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, which torchrun and ``accelerate launch`` set); the collectives use accelerate's
-``PartialState``, which starts the process group that the trainer's ``Accelerator`` then reuses.
+``LOCAL_RANK``, which torchrun and ``accelerate launch`` set; MPI's as accelerate reads them); the
+collectives use accelerate's ``PartialState``, which starts the process group that the trainer's
+``Accelerator`` then reuses.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 SHARED_CHECK_PREFIX = ".shared-check-"
@@ -56,18 +57,28 @@ class ReportedByRankZero(Exception):
 
 
 # ------------------------------------------------------------------------------ who am I
+# the variables torchrun / accelerate launch set, then MPI's (accelerate's CPU launches: the same list)
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    return next((int(os.environ[n]) for n in names if os.environ.get(n)), default)
+
+
 def rank() -> int:
     """Global rank: 0 .. world_size() - 1 (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0"))
+    return _env_int(RANK_VARS, 0)
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env_int(WORLD_SIZE_VARS, 1)
 
 
 def local_rank() -> int:
     """Rank among the processes of this machine."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _env_int(LOCAL_RANK_VARS, 0)
 
 
 def is_main_process() -> bool:
@@ -156,9 +167,8 @@ def from_main_process(make: Callable[[], AbstractContextManager[T]]) -> Iterator
         with make() as value:
             yield value
         return
-    with make() if is_main_process() else nullcontext() as value:
-        value = broadcast(value)
-        yield value
+    with make() if is_main_process() else nullcontext() as made:
+        yield cast(T, broadcast(made))
         barrier()  # not on an error: a rank that failed reaches no collective again
 
 
@@ -170,8 +180,7 @@ def check_shared_run_dir(run_dir: str | Path) -> None:
     if not launched():
         return
     run_dir = Path(run_dir)
-    token = secrets.token_hex(8) if is_main_process() else None
-    token = broadcast(token)
+    token = broadcast(secrets.token_hex(8) if is_main_process() else "")
     path = run_dir / f"{SHARED_CHECK_PREFIX}{token}"
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)

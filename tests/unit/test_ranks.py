@@ -42,7 +42,7 @@ def test_weights_digest_sees_one_bit_and_the_dtype_but_not_the_order():
 
 
 def test_collectives_are_plain_calls_on_one_process(tmp_path, monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for var in (*ranks.RANK_VARS, *ranks.WORLD_SIZE_VARS, *ranks.LOCAL_RANK_VARS):
         monkeypatch.delenv(var, raising=False)
     assert ranks.is_main_process() and not ranks.launched()
     assert ranks.broadcast("x") == "x" and ranks.gather("x") == ["x"]
