@@ -1,7 +1,8 @@
 """Atomic, verified, resumable checkpoints.
 
 ``DIR/checkpoints/epoch_0003/`` holds everything needed to continue after epoch 3 exactly:
-trainable weights (safetensors), optimizer state, stat-tracker buffers, RNG states, counters and
+trainable weights (safetensors), the copies of them a run keeps (old policy, KL reference, EMA:
+``snapshot_NAME.safetensors``), optimizer state, stat-tracker buffers, RNG states, counters and
 the resolved config. It is written to ``epoch_0003.tmp``; ``manifest.json`` (every file's size and
 sha256) is written LAST, the files are fsynced and the directory is renamed into place. Resume
 verifies a checkpoint against its manifest before loading it: a checkpoint without one, or whose
@@ -26,7 +27,7 @@ import logging
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from sdpo_core.training.nonfinite import nonfinite_names
 log = logging.getLogger(__name__)
 PREFIX = "epoch_"
 MANIFEST = "manifest.json"
+SNAPSHOT = "snapshot_"
 CORRUPT_SUFFIX = ".corrupt"
 # config keys that fix the shape or the meaning of the saved state: resume refuses a change
 STATE_KEYS = (
@@ -65,6 +67,8 @@ class CheckpointState:
     tracker: dict[str, Any] | None
     rng: dict[str, Any]
     config_yaml: str
+    # copies of the weights the run keeps (training/weights.py): name -> weights
+    snapshots: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -145,6 +149,8 @@ def _nbytes(obj) -> int:
 
 def _write_files(tmp: Path, state: CheckpointState) -> None:
     save_file({k: v.contiguous() for k, v in state.weights.items()}, str(tmp / "weights.safetensors"))
+    for name, weights in state.snapshots.items():
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"{SNAPSHOT}{name}.safetensors"))
     torch.save(state.optimizer, tmp / "optimizer.pt")
     torch.save(state.rng, tmp / "rng.pt")
     if state.tracker is not None:
@@ -164,7 +170,7 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.epoch:04d}"
-    bad = nonfinite_names(state.weights)
+    bad = nonfinite_names(state.weights) + [f"{n}:{k}" for n, w in state.snapshots.items() for k in nonfinite_names(w)]
     if bad:  # before anything is written or pruned: the last good checkpoint stays the newest
         previous = latest_checkpoint(run_dir)
         raise CheckpointWriteError(
@@ -182,7 +188,8 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
     except Exception as exc:  # OSError, and the writers' own wrappers of it (SafetensorError, torch's RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
-        need = (_nbytes(state.weights) + _nbytes(state.optimizer) + _nbytes(state.tracker) + (1 << 16)) / 1e6
+        need = (_nbytes(state.weights) + _nbytes(state.snapshots) + _nbytes(state.optimizer) + _nbytes(state.tracker)
+                + (1 << 16)) / 1e6
         free = shutil.disk_usage(root).free / 1e6
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
         full = "the disk is full (No space left on device); " if free < need else ""
@@ -303,6 +310,10 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
             tracker.update(load_file(str(path / "stat_tracker.safetensors")))
         current = "weights.safetensors"
         weights = load_file(str(path / "weights.safetensors"))
+        snapshots = {}
+        for f in sorted(path.glob(f"{SNAPSHOT}*.safetensors")):
+            current = f.name
+            snapshots[f.name[len(SNAPSHOT):-len(".safetensors")]] = load_file(str(f))
         current = "optimizer.pt"
         optimizer = torch.load(path / "optimizer.pt", weights_only=True)
         current = "rng.pt"
@@ -316,5 +327,5 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
         ) from exc
     return CheckpointState(
         epoch=meta["epoch"], global_step=meta["global_step"], weights=weights, optimizer=optimizer,
-        tracker=tracker, rng=rng, config_yaml=config_yaml,
+        tracker=tracker, rng=rng, config_yaml=config_yaml, snapshots=snapshots,
     )

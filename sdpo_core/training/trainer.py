@@ -52,6 +52,7 @@ from sdpo_core.training.rollout import EpochRollout, EpochSamples, Rollout
 from sdpo_core.training.scoring import RewardJob
 from sdpo_core.training.update import Updater
 from sdpo_core.training.warm_start import warm_start
+from sdpo_core.training.weights import PolicyWeights
 
 log = logging.getLogger(__name__)
 # trajectories shown in the sample grid of a logging epoch (tracking.log_images_every)
@@ -91,6 +92,10 @@ class Trainer:
         )
         self._setup_model()
         self.method = build_method(cfg.train, cfg.sample.num_steps)
+        # copies of the weights training starts from: the method's (old policy, KL reference) and the EMA
+        named = self.acc.unwrap_model(self.denoiser).named_parameters()
+        self.weights = PolicyWeights({n: p for n, p in named if p.requires_grad}, self.method.policies(),
+                                     cfg.train.ema_decay)
         st = cfg.train.stat_tracking
         self.stat_tracker = (PerStepPromptStatTracker(st.buffer_size, st.min_count, self.method.tracked_steps)
                              if st.enabled and self.method.uses_stat_tracker else None)
@@ -104,7 +109,7 @@ class Trainer:
         self.updater = Updater(cfg, self.acc, self.denoiser, self.denoise_fn(self.denoiser), self.optimizer,
                                self.trainable, self.policy, self.method,
                                per_step=resolve_update_schedule(cfg.train) == "per_step",
-                               on_optimizer_step=lambda: self.callbacks.on_optimizer_step(self))
+                               on_optimizer_step=lambda: self.callbacks.on_optimizer_step(self), weights=self.weights)
         self.checkpoints = ckpt.CheckpointWriter(background=cfg.train.async_checkpoint)
         self.config_yaml = dump_yaml(cfg)
 
@@ -163,7 +168,8 @@ class Trainer:
         """Steps 1-3: the epoch's samples with their advantages, the prompts and the reward metrics."""
         grid = (GRID_TRAJECTORIES if self.acc.is_main_process and epoch % self.cfg.tracking.log_images_every == 0
                 else 0)
-        rollout = self.rollout.sample_epoch(epoch, grid, lambda scored: self.callbacks.on_rewards(self, epoch, scored))
+        with self.weights.use(self.method.sampling_policy):  # the live weights, or e.g. NFT's old policy
+            rollout = self.rollout.sample_epoch(epoch, grid, lambda scored: self.callbacks.on_rewards(self, epoch, scored))
         if rollout.first is not None and rollout.first.panel is not None:
             self._log_sample_grid(epoch, rollout.first.panel, rollout.first.rewards, rollout.prompts)
         return rollout
@@ -203,7 +209,7 @@ class Trainer:
             optimizer=run_state.to_cpu_copy(self.optimizer.state_dict()),
             # the tracker lives on the CPU and its state_dict already returns copies
             tracker=self.stat_tracker.state_dict() if self.stat_tracker else None,
-            rng={"torch": torch.get_rng_state()}, config_yaml=self.config_yaml,
+            rng={"torch": torch.get_rng_state()}, config_yaml=self.config_yaml, snapshots=self.weights.state_dict(),
         )
         return self.checkpoints.submit(self.run_dir, state, self.cfg.train.keep_checkpoints)
 
@@ -216,6 +222,7 @@ class Trainer:
         state = ckpt.load_checkpoint(path)
         run_state.restore(path, state, self.acc.unwrap_model(self.denoiser), self.cfg.model.finetune,
                           self.optimizer, self.stat_tracker)
+        self.weights.load_state_dict(state.snapshots, str(path))
         torch.set_rng_state(state.rng["torch"])
         self.updater.global_step = state.global_step
         return state.epoch + 1
@@ -290,9 +297,10 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             m = self.cfg.model
-            save_trained_model(self.family, denoiser, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
-                               base_lora_scale=m.base_lora_scale, revision=m.revision,
-                               mixed_precision=m.mixed_precision)
+            with self.weights.exported():  # the EMA when train.ema_decay keeps one
+                save_trained_model(self.family, denoiser, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
+                                   base_lora_scale=m.base_lora_scale, revision=m.revision,
+                                   mixed_precision=m.mixed_precision)
             replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()
