@@ -9,11 +9,12 @@ taken from the weights training starts from (before a checkpoint restores the co
     weights.blend("old", 0.5)          # old <- old + 0.5 (live - old)
     weights.after_optimizer_step(n)    # the EMA's step
 
-``use`` exchanges a copy with the live parameters in place (the same Parameter objects, so the
-optimizer, accelerate's wrappers and torch.compile see nothing change) and exchanges back on the way
-out, bit for bit. The exchange bumps the parameters' autograd versions: a backward through a graph
-built while a copy was swapped in fails loudly rather than computing a gradient of the wrong weights.
-For a LoRA the copies are a few MB; a full fine-tune holds one denoiser copy per snapshot.
+``use`` copies a snapshot into the live parameters in place (the same Parameter objects, so the
+optimizer, accelerate's wrappers and torch.compile see nothing change) and the live values back on
+the way out, bit for bit (they wait in one more copy, allocated on the first swap). The copies bump
+the parameters' autograd versions: a backward through a graph built while a copy was swapped in
+fails loudly rather than computing a gradient of the wrong weights. For a LoRA the copies are a few
+MB; a full fine-tune holds one denoiser copy per snapshot, plus that one.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class PolicyWeights:
         self.params, self.ema_decay = params, ema_decay
         wanted = list(dict.fromkeys([*names, *([EMA] if ema_decay is not None else [])]))
         self.snapshots = {n: {k: p.detach().clone() for k, p in params.items()} for n in wanted}
+        self._live = [p.detach() for p in params.values()]
+        # the live weights while a copy is swapped in (allocated on first use: one more copy of them)
+        self._aside: list[torch.Tensor] | None = None
 
     def __contains__(self, name: str) -> bool:
         return name in self.snapshots
@@ -57,29 +61,31 @@ class PolicyWeights:
             return
         if name not in self.snapshots:
             raise KeyError(f"no copy of the weights named {name!r} is kept (have: {sorted(self.snapshots)})")
-        self._exchange(self.snapshots[name])
+        if self._aside is None:
+            self._aside = [t.clone() for t in self._live]
+        # multi-tensor copies: three kernel launches per swap whatever the number of LoRA tensors
+        with torch.no_grad():
+            torch._foreach_copy_(self._aside, self._live)
+            self._copy_into_live(list(self.snapshots[name].values()))
         try:
             yield
         finally:
-            self._exchange(self.snapshots[name])
+            with torch.no_grad():
+                self._copy_into_live(self._aside)
+
+    def _copy_into_live(self, tensors: list[torch.Tensor]) -> None:
+        # through the Parameters (not .data): their autograd versions move, so a graph built on the other
+        # weights cannot be back-propagated silently
+        torch._foreach_copy_(list(self.params.values()), tensors)
 
     def exported(self) -> AbstractContextManager[None]:
         """The weights evaluation and export use: the EMA when it is kept, else the live ones."""
         return self.use(EMA if EMA in self.snapshots else CURRENT)
 
     @torch.no_grad()
-    def _exchange(self, snapshot: dict[str, torch.Tensor]) -> None:
-        for key, p in self.params.items():
-            held = snapshot[key]
-            live = p.detach().clone()
-            p.copy_(held)
-            held.copy_(live)
-
-    @torch.no_grad()
     def blend(self, name: str, weight: float) -> None:
         """Move copy ``name`` toward the live weights: copy <- copy + weight (live - copy)."""
-        for key, p in self.params.items():
-            self.snapshots[name][key].lerp_(p.detach(), weight)
+        torch._foreach_lerp_(list(self.snapshots[name].values()), self._live, weight)
 
     def after_optimizer_step(self, step: int) -> None:
         """The EMA's update after optimizer step ``step`` (1 = the first), if an EMA is kept."""
