@@ -1,10 +1,13 @@
-"""Run by tests/integration/test_fsdp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+"""Run by tests/integration/test_fsdp.py under ``accelerate launch --config_file
+configs/accelerate/fsdp_8gpu.yaml --num_processes 2`` (gloo, CPU).
 
-accelerate 1.15 turns FSDP on only for accelerator devices (its ``AcceleratorState`` picks FSDP out of
-MULTI_GPU / NPU / XPU / ..., never MULTI_CPU), so on the CPU this script sets the accelerator
-state's distributed type and FSDP plugin itself: what ``accelerate launch --config_file
-configs/accelerate/fsdp_*.yaml`` sets on GPUs. Everything after that is the code a GPU run executes:
-accelerate's FSDP2 ``prepare`` (``fully_shard``), the trainer, DCP checkpoints, the gathers.
+The launcher sets the FSDP environment from the shipped config (ACCELERATE_USE_FSDP, FSDP_VERSION=2,
+FSDP_AUTO_WRAP_POLICY, ...), from which ``Accelerator()`` builds its FSDP plugin. But accelerate 1.15
+turns FSDP on only for accelerator devices (its ``AcceleratorState`` picks FSDP out of MULTI_GPU /
+NPU / XPU / ..., never MULTI_CPU), so on the CPU this script sets the distributed type itself, with
+the plugin built from that environment as ``Accelerator()`` builds it. Everything after that is what
+a GPU run executes: accelerate's FSDP2 ``prepare`` (``fully_shard`` per block), the trainer, DCP
+checkpoints, the gathers.
 
 For each of ``model.finetune`` lora and full, in one process group: run A trains 2 epochs; run B
 trains 1 epoch (a sharded checkpoint), then a new trainer resumes B to 2 epochs. Each process writes
@@ -12,6 +15,7 @@ OUT/rank{i}.json; the main process also OUT/{finetune}_a.safetensors (A's gather
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +30,8 @@ from sdpo_core.training.trainer import Trainer
 
 
 def fsdp_accelerator() -> Accelerator:
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert os.environ.get("ACCELERATE_USE_FSDP") == "true", "start me with accelerate launch and an FSDP config"
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's environment, as Accelerator() does
     acc = Accelerator(cpu=True, fsdp_plugin=plugin)
     # see the module docstring; both states, as AcceleratorState's own init does (a later
     # AcceleratorState() copies PartialState's distributed type over its own)

@@ -1,6 +1,6 @@
-"""FSDP2 training in two CPU processes (gloo, torchrun): sharded parameters, sharded checkpoints, an
-exact resume, and a final/ model the ordinary loader reads (fsdp_train.py says how FSDP is turned on
-without a GPU)."""
+"""FSDP2 training in two CPU processes (gloo) under ``accelerate launch`` with the shipped
+configs/accelerate/fsdp_8gpu.yaml: sharded parameters, sharded checkpoints, an exact resume, and a
+final/ model the ordinary loader reads (fsdp_train.py says how FSDP is turned on without a GPU)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from sdpo_core.families.loading import load_trained
 from sdpo_core.training.checkpoint import checkpoint_dirs, verify_checkpoint
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 def _free_port() -> int:
@@ -34,9 +35,10 @@ def test_fsdp_lora_and_full_finetune_shard_checkpoint_and_resume_exactly(tiny_ba
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "fsdp_train.py"), str(tiny_base), str(tmp_path / "run"),
-           str(out)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "2",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+           str(HERE / "fsdp_train.py"), str(tiny_base), str(tmp_path / "run"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
