@@ -44,11 +44,11 @@ def main(base: str, root: str, out: str) -> None:
     acc = fsdp_accelerator()
     record: dict = {"world_size": acc.num_processes}
     for finetune in ("lora", "full"):
-        def cfg(epochs: int):
+        def cfg(epochs: int, finetune: str = finetune):
             return load_config(
                 "tiny-random",
                 [f"model.pretrained={base}", "tracking.backend=none", f"model.finetune={finetune}",
-                 f"train.epochs={epochs}", "train.learning_rate=1e-3", "train.async_checkpoint=false"],
+                 f"train.epochs={epochs}"],
                 Path(__file__).resolve().parents[2] / "pipelines.yaml",
             )
 
