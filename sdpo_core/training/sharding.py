@@ -21,6 +21,8 @@ with ``weights_only``.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from sdpo_core.config import ConfigError
 from sdpo_core.training import checkpoint as ckpt
 from sdpo_core.training.nonfinite import nonfinite_names
 
+log = logging.getLogger(__name__)
 # the trained weights only: a LoRA checkpoint stays the adapter's size
 _TRAINED = StateDictOptions(ignore_frozen_params=True)
 
@@ -53,7 +56,11 @@ def is_sharded(acc: Accelerator) -> bool:
 
 def check_supported(acc: Accelerator) -> None:
     """FSDP2 only: FSDP1 flattens parameters, which a LoRA's mix of frozen and trained weights needs
-    ``use_orig_params`` for and which the state functions here do not read."""
+    ``use_orig_params`` for and which the state functions here do not read. An FSDP launch that
+    accelerate runs unsharded (it shards on GPUs and other accelerators only, not on the CPU) is said."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not is_sharded(acc):
+        log.warning("the launcher asked for FSDP, but accelerate runs %s here (FSDP needs GPUs): the denoiser is "
+                    "not sharded and checkpoints are written unsharded", acc.distributed_type.value)
     if is_sharded(acc) and not acc.is_fsdp2:
         raise ConfigError(
             "the accelerate config asks for FSDP version 1; sdpo trains with FSDP2: set `fsdp_version: 2` in "
