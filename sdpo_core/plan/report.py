@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ def alternatives(b: Budget, gpu_bytes: int) -> list[str]:
     """What to change, each with the per-GPU peak it would give (changes of the model's dtype are
     listed without one: they need another plan); a change that would not lower the peak is left out."""
     out = []
-    changes = [
+    changes: list[tuple[str, bool, dict[str, Any]]] = [
         ("model.gradient_checkpointing=true", not b.checkpointing,
          dict(activations=b.activations_other, activations_other=b.activations, checkpointing=True)),
         ("model.cache_prompt_embeddings=true, which frees the text encoders", not b.text_freed,

@@ -149,20 +149,8 @@ def _nbytes(obj) -> int:
     return 0
 
 
-def sharded_tmp(run_dir: str | Path, epoch: int) -> Path:
-    """``epoch_NNNN.tmp/sharded``: where the processes write the shards of checkpoint ``epoch``."""
-    return Path(run_dir) / "checkpoints" / f"{PREFIX}{epoch:04d}.tmp" / SHARDED_DIR
-
-
-def empty_dir(sharded: Path) -> None:
-    """Remove what a write killed earlier left in ``sharded``'s checkpoint folder; create ``sharded``."""
-    if sharded.parent.exists():
-        shutil.rmtree(sharded.parent)
-    sharded.mkdir(parents=True)
-
-
 def _write_files(tmp: Path, state: CheckpointState) -> None:
-    if not state.sharded:
+    if state.weights is not None:  # else sharded: in tmp/sharded already
         save_file({k: v.contiguous() for k, v in state.weights.items()}, str(tmp / "weights.safetensors"))
         torch.save(state.optimizer, tmp / "optimizer.pt")
     torch.save(state.rng, tmp / "rng.pt")
@@ -194,7 +182,7 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
                if previous else "There is no earlier checkpoint")
         )
     tmp = root / f"{final.name}.tmp"
-    if tmp.exists() and not state.sharded:  # sharded: the shards are in it already (sharded_tmp)
+    if tmp.exists() and not state.sharded:  # sharded: the shards are in it already (sharding.write_shards)
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(exist_ok=state.sharded)

@@ -97,15 +97,15 @@ def restore(path: Path, state: CheckpointState, denoiser: torch.nn.Module, finet
     """Load a checkpoint's weights, optimizer and stat tracker (ResumeError when they do not fit).
     ``denoiser``: as prepared when sharded (DCP then reshards to this run's processes)."""
     try:
-        if state.sharded:
+        if state.weights is None or state.optimizer is None:  # sharded: read from its DCP files
             sharding.load_sharded(path / ckpt.SHARDED_DIR, denoiser, optimizer)
-        elif finetune == "lora":
-            result = set_peft_model_state_dict(denoiser, state.weights)
-            if getattr(result, "unexpected_keys", None):
-                raise ResumeError(f"{path}: checkpoint LoRA keys do not match this model")
         else:
-            denoiser.load_state_dict(state.weights)
-        if not state.sharded:
+            if finetune == "lora":
+                result = set_peft_model_state_dict(denoiser, state.weights)
+                if getattr(result, "unexpected_keys", None):
+                    raise ResumeError(f"{path}: checkpoint LoRA keys do not match this model")
+            else:
+                denoiser.load_state_dict(state.weights)
             optimizer.load_state_dict(state.optimizer)
         if stat_tracker is not None and state.tracker is not None:
             stat_tracker.load_state_dict(state.tracker)

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -79,14 +80,14 @@ def _optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_trainable(model: torch.nn.Module) -> dict[str, Any]:
     """The trained weights of the sharded ``model`` whole, in its state-dict naming, on the main
     process's CPU ({} on the others). A collective: every process calls it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(model, options=options)
 
 
-def nonfinite_shards(weights: dict[str, torch.Tensor], acc: Accelerator) -> list[str]:
+def nonfinite_shards(weights: dict[str, Any], acc: Accelerator) -> list[str]:
     """Names of the trained tensors holding NaN or inf in any process's shard (a collective)."""
     local = nonfinite_names({k: v.to_local() if isinstance(v, DTensor) else v for k, v in weights.items()})
     return sorted(set(gather_object(local)))
@@ -109,8 +110,8 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     """Load ``save_sharded``'s files into the prepared ``model`` and ``optimizer`` (every process)."""
     opt = _optimizer(optimizer)
     # templates in this run's layout (the optimizer's state created by a zero step): DCP fills them
-    state = {"model": get_model_state_dict(model, options=_TRAINED),
-             "optimizer": get_optimizer_state_dict(model, opt, options=_TRAINED)}
+    state: dict[str, Any] = {"model": get_model_state_dict(model, options=_TRAINED),
+                             "optimizer": get_optimizer_state_dict(model, opt, options=_TRAINED)}
     dcp.load(state, checkpoint_id=directory)
     set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
     set_optimizer_state_dict(model, opt, state["optimizer"], options=_TRAINED)
@@ -121,9 +122,11 @@ def write_shards(run_dir: Path, epoch: int, model: torch.nn.Module, optimizer: t
     """Every process writes its shards into ``epoch_NNNN.tmp/sharded`` (emptied first by the main
     process); the main process then completes the checkpoint (``CheckpointState(sharded=True)``).
     Raises CheckpointWriteError in every process, keeping nothing, when a weight is not finite."""
-    path = ckpt.sharded_tmp(run_dir, epoch)
+    path = Path(run_dir) / "checkpoints" / f"{ckpt.PREFIX}{epoch:04d}.tmp" / ckpt.SHARDED_DIR
     if acc.is_main_process:
-        ckpt.empty_dir(path)
+        if path.parent.exists():  # what a write killed earlier left
+            shutil.rmtree(path.parent)
+        path.mkdir(parents=True)
     acc.wait_for_everyone()
     bad = save_sharded(path, model, optimizer, acc)
     if bad:  # the same names in every process: all of them raise
@@ -140,7 +143,7 @@ def unsharded_copy(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
     dict, e.g. ``gather_trainable`` of a full fine-tune), for ``save_pretrained``; built on the meta
     device, so its memory is ``weights``' own."""
     # fully_shard swaps the module's class for a subclass of FSDPModule and it: save that class
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    cls: Any = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
         plain = cls.from_config(model.config)
     plain.load_state_dict(weights, assign=True)

@@ -137,10 +137,12 @@ class Trainer:
         # foreach: one multi-tensor kernel per update instead of a Python loop over the LoRA tensors
         # (torch picks it by itself only on CUDA); the same update rule
         optimizer = torch.optim.AdamW(
-            sharding.trainable_parameters(denoiser), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-            weight_decay=train.adam_weight_decay, eps=train.adam_epsilon, foreach=True,
+            sharding.trainable_parameters(denoiser), lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
+            foreach=True,
         )
-        # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call)
+        # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call);
+        # unsharded runs only: FSDP replaces the parameters, a sharded run's state goes through sharding.py
         self.lora_params = lora_param_keys(denoiser) if m.finetune == "lora" else None
         if m.init_from:  # after the random init: the same RNG draws as a cold start
             warm_start(m.init_from, m, self.family, self.lora_params or {})
