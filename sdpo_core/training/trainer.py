@@ -204,7 +204,8 @@ class Trainer:
 
     def save_checkpoint(self, epoch: int) -> Path | None:
         """Snapshot the training state (copies) and write it, in the background when
-        ``train.async_checkpoint``; ``wait_checkpoints`` blocks until it is on disk."""
+        ``train.async_checkpoint``; ``wait_checkpoints`` blocks until it is on disk. Every process
+        calls it (sharded, each writes its shard first, in the foreground)."""
         self.acc.wait_for_everyone()
         sharded = sharding.is_sharded(self.acc)
         if sharded:  # every process writes its shard now; the main process the rest (below)

@@ -86,3 +86,16 @@ def test_fsdp_divides_weights_grads_and_adam_state_and_adds_the_gathered_blocks(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DoesNotFit, match="FSDP over 2 processes.*sdpo plan --pipeline flux-schnell-pickscore --gpus 2 --fsdp"):
         refuse_if_too_big(flux_full, "flux-schnell-pickscore", total=80 * GiB)
+
+
+def test_sdpo_plan_prints_the_sharded_budget(capsys):
+    from sdpo_core.cli import main
+
+    args = ["plan", "--pipeline", "flux-schnell-pickscore", "--set", "model.finetune=full", "--gpu-memory", "80"]
+    assert main([*args, "--gpus", "8", "--fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "the denoiser sharded with FSDP over 8 processes" in out and "float32 / 8" in out
+    assert "FSDP blocks gathered to run: root" in out and "fits in 80.0 GiB" in out
+    assert main([*args, "--gpus", "8"]) == 0  # DDP: the whole model on every GPU
+    out = capsys.readouterr().out
+    assert "FSDP over 4 GPUs" in out and "--fsdp: the budget with the denoiser sharded over the 8 GPUs" in out
