@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from sdpo_core.families.family import Conditioning
@@ -187,6 +188,8 @@ class Updater:
             self._micro += 1
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
+                if isinstance(norm, DTensor):  # sharded (FSDP): the norm over every process's shards
+                    norm = norm.full_tensor()
                 self._update += 1
                 skipped = self.guard.skip_update(norm, loss, self._epoch, self._update, self.global_step)
                 if not skipped:
