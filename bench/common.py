@@ -140,9 +140,10 @@ def _bench_callback_class():
             was_training = denoiser.training
             denoiser.eval()
             out = {}
-            for n in self.cfg.evaluate.steps:
-                images = generate(trainer.family, self.light_prompts, self.light_seeds, n, self.cfg)
-                out[str(n)] = float(trainer.reward_fn(images, self.light_prompts).float().mean())
+            with trainer.weights.exported():  # the EMA when train.ema_decay keeps one, as final/ holds
+                for n in self.cfg.evaluate.steps:
+                    images = generate(trainer.family, self.light_prompts, self.light_seeds, n, self.cfg)
+                    out[str(n)] = float(trainer.reward_fn(images, self.light_prompts).float().mean())
             denoiser.train(was_training)
             return out
 
@@ -156,13 +157,14 @@ def _bench_callback_class():
             if done % self.spec.light_every == 0 or done == self.cfg.train.epochs:
                 row["light"] = self.light_eval(trainer)
             if done in self.spec.snapshots and done != self.cfg.train.epochs:
-                save_trained(
-                    trainer.family,
-                    trainer.acc.unwrap_model(trainer.denoiser),
-                    self.bench_dir / f"epoch_{done}",
-                    self.cfg.model.finetune,
-                    base=self.cfg.model.pretrained,
-                )
+                with trainer.weights.exported():
+                    save_trained(
+                        trainer.family,
+                        trainer.acc.unwrap_model(trainer.denoiser),
+                        self.bench_dir / f"epoch_{done}",
+                        self.cfg.model.finetune,
+                        base=self.cfg.model.pretrained,
+                    )
             self.history.append(row)
             with open(self.history_path, "a", encoding="utf-8") as fh:  # a row per epoch: what a resume keeps
                 fh.write(json.dumps({**row, "epoch": epoch}) + "\n")

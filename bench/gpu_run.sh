@@ -8,7 +8,8 @@
 # own process under its own time limit (an out-of-memory or slow case loses only itself), in
 # increasing size: sd-turbo, sdxl-turbo, sd35-large-turbo, flux-schnell. Budget on one H200:
 # ~8 minutes in all (the 8B / 12B cases spend most of theirs writing and reading their random
-# weights). Then bench/gpu_serve.py (the registered champion loaded on CUDA in bf16; needs mlflow).
+# weights). Then a 1-process FSDP2 run through accelerate launch (sharded checkpoint, resume, final/),
+# then bench/gpu_serve.py (the registered champion loaded on CUDA in bf16; needs mlflow).
 # Results: $OUT/gpu_<case>.json, plan_<case>.txt, gpu_serve.json and gpu_run_log.txt (bench/results/ without $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,16 @@ for spec in sd-turbo:stabilityai/sd-turbo:512 sdxl-turbo:stabilityai/sdxl-turbo:
     > "$OUT_DIR/plan_$name.txt" 2>&1
   echo "== plan $name: exit $?" | tee -a "$LOG"; cat "$OUT_DIR/plan_$name.txt" >> "$LOG"
 done
+# FSDP2 through the real launcher on this one GPU (issue 20, item 4; ~1.5 minutes): the tiny pipeline
+# in bf16 with LoRA, sharded with fully_shard even in 1 process: a sharded checkpoint (sharded/*.distcp),
+# a resume from it, and final/. (Two CPU processes run the same in tests/integration/test_fsdp.py.)
+FS=/tmp/fsdp_smoke
+FSDP="python3 -m accelerate.commands.launch --config_file configs/accelerate/fsdp_8gpu.yaml --num_processes 1 \
+  -m sdpo_core.cli train --pipeline tiny-random --run-dir $FS --set tracking.backend=none --set model.mixed_precision=bf16"
+rm -rf "$FS"
+timeout 300 bash -c "python3 -m sdpo_core.cli base --pipeline tiny-random && $FSDP --set train.epochs=1 \
+  && $FSDP --set train.epochs=2 --resume && ls $FS/checkpoints/epoch_0001/sharded $FS/final" 2>&1 | tail -25 | tee -a "$LOG"
+echo "== fsdp: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 # serving the champion from the registry on the GPU (issue 21, item 5): tiny families, ~1 minute
 timeout 120 python3 bench/gpu_serve.py --out "$OUT_DIR/gpu_serve.json" 2>&1 | tee -a "$LOG"
 echo "== serve: exit ${PIPESTATUS[0]}" | tee -a "$LOG"

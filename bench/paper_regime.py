@@ -15,7 +15,11 @@ Methods (one set of overrides each, on top of the pipeline's defaults and ``--se
   advantage clip 5; our defaults already use that clip and advantage clip);
 * ``grpo``: ``train.method=grpo``: groups of ``train.grpo.group_size`` (8) trajectories of one
   prompt, advantages normalised in the group with the batch std (Flow-GRPO's defaults:
-  ``global_std`` on, KL ``beta`` 0), PPO clip 1e-4, the pipeline's learning rate (as SDPO and DDPO).
+  ``global_std`` on, KL ``beta`` 0), PPO clip 1e-4, the pipeline's learning rate (as SDPO and DDPO);
+* ``nft``: ``train.method=nft`` (DiffusionNFT, a forward-process method: no log-probs, one query per
+  trajectory): groups of ``train.nft.group_size`` (8), the paper's beta 1, old-policy decay schedule and
+  KL weight 1e-4, the pipeline's learning rate. The paper evaluates an EMA of its weights (decay 0.9):
+  ``--set train.ema_decay=0.9`` gives every method one, or add a method entry with it.
 
 Budgets, both from the same runs:
 
@@ -72,9 +76,12 @@ METHODS: dict[str, list[str]] = {
         "train.adv_clip_max=5",
     ],
     "grpo": ["train.method=grpo", "train.grpo.group_size=8", "train.grpo.std=batch"],
+    "nft": ["train.method=nft", "train.nft.group_size=8", "train.nft.std=batch"],
 }
-LABELS = {"sdpo": "SDPO", "ddpo": "DDPO (shared)", "ddpo_pytorch": "DDPO (ddpo-pytorch defaults)", "grpo": "GRPO"}
-COLOURS = {"sdpo": "tab:blue", "ddpo": "tab:orange", "ddpo_pytorch": "tab:red", "grpo": "tab:green"}
+LABELS = {"sdpo": "SDPO", "ddpo": "DDPO (shared)", "ddpo_pytorch": "DDPO (ddpo-pytorch defaults)", "grpo": "GRPO",
+          "nft": "DiffusionNFT"}
+COLOURS = {"sdpo": "tab:blue", "ddpo": "tab:orange", "ddpo_pytorch": "tab:red", "grpo": "tab:green",
+           "nft": "tab:purple"}
 # reward queries per trajectory: SDPO's first, anchor and last x0; the others' final x0
 QUERY_RATIO = 3
 
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pipeline, args.seeds, args.epochs, args.train_steps = "tiny-random", [0, 1], 3, [3]
         args.run_root = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))
         args.set = [f"model.pretrained={args.run_root / 'base'}", "evaluate.num_prompts=2", "sample.batch_size=4",
-                    "train.batch_size=4", "train.grpo.group_size=4", *args.set]
+                    "train.batch_size=4", "train.grpo.group_size=4", "train.nft.group_size=4", *args.set]
     setup_logging()
     freeze_pipelines(args.out_dir)
     runs = run_all(args)

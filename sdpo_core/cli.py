@@ -151,10 +151,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     gpu = int(args.gpu_memory * 2**30) if args.gpu_memory else None
-    print(format_budget(plan_budget(cfg, args.pipeline), gpu))
-    if args.gpus > 1:
+    print(format_budget(plan_budget(cfg, args.pipeline, args.gpus if args.fsdp else 1), gpu))
+    if args.gpus > 1 and not args.fsdp:
         print(f"  {args.gpus} GPUs: each process holds the whole model (DDP), so the budget per GPU is the same; "
-              "sharding (FSDP) is not built yet")
+              f"--fsdp: the budget with the denoiser sharded over the {args.gpus} GPUs")
     return 0
 
 
@@ -336,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, run_dir=False)
     p.add_argument("--gpus", type=_positive_int, default=1, help="GPUs (processes) the run uses")
     p.add_argument("--gpu-memory", type=float, help="GiB per GPU to check the budget against")
+    p.add_argument("--fsdp", action="store_true",
+                   help="the denoiser sharded with FSDP over --gpus processes (configs/accelerate/fsdp_8gpu.yaml)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="show resolved pipeline configs")

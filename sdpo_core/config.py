@@ -212,15 +212,54 @@ class GRPOConfig(_Strict):
     )
 
 
+class NFTConfig(_Strict):
+    """DiffusionNFT (Zheng et al. 2025; NVlabs/DiffusionNFT): read only when ``train.method: nft``."""
+
+    beta: Float = Field(
+        default=1.0, gt=0,
+        description="strength of the implicit policies: x0+ = (1 - beta) x0_old + beta x0, x0- = (1 + beta) x0_old "
+        "- beta x0 (the paper's default 1.0; 0.1 in its OCR and multi-reward recipes)",
+    )
+    group_size: Int = Field(
+        default=8, ge=2,
+        description="trajectories per prompt in an epoch (each from its own x_T), rewards normalised within the "
+        "group before they become optimality probabilities (the paper: 24 per prompt over 8 GPUs)",
+    )
+    std: Literal["batch", "group"] = Field(
+        default="batch", description="divisor of the advantage: the std of the whole epoch's rewards (the "
+        "paper's global_std) or the group's own",
+    )
+    adaptive_weight: bool = Field(
+        default=True, description="divide each item's squared x0 error by its detached mean absolute error (the "
+        "paper's adaptive weighting); false: the plain squared error",
+    )
+    kl_weight: Float = Field(
+        default=1e-4, ge=0, description="weight of the paper's KL term, the mean squared distance of the "
+        "denoiser's output to the reference's (the weights training started from); 0 skips that forward",
+    )
+    old_decay_max: Float = Field(
+        default=0.5, ge=0, lt=1, description="the old policy (which samples and anchors the loss) moves after "
+        "each epoch as old <- d old + (1 - d) trained, d = min(old_decay_rate x (step - old_decay_delay), "
+        "old_decay_max) at optimizer step `step` (0 before the delay); the paper's default 0.5 (0.999 for OCR)",
+    )
+    old_decay_rate: Float = Field(
+        default=0.001, ge=0, description="growth of d per optimizer step (the paper: 0.001; 0.0075 for OCR)"
+    )
+    old_decay_delay: Int = Field(
+        default=0, ge=0, description="optimizer steps during which d is 0 (the paper: 0; 75 for OCR)"
+    )
+
+
 class TrainConfig(_Strict):
     """The RL method and its hyper-parameters (docs/architecture.md), the update loop and checkpoints."""
 
     method: str = Field(
-        default="sdpo", description="sdpo (paired dense-reward difference loss), ddpo (PPO-clip on the final reward) "
-        "or grpo (PPO-clip on final rewards normalised within groups of train.grpo.group_size samples of a prompt)"
+        default="sdpo", description="sdpo (paired dense-reward difference loss), ddpo (PPO-clip on the final reward), "
+        "grpo (PPO-clip on final rewards normalised within groups of train.grpo.group_size samples of a prompt) "
+        "or nft (DiffusionNFT: implicit positive / negative policies on forward-noised final images, train.nft)"
     )
     epochs: Int = Field(default=2, ge=1, description="epochs of sampling + updates")
-    batch_size: Int = Field(default=4, ge=1, description="pairs (sdpo) or trajectories (ddpo, grpo) per backward")
+    batch_size: Int = Field(default=4, ge=1, description="pairs (sdpo) or trajectories (ddpo, grpo, nft) per backward")
     gradient_accumulation_steps: Int = Field(default=1, ge=1, description="train batches per optimizer step")
     learning_rate: Float = Field(default=1e-4, gt=0, le=1.0, description="AdamW learning rate")
     adam_beta1: Float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1")
@@ -246,7 +285,8 @@ class TrainConfig(_Strict):
         default="auto",
         description="per_step: an optimizer step per step position (every gradient_accumulation_steps "
         "batches; SDPO's loop); per_trajectory: gradients accumulated over all trained steps of "
-        "gradient_accumulation_steps batches (DDPO's loop); auto: per_step for sdpo, per_trajectory for ddpo and grpo",
+        "gradient_accumulation_steps batches (DDPO's loop); auto: per_step for sdpo, per_trajectory for ddpo, grpo "
+        "and nft",
     )
     recompute_log_probs: Literal["auto", "always", "never"] = Field(
         default="never",
@@ -259,6 +299,20 @@ class TrainConfig(_Strict):
     anchor: bool = Field(default=True, description="ablation: false predicts from first and last only")
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    nft: NFTConfig = Field(default_factory=NFTConfig)
+    kl_beta: Float = Field(
+        default=0.0, ge=0,
+        description="sdpo, ddpo, grpo: weight of the per-step KL to the reference policy (the weights training "
+        "started from), KL = |mu - mu_ref|^2 / (2 std^2) per latent dim between the two step Gaussians, averaged "
+        "(Flow-GRPO's beta); one more no-grad denoiser call per trained step; 0: off, as the papers' few-step "
+        "recipes (nft's own term is train.nft.kl_weight)",
+    )
+    ema_decay: Float | None = Field(
+        default=None, gt=0, lt=1,
+        description="keep an EMA of the trained weights, updated after every optimizer step n with decay "
+        "min(ema_decay, (1 + n) / (10 + n)) (DiffusionNFT's EMA; its recipes use 0.9): final/ (export, evaluation, "
+        "registry) holds the EMA, and checkpoints keep it; null: off",
+    )
     checkpoint_every: Int = Field(default=1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: Int = Field(default=2, ge=1, description="most recent checkpoints kept (older ones deleted)")
     async_checkpoint: bool = Field(

@@ -118,14 +118,15 @@ def trained_base(model_dir: str | Path, meta: dict[str, Any]) -> tuple[str, str 
 
 def save_trained(family: Family, denoiser: torch.nn.Module, out_dir: str | Path, finetune: str, base: str,
                  base_lora: str | None = None, base_lora_scale: float = 1.0, revision: str | None = None,
-                 mixed_precision: str = "no") -> Path:
-    """Final weights: LoRA in the family's diffusers format, or the full denoiser; ``base`` (a local
+                 mixed_precision: str = "no", lora_weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Final weights: LoRA in the family's diffusers format (``lora_weights`` in peft's naming when the
+    denoiser's own are sharded, else read from it), or the full denoiser; ``base`` (a local
     directory or a hub id at ``revision``) is recorded as ``trained_base`` reads it. A model trained in
     half precision records it (``mixed_precision``): generation and serving then load it so."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if finetune == "lora":
-        family.save_lora(get_peft_model_state_dict(denoiser), out)
+        family.save_lora(get_peft_model_state_dict(denoiser) if lora_weights is None else lora_weights, out)
     else:
         denoiser.save_pretrained(out / denoiser_folder(family), safe_serialization=True)
     meta: dict[str, Any] = {"base_model": base, "finetune": finetune, "family": family_name(family)}

@@ -41,9 +41,12 @@ def skip_lora_input_casts(denoiser: torch.nn.Module) -> int:
     return len(layers)
 
 
-def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights in peft's naming (what checkpoints save and restore), on the CPU."""
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+def lora_state_dict(denoiser: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
+                    ) -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft's naming (what checkpoints save and restore), on the CPU; taken
+    from ``state_dict`` (the denoiser's own naming, e.g. gathered from its shards) when given."""
+    return {k: v.detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(denoiser, state_dict=state_dict).items()}
 
 
 def lora_param_keys(denoiser: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -7,9 +7,10 @@ from typing import Any
 from sdpo_core.methods.ddpo import DDPO
 from sdpo_core.methods.grpo import GRPO
 from sdpo_core.methods.method import Method
+from sdpo_core.methods.nft import NFT
 from sdpo_core.methods.sdpo import SDPO
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SDPO, DDPO, GRPO)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SDPO, DDPO, GRPO, NFT)}
 
 
 def build_method(train: Any, num_steps: int) -> Method:

@@ -15,11 +15,16 @@ recomputation during backward). Both scale linearly with the micro-batch: ``trai
 method's trajectories per item x 2 when classifier-free guidance doubles the batch. The VAE decode
 is the float activations of one DECODE_CHUNK of images at the output resolution, counted as
 ``4`` live tensors the size of the largest decoder feature map (an estimate, not measured).
+
+Sharded with FSDP over N processes (``--gpus N --fsdp``, or ``sdpo train`` under an FSDP
+``accelerate launch``), the denoiser's weights, gradients and AdamW state count 1/N each, plus the
+blocks gathered while they run (``sharding.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
 import types
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from sdpo_core.families.loading import DTYPES
 from sdpo_core.families.lora import add_lora
 from sdpo_core.methods import build_method
 from sdpo_core.plan.activations import denoiser_inputs, saved_bytes
+from sdpo_core.plan.sharding import fsdp_units
 from sdpo_core.tiny.build import untrained_base
 from sdpo_core.training.scoring import DECODE_CHUNK
 
@@ -66,10 +72,33 @@ class Budget:
     decode: int  # one decode chunk (DECODE_CHUNK images at most)
     checkpointing: bool
     text_freed: int  # text-encoder bytes freed by cache_prompt_embeddings
+    text_bytes: int  # the text encoders' weights (what cache_prompt_embeddings would free)
+    mixed_precision: str  # model.mixed_precision
+    denoiser: str  # its component name: unet or transformer
+    item_rows: int  # denoiser rows per training item (the micro-batch at train.batch_size 1)
+    unit_params: tuple[int, int]  # FSDP units: (largest, root) parameters (plan/sharding.py)
+    compute_bytes: int  # bytes per parameter of a unit gathered to run (the compute dtype)
+    shards: int = 1  # processes FSDP shards the denoiser over (1: not sharded)
+
+    @property
+    def gathered(self) -> int:
+        """Bytes of the FSDP units gathered whole at once (0 unsharded): the root, the running and the
+        prefetched block, and a full fine-tune's float32 gradient of one block before its reduce-scatter."""
+        if self.shards == 1:
+            return 0
+        largest, root = self.unit_params
+        return (2 * largest + root) * self.compute_bytes + (largest * 4 if self.finetune == "full" else 0)
+
+    @property
+    def denoiser_share(self) -> int:
+        """Bytes of the denoiser's weights per GPU (its shard and the gathered units when sharded)."""
+        return math.ceil(self.weights[self.denoiser] / self.shards) + self.gathered
 
     @property
     def peak(self) -> int:
-        return sum(self.weights.values()) - self.text_freed + self.optimizer + max(self.activations, self.decode)
+        others = sum(self.weights.values()) - self.weights[self.denoiser] - self.text_freed
+        return (others + self.denoiser_share + math.ceil(self.optimizer / self.shards)
+                + max(self.activations, self.decode))
 
 
 def config_dir(pretrained: str) -> Path:
@@ -149,6 +178,8 @@ class ModelFigures:
     side: int
     vae_width: int  # channels of the decoder's full-resolution block
     cfg_doubles: bool  # classifier-free guidance doubles the batch (not FLUX, not an LCM UNet)
+    denoiser: str  # unet or transformer
+    units: tuple[int, int]  # FSDP units of the denoiser: (largest, root) parameters
 
 
 @functools.lru_cache(maxsize=16)
@@ -184,11 +215,13 @@ def model_figures(model_json: str, resolution: int | None) -> ModelFigures:
     latent = resolution // factor if resolution else den.config.sample_size
     plain, ckpt = saved_bytes(den, denoiser_inputs(family, den, latent, dtypes[den_name]))
     doubles = family != "flux" and not den.config.get("time_cond_proj_dim")
-    return ModelFigures(family, params, n_train, plain, ckpt, latent * factor, vae.block_out_channels[0], doubles)
+    return ModelFigures(family, params, n_train, plain, ckpt, latent * factor, vae.block_out_channels[0], doubles,
+                        den_name, fsdp_units(den))
 
 
-def plan_budget(cfg: Config, name: str) -> Budget:
-    """The per-GPU memory budget of training ``cfg`` (named ``name``)."""
+def plan_budget(cfg: Config, name: str, shards: int = 1) -> Budget:
+    """The per-GPU memory budget of training ``cfg`` (named ``name``), the denoiser sharded with FSDP
+    over ``shards`` processes (1: not sharded)."""
     m = cfg.model
     f = model_figures(m.model_dump_json(), cfg.sample.resolution)
     params = dict(f.params)
@@ -197,82 +230,14 @@ def plan_budget(cfg: Config, name: str) -> Budget:
     optimizer = f.trainable * 4 * (3 if m.finetune == "full" else 4)
     method = build_method(cfg.train, cfg.sample.num_steps)
     doubled = cfg.sample.guidance_scale > 1 and f.cfg_doubles
-    micro = cfg.train.batch_size * method.trajectories_per_item * (2 if doubled else 1)
+    rows = method.trajectories_per_item * (2 if doubled else 1)
+    micro = cfg.train.batch_size * rows
     on, off = (f.ckpt, f.plain) if m.gradient_checkpointing else (f.plain, f.ckpt)
     # the decoder's largest feature map (its first block's width at full resolution), 4 alive at once
     images = min(DECODE_CHUNK, cfg.sample.batch_size * method.trajectories_per_prompt * cfg.sample.num_batches_per_epoch)
     decode = images * 4 * f.vae_width * f.side**2 * DTYPES_BYTES[params["vae"][1]]
-    text = sum(w for k, w in weights.items() if k.startswith("text_encoder")) if m.cache_prompt_embeddings else 0
+    text = sum(w for k, w in weights.items() if k.startswith("text_encoder"))
+    compute = DTYPES[m.mixed_precision].itemsize  # FSDP's mixed-precision policy gathers in it
     return Budget(name, params, weights, m.finetune, f.trainable, optimizer, micro, on * micro, off * micro,
-                  decode, m.gradient_checkpointing, text)
-
-
-def refusal(budget: Budget, gpu_bytes: int) -> str | None:
-    """Why the budget does not fit ``gpu_bytes`` per GPU (what to change), or None when it fits."""
-    if budget.peak <= gpu_bytes:
-        return None
-    hints = []
-    if not budget.checkpointing and budget.activations_other < budget.activations:
-        hints.append("model.gradient_checkpointing=true")
-    if not budget.text_freed and any(k.startswith("text_encoder") for k in budget.weights):
-        hints.append("model.cache_prompt_embeddings=true (frees the text encoders)")
-    if any(d == "float32" for _, d in budget.params.values()):
-        hints.append("model.mixed_precision=bf16")
-    if budget.finetune == "full":
-        hints.append("model.finetune=lora")
-    if budget.micro_batch > 1:
-        hints.append("a smaller train.batch_size (more gradient_accumulation_steps)")
-    hints.append("sharding over more GPUs (FSDP) is not built yet")
-    return (f"pipeline '{budget.pipeline}' needs ~{budget.peak / GiB:.1f} GiB per GPU, more than the "
-            f"{gpu_bytes / GiB:.1f} GiB there; try: " + "; ".join(hints))
-
-
-def gpu_memory() -> int | None:
-    """Bytes of memory of CUDA device 0, or None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(0).total_memory
-
-
-def refuse_if_too_big(cfg: Config, name: str, total: int | None = None) -> None:
-    """``sdpo train``'s check: DoesNotFit (exit 2) when the budget exceeds ``total`` bytes (default:
-    the detected GPU's); nothing without CUDA (a CPU run has no such limit) or without configs to
-    read (the loader then reports the model)."""
-    total = total or gpu_memory()
-    if total is None:
-        return
-    try:
-        budget = plan_budget(cfg, name)
-    except PlanError:
-        return  # no configs to read before the loader runs: loading itself reports the model
-    why = refusal(budget, total)
-    if why:
-        raise DoesNotFit(why + f" (see `sdpo plan --pipeline {name}`)")
-
-
-def _size(n: int) -> str:
-    return f"{n / GiB:8.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:8.1f} MiB"
-
-
-def format_budget(b: Budget, gpu_bytes: int | None) -> str:
-    """The table ``sdpo plan`` prints."""
-    rows = [f"memory plan for '{b.pipeline}' (per GPU; GiB = 2^30 bytes)"]
-
-    def row(label: str, n: int) -> None:
-        rows.append(f"  {label:<62} {_size(n)}")
-
-    for k, (n, d) in b.params.items():
-        row(f"weights {k:<15} {n:>15,} params  {d}", b.weights[k])
-    if b.text_freed:
-        row("text encoders freed (model.cache_prompt_embeddings)", -b.text_freed)
-    what = "LoRA weights + grads + AdamW m, v" if b.finetune == "lora" else "grads + AdamW m, v"
-    row(f"trained {b.trainable:,} params: {what} (float32)", b.optimizer)
-    on, off = ("with", "without") if b.checkpointing else ("without", "with")
-    row(f"activations, micro-batch {b.micro_batch}, {on} gradient checkpointing", b.activations)
-    row(f"  ({off} gradient checkpointing)", b.activations_other)
-    row(f"VAE decode of up to {DECODE_CHUNK} images (estimate)", b.decode)
-    row("peak", b.peak)
-    if gpu_bytes:
-        rows.append("  " + (refusal(b, gpu_bytes) or f"fits in {gpu_bytes / GiB:.1f} GiB"))
-    rows.append("  (predicted from configs, not measured; CUDA context and allocator overhead not included)")
-    return "\n".join(rows)
+                  decode, m.gradient_checkpointing, text if m.cache_prompt_embeddings else 0, text,
+                  m.mixed_precision, f.denoiser, rows, f.units, compute, shards)

@@ -1,4 +1,4 @@
-"""SDPO's dense reward difference loss and the DDPO (PPO-clip) baseline loss.
+"""SDPO's dense reward difference loss, the DDPO (PPO-clip) baseline loss and the per-step Gaussian KL.
 
 All inputs are per-item values at one denoising step; everything is computed in float32 even
 under autocast, because log-ratios of ~1e-4 vanish in half precision.
@@ -97,3 +97,24 @@ def ddpo_loss(
         "approx_kl": (0.5 * ((lp - lo) ** 2).mean()).detach(),
     }
     return loss, info
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-step KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) per latent dimension, averaged over C, H, W.
+
+    Two Gaussians with one std: KL = sum_d (mean_p,d - mean_q,d)^2 / (2 std^2); averaged over the
+    dimensions (not summed), as the log-probs are (``samplers.common.gaussian_log_prob``) and as
+    Flow-GRPO's KL term is (``((mean - mean_ref)^2).mean(dims) / (2 std^2)``). A step with std 0 (a
+    deterministic one) has no distribution to compare: 0 for it, as its log-prob is 0.
+
+    Args:
+        mean_p: (N, C, H, W) the current policy's step mean (gradients flow through it);
+        mean_q: (N, C, H, W) the reference policy's; std: (N, 1, 1, 1) or broadcastable, the step's std.
+    Returns:
+        (N,) float32.
+    """
+    std = std.float()
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    kl = (mean_p.float() - mean_q.float()).pow(2) / (2 * safe**2)
+    kl = torch.where(std > 0, kl, torch.zeros_like(kl))
+    return kl.mean(dim=tuple(range(1, kl.ndim)))

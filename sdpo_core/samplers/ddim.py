@@ -30,7 +30,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from sdpo_core.samplers.common import gaussian_log_prob, per_item, step_indices, step_noise
-from sdpo_core.samplers.sampler import Sampler, StepOutput
+from sdpo_core.samplers.sampler import Sampler, StepOutput, Transition
 
 LAST_STEPS = ("clamp", "final_alpha")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -74,6 +74,44 @@ class DDIMParams:
         )
 
 
+def _alphas(params: DDIMParams, timesteps: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) alphas_cumprod at each item's t and at its previous timestep (``last_step`` rule), on the CPU."""
+    t = torch.as_tensor(timesteps, device="cpu").long().reshape(-1).expand(n)
+    prev_t = t - params.num_train_timesteps // params.num_inference_steps
+    ac = params.alphas_cumprod
+    if params.last_step == "clamp":
+        return ac[t], ac[prev_t.clamp(min=0)]
+    return ac[t], torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], torch.tensor(params.final_alpha_cumprod))
+
+
+def ddim_transition(params: DDIMParams, model_output: torch.Tensor, timesteps: torch.Tensor,
+                    sample: torch.Tensor, eta: float) -> Transition:
+    """The Gaussian of one DDIM step and its x0 (``ddim_step``'s arguments; no draw, no checks)."""
+    alpha_t, alpha_prev = _alphas(params, timesteps, sample.shape[0])
+    # log-probs, ratios and the step itself in float32 even under autocast: tiny variances
+    # (sigma_t ~ 1e-2 at late steps) make half-precision log-densities meaningless.
+    x = sample.float()
+    out = model_output.float()
+    a_t, a_prev = per_item(alpha_t, x), per_item(alpha_prev, x)
+    b_t = 1 - a_t
+    if params.prediction_type == "epsilon":
+        x0 = (x - b_t.sqrt() * out) / a_t.sqrt()
+        eps = out
+    elif params.prediction_type == "sample":
+        x0 = out
+        eps = (x - a_t.sqrt() * x0) / b_t.sqrt()
+    else:  # v_prediction
+        x0 = a_t.sqrt() * x - b_t.sqrt() * out
+        eps = a_t.sqrt() * out + b_t.sqrt() * x
+    if params.clip_sample:
+        x0 = x0.clamp(-params.clip_sample_range, params.clip_sample_range)
+    # DDIM paper eq. 16: sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return Transition(a_prev.sqrt() * x0 + direction, std, x0)
+
+
 def ddim_step(
     params: DDIMParams,
     model_output: torch.Tensor,
@@ -104,35 +142,7 @@ def ddim_step(
     """
     if eta <= 0:
         raise ValueError("eta must be > 0 for a log-probability (eta 0 is deterministic)")
-    n = sample.shape[0]
-    t = torch.as_tensor(timesteps, device="cpu").long().reshape(-1).expand(n)
-    prev_t = t - params.num_train_timesteps // params.num_inference_steps
-    ac = params.alphas_cumprod
-    alpha_t = ac[t]
-    if params.last_step == "clamp":
-        alpha_prev = ac[prev_t.clamp(min=0)]
-    else:
-        alpha_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], torch.tensor(params.final_alpha_cumprod))
-    # log-probs, ratios and the step itself in float32 even under autocast: tiny variances
-    # (sigma_t ~ 1e-2 at late steps) make half-precision log-densities meaningless.
-    x = sample.float()
-    out = model_output.float()
-    a_t, a_prev = per_item(alpha_t, x), per_item(alpha_prev, x)
-    b_t = 1 - a_t
-    if params.prediction_type == "epsilon":
-        x0 = (x - b_t.sqrt() * out) / a_t.sqrt()
-        eps = out
-    elif params.prediction_type == "sample":
-        x0 = out
-        eps = (x - a_t.sqrt() * x0) / b_t.sqrt()
-    else:  # v_prediction
-        x0 = a_t.sqrt() * x - b_t.sqrt() * out
-        eps = a_t.sqrt() * out + b_t.sqrt() * x
-    if params.clip_sample:
-        x0 = x0.clamp(-params.clip_sample_range, params.clip_sample_range)
-    # DDIM paper eq. 16: sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * variance.clamp(min=0).sqrt()
+    alpha_t, alpha_prev = _alphas(params, timesteps, sample.shape[0])
     # checked on the CPU schedule values (sigma_t = 0 iff a_prev = 1 or a_prev = a_t), so the step
     # never waits on the GPU
     if bool(((alpha_prev >= 1) | (alpha_prev == alpha_t)).any()):
@@ -140,9 +150,8 @@ def ddim_step(
             "a DDIM step with zero variance has no log-probability (final_alpha_cumprod is 1 at the "
             "last step); use last_step='clamp' (sample.last_step: clamp), as the SDPO paper does"
         )
-    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    mean = a_prev.sqrt() * x0 + direction
-    prev = mean + std * step_noise(x, generator, noise) if prev_sample is None else prev_sample.float()
+    mean, std, x0 = ddim_transition(params, model_output, timesteps, sample, eta)
+    prev = mean + std * step_noise(mean, generator, noise) if prev_sample is None else prev_sample.float()
     return prev, x0, gaussian_log_prob(prev, mean, std)
 
 
@@ -197,3 +206,13 @@ class DDIMSampler(Sampler):
             self.params, model_output, t, sample, self.eta, prev_sample=prev_sample, generator=generator, noise=noise
         )
         return StepOutput(prev, x0, log_prob)
+
+    def transition(self, model_output: torch.Tensor, step_index: torch.Tensor, sample: torch.Tensor) -> Transition:
+        t = self._timesteps[step_indices(step_index, sample.shape[0], self.num_steps)]
+        return ddim_transition(self.params, model_output, t, sample, self.eta)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """DDPM's forward process at the step's timestep t: sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+        t = self._timesteps[step_indices(step_index, x0.shape[0], self.num_steps)]
+        a_t = per_item(self.params.alphas_cumprod[t], x0)
+        return a_t.sqrt() * x0.float() + (1 - a_t).sqrt() * noise.float()

@@ -48,7 +48,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from sdpo_core.samplers.common import gaussian_log_prob, per_item, step_indices, step_noise
-from sdpo_core.samplers.sampler import Sampler, StepOutput
+from sdpo_core.samplers.sampler import Sampler, StepOutput, Transition
 
 SDE_TYPES = ("sde", "cps")
 SIGMA_SCHEDULES = ("scheduler", "uniform")
@@ -160,6 +160,13 @@ class FlowSDESampler(Sampler):
              prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
              noise: torch.Tensor | None = None) -> StepOutput:
         """See ``Sampler.step``; ``model_output`` is the flow velocity v = noise - x0."""
+        mean, std, x0 = self.transition(model_output, step_index, sample)
+        prev = mean + std * step_noise(mean, generator, noise) if prev_sample is None else prev_sample.float()
+        log_prob = gaussian_log_prob(prev, mean, std)
+        return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype), log_prob)
+
+    def transition(self, model_output: torch.Tensor, step_index: torch.Tensor, sample: torch.Tensor) -> Transition:
+        """The SDE or CPS step's Gaussian (module docstring) and x0 = x_t - s v."""
         idx = step_indices(step_index, sample.shape[0], self.num_steps)
         sigma, sigma_next = self.sigmas[idx], self.sigmas[idx + 1]
         x, v = sample.float(), model_output.float()
@@ -172,7 +179,9 @@ class FlowSDESampler(Sampler):
             c_x0, c_eps, std = cps_coefficients(sigma, sigma_next, self.noise_level)
             eps = x + (1 - s) * v
             mean = per_item(c_x0, x) * x0 + per_item(c_eps, x) * eps
-        std = per_item(std, x)
-        prev = mean + std * step_noise(x, generator, noise) if prev_sample is None else prev_sample.float()
-        log_prob = gaussian_log_prob(prev, mean, std)
-        return StepOutput(prev.to(sample.dtype), x0.to(sample.dtype), log_prob)
+        return Transition(mean, per_item(std, x), x0)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """Rectified flow's forward process at the step's sigma s: (1 - s) x0 + s noise (``scale_noise``)."""
+        s = per_item(self.sigmas[step_indices(step_index, x0.shape[0], self.num_steps)], x0)
+        return (1 - s) * x0.float() + s * noise.float()

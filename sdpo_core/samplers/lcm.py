@@ -23,7 +23,7 @@ import torch
 from diffusers import LCMScheduler
 
 from sdpo_core.samplers.common import gaussian_log_prob, per_item, step_indices, step_noise
-from sdpo_core.samplers.sampler import Sampler, StepOutput
+from sdpo_core.samplers.sampler import Sampler, StepOutput, Transition
 
 LAST_STEPS = ("renoise", "deterministic")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -99,20 +99,31 @@ class LCMSampler(Sampler):
             raise ValueError(
                 "the deterministic last LCM step has no log-probability; use last_step='renoise' to train on it"
             )
+        mean, std, denoised = self.transition(model_output, index, sample)
+        if prev_sample is not None:
+            prev = prev_sample.float()
+        elif bool(final.all()):  # diffusers draws nothing on its last step: keep the generator's stream
+            prev = denoised
+        else:
+            draw = mean + std * step_noise(mean, generator, noise)
+            prev = torch.where(per_item(final, mean).bool(), denoised, draw)
+        # a deterministic last step has std 0: its log-prob (0 for a point mass) is replaced by NaN below
+        log_prob = gaussian_log_prob(prev, mean, std)
+        log_prob = torch.where(final.to(log_prob.device), torch.full_like(log_prob, math.nan), log_prob)
+        return StepOutput(prev.to(sample.dtype), denoised.to(sample.dtype), log_prob)
+
+    def transition(self, model_output: torch.Tensor, step_index: torch.Tensor, sample: torch.Tensor) -> Transition:
+        """N(sqrt(a_s) denoised, 1 - a_s) and ``denoised`` (the boundary-conditioned x0) as the x0."""
+        index = step_indices(step_index, sample.shape[0], self.num_steps)
         x, out = sample.float(), model_output.float()
         x0 = predict_x0(self.prediction_type, out, x, per_item(self.alpha_t[index], x))
         if self.clip_range is not None:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         denoised = per_item(self.c_out[index], x) * x0 + per_item(self.c_skip[index], x) * x
         a_prev = per_item(self.alpha_prev[index], x)
-        mean, std = a_prev.sqrt() * denoised, (1 - a_prev).sqrt()
-        if prev_sample is not None:
-            prev = prev_sample.float()
-        elif bool(final.all()):  # diffusers draws nothing on its last step: keep the generator's stream
-            prev = denoised
-        else:
-            prev = torch.where(per_item(final, x).bool(), denoised, mean + std * step_noise(x, generator, noise))
-        # a deterministic last step has std 0: its log-prob (0 for a point mass) is replaced by NaN below
-        log_prob = gaussian_log_prob(prev, mean, std)
-        log_prob = torch.where(final.to(log_prob.device), torch.full_like(log_prob, math.nan), log_prob)
-        return StepOutput(prev.to(sample.dtype), denoised.to(sample.dtype), log_prob)
+        return Transition(a_prev.sqrt() * denoised, (1 - a_prev).sqrt(), denoised)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """DDPM's forward process at the step's timestep t: sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+        a_t = per_item(self.alpha_t[step_indices(step_index, x0.shape[0], self.num_steps)], x0)
+        return a_t.sqrt() * x0.float() + (1 - a_t).sqrt() * noise.float()

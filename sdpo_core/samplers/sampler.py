@@ -27,6 +27,14 @@ class StepOutput(NamedTuple):
     log_prob: torch.Tensor  # (N,) float32: log N(prev_sample; mean, std^2), averaged over C*h*w
 
 
+class Transition(NamedTuple):
+    """A step's Gaussian N(mean, std^2) over x_{t-1} and its predicted clean latent, before any draw."""
+
+    mean: torch.Tensor  # (N, C, h, w) float32
+    std: torch.Tensor  # (N, 1, 1, 1) float32; 0 for a deterministic step
+    x0: torch.Tensor  # (N, C, h, w) float32: the dual state ``StepOutput.x0``
+
+
 class Sampler(ABC):
     """``num_steps`` steps; step ``i`` goes from ``timesteps[i]`` towards the next one."""
 
@@ -67,3 +75,16 @@ class Sampler(ABC):
                 generator's noise is the same on every device.
         Math and log-probs run in float32 even under autocast (tiny variances at late steps).
         """
+
+    @abstractmethod
+    def transition(self, model_output: torch.Tensor, step_index: torch.Tensor, sample: torch.Tensor) -> Transition:
+        """The distribution ``step`` draws x_{t-1} from (and scores it under), and x0, without drawing or
+        checking anything: (N, C, h, w) output and x_t, (N,) or scalar step indices. Its mean and x0 are
+        affine in ``model_output`` (before x0 clipping, which these samplers leave off by default): the
+        per-step Gaussian KL (``rl.losses.gaussian_kl``) and DiffusionNFT's policy mixing build on that."""
+
+    @abstractmethod
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
+        """The forward process q(x_t | x0) at each item's step ``step_index`` (N,) or a scalar, with the
+        model's own schedule: x0, noise (N, C, h, w) -> x_t (N, C, h, w) float32 (the scheduler's
+        ``add_noise`` / ``scale_noise`` at that step's timestep)."""

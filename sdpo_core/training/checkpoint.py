@@ -1,13 +1,18 @@
 """Atomic, verified, resumable checkpoints.
 
 ``DIR/checkpoints/epoch_0003/`` holds everything needed to continue after epoch 3 exactly:
-trainable weights (safetensors), optimizer state, stat-tracker buffers, RNG states, counters and
+trainable weights (safetensors), the copies of them a run keeps (old policy, KL reference, EMA:
+``snapshot_NAME.safetensors``), optimizer state, stat-tracker buffers, RNG states, counters and
 the resolved config. It is written to ``epoch_0003.tmp``; ``manifest.json`` (every file's size and
 sha256) is written LAST, the files are fsynced and the directory is renamed into place. Resume
 verifies a checkpoint against its manifest before loading it: a checkpoint without one, or whose
 files are truncated or changed, is skipped with a warning and the newest good one is used.
 Nothing is unpickled: tensors load with safetensors and the optimizer / RNG state with
 ``torch.load(weights_only=True)``.
+
+Under FSDP (``sharding.py``) the trained weights and the optimizer state are written by every
+process, each its own shard, into ``epoch_0003.tmp/sharded/`` before the main process writes the
+rest; the manifest then lists every file, the shards included (``sharded/__0_0.distcp``, ...).
 
 ``CheckpointWriter`` writes in a background thread (``train.async_checkpoint``): the trainer hands
 it a ``CheckpointState`` whose tensors are copies, and goes on with the next epoch while the
@@ -26,7 +31,7 @@ import logging
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,9 @@ from sdpo_core.training.nonfinite import nonfinite_names
 log = logging.getLogger(__name__)
 PREFIX = "epoch_"
 MANIFEST = "manifest.json"
+SNAPSHOT = "snapshot_"
 CORRUPT_SUFFIX = ".corrupt"
+SHARDED_DIR = "sharded"  # the DCP folder of a sharded checkpoint (weights + optimizer, one file per process)
 # config keys that fix the shape or the meaning of the saved state: resume refuses a change
 STATE_KEYS = (
     "model.finetune", "model.lora_rank", "model.lora_alpha", "model.lora_target_modules",
@@ -60,11 +67,14 @@ class CheckpointWriteError(RuntimeError):
 class CheckpointState:
     epoch: int  # last completed epoch (0-based)
     global_step: int
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None  # None when sharded: the processes wrote them in SHARDED_DIR
+    optimizer: dict[str, Any] | None
     tracker: dict[str, Any] | None
     rng: dict[str, Any]
     config_yaml: str
+    # copies of the weights the run keeps (training/weights.py): name -> weights
+    snapshots: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    sharded: bool = False
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -144,8 +154,11 @@ def _nbytes(obj) -> int:
 
 
 def _write_files(tmp: Path, state: CheckpointState) -> None:
-    save_file({k: v.contiguous() for k, v in state.weights.items()}, str(tmp / "weights.safetensors"))
-    torch.save(state.optimizer, tmp / "optimizer.pt")
+    if state.weights is not None:  # else sharded: in tmp/sharded already
+        save_file({k: v.contiguous() for k, v in state.weights.items()}, str(tmp / "weights.safetensors"))
+        torch.save(state.optimizer, tmp / "optimizer.pt")
+    for name, weights in state.snapshots.items():
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"{SNAPSHOT}{name}.safetensors"))
     torch.save(state.rng, tmp / "rng.pt")
     if state.tracker is not None:
         tensors = {k: state.tracker[k] for k in ("buffer", "count", "cursor")}
@@ -154,7 +167,8 @@ def _write_files(tmp: Path, state: CheckpointState) -> None:
         (tmp / "stat_tracker.json").write_text(json.dumps(meta))
     (tmp / "config.yaml").write_text(state.config_yaml)
     (tmp / "state.json").write_text(json.dumps({"epoch": state.epoch, "global_step": state.global_step}))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
     # the manifest last: a checkpoint without one is incomplete
     (tmp / MANIFEST).write_text(json.dumps({"epoch": state.epoch, "files": files}, indent=1))
     fsync_tree(tmp)
@@ -164,7 +178,10 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.epoch:04d}"
-    bad = nonfinite_names(state.weights)
+    # sharded weights are checked by the processes before writing
+    bad = nonfinite_names(state.weights or {}) + [
+        f"{n}:{k}" for n, w in state.snapshots.items() for k in nonfinite_names(w)
+    ]
     if bad:  # before anything is written or pruned: the last good checkpoint stays the newest
         previous = latest_checkpoint(run_dir)
         raise CheckpointWriteError(
@@ -174,15 +191,16 @@ def save_checkpoint(run_dir: str | Path, state: CheckpointState, keep: int) -> P
                if previous else "There is no earlier checkpoint")
         )
     tmp = root / f"{final.name}.tmp"
-    if tmp.exists():
+    if tmp.exists() and not state.sharded:  # sharded: the shards are in it already (sharding.write_shards)
         shutil.rmtree(tmp)
     try:
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=state.sharded)
         _write_files(tmp, state)
     except Exception as exc:  # OSError, and the writers' own wrappers of it (SafetensorError, torch's RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
-        need = (_nbytes(state.weights) + _nbytes(state.optimizer) + _nbytes(state.tracker) + (1 << 16)) / 1e6
+        need = (_nbytes(state.weights) + _nbytes(state.snapshots) + _nbytes(state.optimizer) + _nbytes(state.tracker)
+                + (1 << 16)) / 1e6
         free = shutil.disk_usage(root).free / 1e6
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
         full = "the disk is full (No space left on device); " if free < need else ""
@@ -301,10 +319,17 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
             tracker = json.loads((path / "stat_tracker.json").read_text())
             current = "stat_tracker.safetensors"
             tracker.update(load_file(str(path / "stat_tracker.safetensors")))
-        current = "weights.safetensors"
-        weights = load_file(str(path / "weights.safetensors"))
-        current = "optimizer.pt"
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+        sharded = (path / SHARDED_DIR).is_dir()  # then the weights and optimizer load into the live model
+        weights = optimizer = None
+        if not sharded:
+            current = "weights.safetensors"
+            weights = load_file(str(path / "weights.safetensors"))
+            current = "optimizer.pt"
+            optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+        snapshots = {}
+        for f in sorted(path.glob(f"{SNAPSHOT}*.safetensors")):
+            current = f.name
+            snapshots[f.name[len(SNAPSHOT):-len(".safetensors")]] = load_file(str(f))
         current = "rng.pt"
         rng = torch.load(path / "rng.pt", weights_only=True)
         current = "config.yaml"
@@ -316,5 +341,5 @@ def load_checkpoint(path: str | Path) -> CheckpointState:
         ) from exc
     return CheckpointState(
         epoch=meta["epoch"], global_step=meta["global_step"], weights=weights, optimizer=optimizer,
-        tracker=tracker, rng=rng, config_yaml=config_yaml,
+        tracker=tracker, rng=rng, config_yaml=config_yaml, snapshots=snapshots, sharded=sharded,
     )

@@ -44,6 +44,9 @@ class EpochSamples:
     log_probs: list[torch.Tensor]  # one (M, T) per trajectory
     advantages: list[torch.Tensor] = field(default_factory=list)  # one (M, T) per trajectory
     prompts: list[str] = field(default_factory=list)  # M: the prompt of each item
+    # one (M, C, H, W) per trajectory: the last step's x0, the image the final reward scored
+    # (what a forward-process method such as DiffusionNFT trains on)
+    x0_final: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class SampledBatch:
     log_probs: torch.Tensor  # (kB, T)
     extras: dict[str, torch.Tensor]  # what the method's ``returns`` needs again
     prompts: list[str]  # B
+    x0_final: torch.Tensor  # (kB, C, H, W): the last step's x0
 
 
 @dataclass
@@ -90,7 +94,8 @@ class Rollout:
         traj = self.policy.sample_groups(cond, noise.to(self.acc.device), gen, k=k, shared_noise=shared)
         steps, extras = self.method.scored_steps(traj.x0)
         future = self.executor.submit(self.score, traj.x0.cpu(), steps, prompts * k, grid)
-        batch = SampledBatch(cond.cpu(), traj.latents.cpu(), traj.log_probs.cpu(), extras, prompts)
+        batch = SampledBatch(cond.cpu(), traj.latents.cpu(), traj.log_probs.cpu(), extras, prompts,
+                             traj.x0[:, -1].cpu())
         return batch, future
 
     def sample_epoch(self, epoch: int, grid: int, on_rewards: Callable[[ScoredBatch], None]) -> EpochRollout:
@@ -156,12 +161,13 @@ class Rollout:
         latents = by_trajectory([b.latents for b in batches])
         log_probs = by_trajectory([b.log_probs for b in batches])
         advantages = by_trajectory(adv_chunks)
+        x0_final = by_trajectory([b.x0_final for b in batches])
         prompts = [p for b in batches for p in b.prompts]
         if self.method.trajectories_per_item == k:
-            return EpochSamples(cond, latents, log_probs, advantages, prompts)
+            return EpochSamples(cond, latents, log_probs, advantages, prompts, x0_final)
         # every trajectory is its own item
         return EpochSamples(cond.repeat(k), [torch.cat(latents)], [torch.cat(log_probs)], [torch.cat(advantages)],
-                            prompts * k)
+                            prompts * k, [torch.cat(x0_final)])
 
     def close(self) -> None:
         self.executor.shutdown()

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from peft.utils import set_peft_model_state_dict
+from torch.distributed.checkpoint import CheckpointException
 
 from sdpo_core.rundir.atomic import atomic_write_text
 from sdpo_core.training import checkpoint as ckpt
+from sdpo_core.training import sharding
 from sdpo_core.training.checkpoint import CheckpointState, ResumeError
 
 log = logging.getLogger(__name__)
@@ -80,20 +82,34 @@ def append_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
         fh.write(json.dumps(metrics) + "\n")
 
 
+def check_sharding(path: Path, checkpoint_sharded: bool, run_sharded: bool) -> None:
+    """ResumeError when a sharded (FSDP) checkpoint would resume an unsharded run or the other way round."""
+    if checkpoint_sharded == run_sharded:
+        return
+    how = ("by every process of an FSDP run" if checkpoint_sharded else "by a run without FSDP")
+    start = ("with an FSDP accelerate config (accelerate launch --config_file configs/accelerate/fsdp_*.yaml; "
+             "any number of processes)" if checkpoint_sharded else "without FSDP (a DDP or single-GPU config)")
+    raise ResumeError(f"{path} was written {how}: resume it {start}, or start a new run with another --run-dir")
+
+
 def restore(path: Path, state: CheckpointState, denoiser: torch.nn.Module, finetune: str,
             optimizer: torch.optim.Optimizer, stat_tracker: Any) -> None:
-    """Load a checkpoint's weights, optimizer and stat tracker (ResumeError when they do not fit)."""
+    """Load a checkpoint's weights, optimizer and stat tracker (ResumeError when they do not fit).
+    ``denoiser``: as prepared when sharded (DCP then reshards to this run's processes)."""
     try:
-        if finetune == "lora":
-            result = set_peft_model_state_dict(denoiser, state.weights)
-            if getattr(result, "unexpected_keys", None):
-                raise ResumeError(f"{path}: checkpoint LoRA keys do not match this model")
+        if state.weights is None or state.optimizer is None:  # sharded: read from its DCP files
+            sharding.load_sharded(path / ckpt.SHARDED_DIR, denoiser, optimizer)
         else:
-            denoiser.load_state_dict(state.weights)
-        optimizer.load_state_dict(state.optimizer)
+            if finetune == "lora":
+                result = set_peft_model_state_dict(denoiser, state.weights)
+                if getattr(result, "unexpected_keys", None):
+                    raise ResumeError(f"{path}: checkpoint LoRA keys do not match this model")
+            else:
+                denoiser.load_state_dict(state.weights)
+            optimizer.load_state_dict(state.optimizer)
         if stat_tracker is not None and state.tracker is not None:
             stat_tracker.load_state_dict(state.tracker)
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, CheckpointException) as exc:
         if isinstance(exc, ResumeError):
             raise
         # a change check_compatible does not know about: still one message, not a traceback

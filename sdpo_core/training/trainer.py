@@ -5,6 +5,8 @@ same command under ``accelerate launch`` / ``torchrun``: every process samples i
 and noise (per-process seeds), rewards and prompts are gathered so that all processes hold the
 same stat tracker, gradients are averaged by accelerate, the epoch's metrics are gathered over the
 processes (``distributed.py``), and only the main process writes.
+Launched with an FSDP accelerate config, the denoiser is sharded over the processes
+(``sharding.py``): checkpoints are then written by every process, each its own shard.
 
 ``Trainer.run`` (the method decides k, the x_T sharing, the scored steps, advantages and loss):
   0. prepare the run dir: check it, resume from the newest good checkpoint (``run_state.py``);
@@ -35,7 +37,7 @@ from sdpo_core.config import Config, batch_plan, dump_yaml, micro_steps_per_upda
 from sdpo_core.evaluation.plots import save_image_grid
 from sdpo_core.families.loading import DTYPES, check_model_sources, load_for_config
 from sdpo_core.families.loading import save_trained as save_trained_model
-from sdpo_core.families.lora import add_lora, lora_param_keys, skip_lora_input_casts
+from sdpo_core.families.lora import add_lora, lora_param_keys, lora_state_dict, skip_lora_input_casts
 from sdpo_core.methods import build_method
 from sdpo_core.prompts import load_train_eval
 from sdpo_core.rewards import build_reward
@@ -45,7 +47,7 @@ from sdpo_core.rundir.lock import run_lock
 from sdpo_core.sampling import DenoiseFn, build_policy, denoiser_caller
 from sdpo_core.tracking.trackers import NullTracker, Tracker
 from sdpo_core.training import checkpoint as ckpt
-from sdpo_core.training import run_state
+from sdpo_core.training import run_state, sharding
 from sdpo_core.training.callbacks import CallbackList, TrainerCallback
 from sdpo_core.training.distributed import gathered_metrics, weights_digest
 from sdpo_core.training.nonfinite import NonFiniteError
@@ -54,6 +56,7 @@ from sdpo_core.training.rollout import EpochRollout, EpochSamples, Rollout
 from sdpo_core.training.scoring import RewardJob
 from sdpo_core.training.update import Updater
 from sdpo_core.training.warm_start import warm_start
+from sdpo_core.training.weights import PolicyWeights
 
 log = logging.getLogger(__name__)
 # trajectories shown in the sample grid of a logging epoch (tracking.log_images_every)
@@ -76,6 +79,7 @@ class Trainer:
         )
         # backward passes per optimizer step: accumulation batches (x the trained steps per_trajectory)
         self.acc.gradient_accumulation_steps = micro_steps_per_update(cfg)
+        sharding.check_supported(self.acc)
         self.plan = batch_plan(cfg, self.acc.num_processes)
         self.tracker = tracker if (tracker is not None and self.acc.is_main_process) else NullTracker()
         self.callbacks = CallbackList(callbacks or [])
@@ -93,6 +97,11 @@ class Trainer:
         )
         self._setup_model()
         self.method = build_method(cfg.train, cfg.sample.num_steps)
+        # copies of the weights training starts from: the method's (old policy, KL reference) and the EMA
+        named = self.acc.unwrap_model(self.denoiser).named_parameters()
+        self.weights = PolicyWeights({n: p for n, p in named if p.requires_grad}, self.method.policies(),
+                                     cfg.train.ema_decay)
+        sharding.check_weight_copies(sharding.is_sharded(self.acc), list(self.weights.snapshots))
         st = cfg.train.stat_tracking
         self.stat_tracker = (PerStepPromptStatTracker(st.buffer_size, st.min_count, self.method.tracked_steps)
                              if st.enabled and self.method.uses_stat_tracker else None)
@@ -106,7 +115,7 @@ class Trainer:
         self.updater = Updater(cfg, self.acc, self.denoiser, self.denoise_fn(self.denoiser), self.optimizer,
                                self.trainable, self.policy, self.method,
                                per_step=resolve_update_schedule(cfg.train) == "per_step",
-                               on_optimizer_step=lambda: self.callbacks.on_optimizer_step(self))
+                               on_optimizer_step=lambda: self.callbacks.on_optimizer_step(self), weights=self.weights)
         self.checkpoints = ckpt.CheckpointWriter(background=cfg.train.async_checkpoint)
         self.config_yaml = dump_yaml(cfg)
 
@@ -132,19 +141,22 @@ class Trainer:
             denoiser.enable_gradient_checkpointing()
         if m.compile:  # in place: the same module, parameters and state-dict keys (LoRA checkpoints)
             denoiser.compile()
-        self.trainable = [p for p in denoiser.parameters() if p.requires_grad]
         train = cfg.train
         # foreach: one multi-tensor kernel per update instead of a Python loop over the LoRA tensors
         # (torch picks it by itself only on CUDA); the same update rule
         optimizer = torch.optim.AdamW(
-            self.trainable, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-            weight_decay=train.adam_weight_decay, eps=train.adam_epsilon, foreach=True,
+            sharding.trainable_parameters(denoiser), lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.adam_weight_decay, eps=train.adam_epsilon,
+            foreach=True,
         )
-        # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call)
+        # checkpoint key -> live parameter, resolved once (peft's state-dict walk costs ms per call);
+        # unsharded runs only: FSDP replaces the parameters, a sharded run's state goes through sharding.py
         self.lora_params = lora_param_keys(denoiser) if m.finetune == "lora" else None
         if m.init_from:  # after the random init: the same RNG draws as a cold start
             warm_start(m.init_from, m, self.family, self.lora_params or {}, shared_dir=self.run_dir)
         self.denoiser, self.optimizer = acc.prepare(denoiser, optimizer)
+        # read after prepare: FSDP replaces every parameter with its shard
+        self.trainable = sharding.trainable_parameters(self.denoiser)
         self.latent_shape = self.family.latent_shape(cfg.sample.resolution)
         # the sampling policy that evaluation and `sdpo generate` rebuild the same way (build_policy)
         self.policy = build_policy(self.family, self.denoise_fn(denoiser), cfg.sample.num_steps, cfg.sample,
@@ -165,7 +177,8 @@ class Trainer:
         """Steps 1-3: the epoch's samples with their advantages, the prompts and the reward metrics."""
         grid = (GRID_TRAJECTORIES if self.acc.is_main_process and epoch % self.cfg.tracking.log_images_every == 0
                 else 0)
-        rollout = self.rollout.sample_epoch(epoch, grid, lambda scored: self.callbacks.on_rewards(self, epoch, scored))
+        with self.weights.use(self.method.sampling_policy):  # the live weights, or e.g. NFT's old policy
+            rollout = self.rollout.sample_epoch(epoch, grid, lambda scored: self.callbacks.on_rewards(self, epoch, scored))
         if rollout.first is not None and rollout.first.panel is not None:
             self._log_sample_grid(epoch, rollout.first.panel, rollout.first.rewards, rollout.prompts)
         return rollout
@@ -189,23 +202,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the trained weights (LoRA in peft's naming, or the full denoiser state)."""
+        """A CPU copy of the trained weights (LoRA in peft's naming, or the full denoiser state).
+        Sharded (FSDP): gathered whole on the main process ({} on the others); every process calls it."""
+        if sharding.is_sharded(self.acc):
+            full = sharding.gather_trainable(self.denoiser)
+            return lora_state_dict(self.denoiser, full) if self.lora_params is not None and full else full
         if self.lora_params is not None:
             return {k: p.detach().to("cpu", copy=True) for k, p in self.lora_params.items()}
         return run_state.to_cpu_copy(self.acc.unwrap_model(self.denoiser).state_dict())
 
     def save_checkpoint(self, epoch: int) -> Path | None:
         """Snapshot the training state (copies) and write it, in the background when
-        ``train.async_checkpoint``; ``wait_checkpoints`` blocks until it is on disk."""
+        ``train.async_checkpoint``; ``wait_checkpoints`` blocks until it is on disk. Every process
+        calls it (sharded, each writes its shard first, in the foreground)."""
         self.acc.wait_for_everyone()
+        sharded = sharding.is_sharded(self.acc)
+        if sharded:  # every process writes its shard now; the main process the rest (below)
+            self.checkpoints.wait()  # the previous checkpoint is complete before this one starts
+            sharding.write_shards(self.run_dir, epoch, self.denoiser, self.optimizer, self.acc)
         if not self.acc.is_main_process:
             return None
         state = ckpt.CheckpointState(
-            epoch=epoch, global_step=self.global_step, weights=self.trainable_state(),
-            optimizer=run_state.to_cpu_copy(self.optimizer.state_dict()),
+            epoch=epoch, global_step=self.global_step, sharded=sharded,
+            weights=None if sharded else self.trainable_state(),
+            optimizer=None if sharded else run_state.to_cpu_copy(self.optimizer.state_dict()),
             # the tracker lives on the CPU and its state_dict already returns copies
             tracker=self.stat_tracker.state_dict() if self.stat_tracker else None,
-            rng={"torch": torch.get_rng_state()}, config_yaml=self.config_yaml,
+            rng={"torch": torch.get_rng_state()}, config_yaml=self.config_yaml, snapshots=self.weights.state_dict(),
         )
         return self.checkpoints.submit(self.run_dir, state, self.cfg.train.keep_checkpoints)
 
@@ -216,8 +239,10 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> int:
         """Restore the training state of checkpoint ``path``; returns the epoch to continue at."""
         state = ckpt.load_checkpoint(path)
+        run_state.check_sharding(path, state.sharded, sharding.is_sharded(self.acc))
         run_state.restore(path, state, self.acc.unwrap_model(self.denoiser), self.cfg.model.finetune,
                           self.optimizer, self.stat_tracker)
+        self.weights.load_state_dict(state.snapshots, str(path))
         torch.set_rng_state(state.rng["torch"])
         self.updater.global_step = state.global_step
         return state.epoch + 1
@@ -287,17 +312,22 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.rollout.close()
         final = self.run_dir / "final"
-        if log.isEnabledFor(logging.DEBUG):  # `sdpo -v`: each rank says what it holds (they must agree)
+        # sharded: the trained weights gathered whole on the main process (every process takes part)
+        weights = self.trainable_state() if sharding.is_sharded(self.acc) else None
+        if weights is None and log.isEnabledFor(logging.DEBUG):  # `sdpo -v`: each rank's own copy (they must agree)
             log.debug("rank %d: trained weights sha256 %s", self.acc.process_index, weights_digest(self.trainable_state()))
         if self.acc.is_main_process:
             denoiser = self.acc.unwrap_model(self.denoiser)
+            if weights is not None and self.lora_params is None:  # a full fine-tune: an unsharded copy to save
+                denoiser, weights = sharding.unsharded_copy(denoiser, weights), None
             tmp = final.with_name("final.tmp")  # written aside and renamed: never a half `final/`
             if tmp.exists():
                 shutil.rmtree(tmp)
             m = self.cfg.model
-            save_trained_model(self.family, denoiser, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
-                               base_lora_scale=m.base_lora_scale, revision=m.revision,
-                               mixed_precision=m.mixed_precision)
+            with self.weights.exported():  # the EMA when train.ema_decay keeps one (never under FSDP)
+                save_trained_model(self.family, denoiser, tmp, m.finetune, base=m.pretrained, base_lora=m.base_lora,
+                                   base_lora_scale=m.base_lora_scale, revision=m.revision,
+                                   mixed_precision=m.mixed_precision, lora_weights=weights)
             replace_dir(tmp, final)
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self.acc.wait_for_everyone()

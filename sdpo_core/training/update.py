@@ -5,6 +5,10 @@ an independent random order; the trained (batch, step position) pairs are visite
 schedule's order (``train.update_schedule``, ``auto``: the method's own), one backward each, an
 optimizer step every ``gradient_accumulation_steps`` batches (x the trained steps per_trajectory).
 An update whose loss or gradient is not finite is skipped, or stops the run (``nonfinite.py``).
+The loss of a micro-batch is the method's (``Method.batch_loss``), which asks this loop (a
+``methods.method.TrainingContext``) for log-probs or denoiser outputs under the live weights or a copy
+of them (``weights.PolicyWeights``: the old policy, the KL reference); after every optimizer step the
+EMA follows, after every epoch the method's copies (``Method.snapshot_updates``).
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from sdpo_core.families.family import Conditioning
 from sdpo_core.methods import Method
-from sdpo_core.rl.losses import temporal_weights
+from sdpo_core.methods.method import CURRENT, ScoredTransitions
+from sdpo_core.samplers import Sampler
 from sdpo_core.sampling import DenoiseFn, Policy, guided_output
 from sdpo_core.training.nonfinite import NonFiniteGuard
 from sdpo_core.training.rollout import EpochSamples, derive_seed
+from sdpo_core.training.weights import PolicyWeights
 
 log = logging.getLogger(__name__)
 # pre-update approx KL above which sampling and training disagree (float32 agrees to ~1e-12)
@@ -43,44 +51,65 @@ class Updater:
     """Trains ``denoiser`` (as prepared by accelerate) on EpochSamples with ``method``'s loss.
 
     ``denoise``: the training-time denoiser call (``sampling.denoiser_caller`` on the prepared
-    model); ``on_optimizer_step`` runs after every optimizer step (not after a skipped update).
+    model); ``weights``: the copies of the trained weights the method and the EMA need;
+    ``on_optimizer_step`` runs after every optimizer step (not after a skipped update).
     """
 
     def __init__(self, cfg: Any, acc: Accelerator, denoiser: torch.nn.Module, denoise: DenoiseFn,
                  optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter], policy: Policy,
-                 method: Method, per_step: bool, on_optimizer_step: Callable[[], None]) -> None:
+                 method: Method, per_step: bool, on_optimizer_step: Callable[[], None],
+                 weights: PolicyWeights) -> None:
         self.cfg, self.acc, self.denoiser, self.denoise = cfg, acc, denoiser, denoise
         self.optimizer, self.trainable, self.policy, self.method = optimizer, trainable, policy, method
-        self.per_step, self.on_optimizer_step = per_step, on_optimizer_step
-        self.weights = temporal_weights(cfg.sample.num_steps, cfg.train.lam, cfg.train.log_scale)
+        self.per_step, self.on_optimizer_step, self.weights = per_step, on_optimizer_step, weights
+        self.device = acc.device
         rc = cfg.train.recompute_log_probs
-        self.recompute_log_probs = rc == "always" or (rc == "auto" and acc.mixed_precision != "no")
+        self.recompute_log_probs = method.uses_log_probs and (rc == "always" or (rc == "auto" and
+                                                                                  acc.mixed_precision != "no"))
+        # noise of a forward-process method's x_t: one stream per (epoch, process), reseeded each epoch
+        self.noise_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, acc.process_index, 4))
         self.global_step = 0
         self.guard = NonFiniteGuard(acc, cfg.train.nonfinite, cfg.train.max_nonfinite_steps)
         self._micro = 0  # backward passes since the last optimizer step (or skipped update)
         self._epoch, self._update = 0, 0  # the epoch being trained and its updates so far (for messages)
 
-    def new_log_probs(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Current-policy log-probs of items ``rows`` (b,) at steps ``steps`` (b,): one (b,) per
+    # ------------------------------------------------------------------ the method's TrainingContext
+    @property
+    def sampler(self) -> Sampler:
+        return self.policy.sampler
+
+    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.noise_gen).to(x.device)
+
+    def output(self, x_t: torch.Tensor, index: torch.Tensor, cond: Conditioning,
+               policy: str = CURRENT) -> torch.Tensor:
+        """(Guided) denoiser output at x_t (N, C, H, W), step indices (N,), under ``policy``'s weights."""
+        neg = self.policy.negatives(len(index))
+        t = self.policy.timesteps[index]
+        if policy == CURRENT:
+            return guided_output(self.denoise, x_t, t, cond, self.cfg.sample.guidance_scale, neg)
+        with torch.no_grad(), self.weights.use(policy):
+            return guided_output(self.denoise, x_t, t, cond, self.cfg.sample.guidance_scale, neg)
+
+    def score(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor,
+              policy: str = CURRENT) -> ScoredTransitions:
+        """Log-probs under ``policy`` of items ``rows`` (b,) at steps ``steps`` (b,): one (b,) per
         trajectory of an item, from one denoiser call over all of them."""
         dev, k = self.acc.device, len(s.latents)
         x_t = torch.cat([lat[rows, steps] for lat in s.latents]).to(dev)
         x_prev = torch.cat([lat[rows, steps + 1] for lat in s.latents]).to(dev)
         index = steps.repeat(k)  # step indices stay on the host: the sampler reads its schedule there
-        cond = s.cond[rows].repeat(k).to(dev)
-        neg = self.policy.negatives(len(index))
-        out = guided_output(self.denoise, x_t, self.policy.timesteps[index], cond, self.cfg.sample.guidance_scale,
-                            neg)
-        _, _, lp = self.policy.sampler.step(out, index, x_t, prev_sample=x_prev)
-        return lp.chunk(k)
+        out = self.output(x_t, index, s.cond[rows].repeat(k).to(dev), policy)
+        lp = self.policy.sampler.step(out, index, x_t, prev_sample=x_prev).log_prob
+        return ScoredTransitions(lp.chunk(k), out, x_t, index)
+
+    def new_log_probs(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Current-policy log-probs of items ``rows`` (b,) at steps ``steps`` (b,), one (b,) per trajectory."""
+        return self.score(s, rows, steps).log_probs
 
     def batch_loss(self, s: EpochSamples, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The method's loss of items ``rows`` (b,) at step indices ``steps`` (b,), with its diagnostics."""
-        dev = self.acc.device
-        lp_new = list(self.new_log_probs(s, rows, steps))
-        lp_old = [p[rows, steps].to(dev) for p in s.log_probs]
-        adv = [a[rows, steps].to(dev) for a in s.advantages]
-        return self.method.loss(lp_new, lp_old, adv, self.weights[steps].to(dev))
+        return self.method.batch_loss(self, s, rows, steps)
 
     @torch.no_grad()
     def recompute_old_log_probs(self, s: EpochSamples, batches: list[torch.Tensor], step_perm: torch.Tensor,
@@ -102,6 +131,7 @@ class Updater:
         """All inner epochs of updates on ``s``; returns the epoch's mean loss and diagnostics."""
         cfg, acc, train = self.cfg, self.acc, self.cfg.train
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, acc.process_index, 3))
+        self.noise_gen.manual_seed(derive_seed(cfg.seed, epoch, acc.process_index, 4))
         m, num_steps = len(s.cond), cfg.sample.num_steps
         n_steps = max(1, math.ceil(num_steps * train.timestep_fraction))
         info: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -124,6 +154,8 @@ class Updater:
                 for rows, j in work_order(batches, n_steps, self.per_step):
                     self.train_step(s, rows, step_perm[rows, j], info)
                     bar.update()
+        for name, weight in self.method.snapshot_updates(self.global_step).items():  # e.g. NFT's old policy
+            self.weights.blend(name, weight)
         return self._epoch_metrics(info, epoch, time.perf_counter() - start)
 
     def _epoch_metrics(self, info: dict[str, list[torch.Tensor]], epoch: int, seconds: float) -> dict[str, float]:
@@ -156,6 +188,8 @@ class Updater:
             self._micro += 1
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm)
+                if isinstance(norm, DTensor):  # sharded (FSDP): the norm over every process's shards
+                    norm = norm.full_tensor()
                 self._update += 1
                 skipped = self.guard.skip_update(norm, loss, self._epoch, self._update, self.global_step)
                 if not skipped:
@@ -174,4 +208,5 @@ class Updater:
             self._micro = 0
             if not skipped:
                 self.global_step += 1
+                self.weights.after_optimizer_step(self.global_step)
                 self.on_optimizer_step()

@@ -172,13 +172,13 @@ def test_paper_regime_smoke(tmp_path):
     result = json.loads((tmp_path / "summary.json").read_text())
     by_t = result["by_T"]["3"]
     s = by_t["summary"]
-    assert set(s) >= {"sdpo", "sdpo_eq_queries", "ddpo", "ddpo_pytorch", "grpo"}
+    assert set(s) >= {"sdpo", "sdpo_eq_queries", "ddpo", "ddpo_pytorch", "grpo", "nft"}
     # equal queries: SDPO's snapshot at E // 3 of the same run, with fewer queries than at E
     assert s["sdpo_eq_queries"]["epochs"] == 1 and s["sdpo"]["epochs"] == s["grpo"]["epochs"] == 3
     assert s["sdpo_eq_queries"]["queries"] < s["sdpo"]["queries"]
     # the baselines score the final x0 only: one query per trajectory
-    assert s["ddpo"]["queries"] == s["grpo"]["queries"] == s["ddpo"]["trajectories"]
-    for other in ("ddpo", "ddpo_pytorch", "grpo"):
+    assert s["ddpo"]["queries"] == s["grpo"]["queries"] == s["nft"]["queries"] == s["ddpo"]["trajectories"]
+    for other in ("ddpo", "ddpo_pytorch", "grpo", "nft"):
         for budget in ("equal_traj", "equal_queries"):
             assert set(s[f"sdpo_minus_{other}_{budget}"]["diff"]) == {"1", "2"}
     runs = by_t["runs"]

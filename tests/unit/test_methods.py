@@ -47,7 +47,7 @@ def test_losses_dispatch_to_the_methods_own_objective():
 
 def test_auto_update_schedule_is_the_methods_own_loop():
     assert {n: resolve_update_schedule(TrainConfig(method=n)) for n in METHODS} == {
-        "sdpo": "per_step", "ddpo": "per_trajectory", "grpo": "per_trajectory"}
+        "sdpo": "per_step", "ddpo": "per_trajectory", "grpo": "per_trajectory", "nft": "per_trajectory"}
     assert all(m.update_schedule in ("per_step", "per_trajectory") for m in METHODS.values())  # every method has its loop
     assert resolve_update_schedule(TrainConfig(method="sdpo", update_schedule="per_trajectory")) == "per_trajectory"
 
@@ -84,7 +84,7 @@ def test_method_names_and_batch_checks_come_from_the_method_classes(monkeypatch)
 
     for name in METHODS:
         assert TC(method=name).method == name
-    with pytest.raises(ValidationError, match="Input should be 'sdpo', 'ddpo' or 'grpo'"):
+    with pytest.raises(ValidationError, match="Input should be 'sdpo', 'ddpo', 'grpo' or 'nft'"):
         TC(method="triples")
     monkeypatch.setitem(METHODS, "triples", METHODS["ddpo"])  # one line in the registry makes it valid
     assert TC(method="triples").method == "triples"
