@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars on every load
+    _received.clear()
     previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
     # the command's printed result comes from rank 0 alone
     quiet = open(os.devnull, "w") if not ranks.is_main_process() else None  # noqa: SIM115
