@@ -31,7 +31,7 @@ def test_launch_command_runs_the_real_sdpo_train_under_accelerate_on_this_machin
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]  # the flow's own interpreter
     opts = cmd[3:cmd.index("-m", 3)]
     assert opts[-1] == "--multi_gpu" and "--config_file" not in opts
-    assert dict(zip(opts[:-1:2], opts[1:-1:2])) == {
+    assert dict(zip(opts[:-1:2], opts[1:-1:2], strict=True)) == {
         "--num_processes": "2", "--num_machines": "1", "--main_process_ip": "127.0.0.1",
         "--main_process_port": "29501", "--mixed_precision": "bf16", "--dynamo_backend": "no",
     }
