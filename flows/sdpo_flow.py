@@ -54,9 +54,13 @@ class Job(BaseModel):
     num_processes: int | None = None  # training processes, resolved (recorded as train.num_processes)
     start: rundirs.StartMode = "new"  # what training does with an earlier run's outputs (rundirs.start_mode)
 
+    @property
+    def all_overrides(self) -> list[str]:
+        """The overrides with the resolved process count: what the config and a launched `sdpo train` see."""
+        return [*self.overrides, *([f"train.num_processes={self.num_processes}"] if self.num_processes else [])]
+
     def config(self) -> Config:
-        extra = [f"train.num_processes={self.num_processes}"] if self.num_processes else []
-        return load_config(self.pipeline, [*self.overrides, *extra], Path(self.pipelines_file))
+        return load_config(self.pipeline, self.all_overrides, Path(self.pipelines_file))
 
     @property
     def run_dir(self) -> Path:
@@ -129,8 +133,8 @@ def _train_processes(job: Job, cfg: Config, resume: bool, tracking_run_id: str |
     """``sdpo train`` under ``accelerate launch`` with ``job.num_processes`` processes, holding this
     flow's lock of the run directory (rank 0 writes under it)."""
     settings, logger = load_settings().launch, get_run_logger()
-    overrides = [*job.overrides, f"train.num_processes={job.num_processes}"]
-    args = launch.train_args(job.pipeline, job.pipelines_file, job.run_dir, overrides, resume, tracking_run_id)
+    args = launch.train_args(job.pipeline, job.pipelines_file, job.run_dir, job.all_overrides, resume,
+                             tracking_run_id)
     cmd = launch.launch_command(job.num_processes, launch.free_port(), cfg.model.mixed_precision, args,
                                 settings.accelerate_config)
     logger.info("training with %d processes: %s", job.num_processes, " ".join(cmd[1:]))
