@@ -26,11 +26,11 @@ from typing import Any
 
 from sdpo_core.config import Config, dump_yaml
 from sdpo_core.prompts import PromptSplit, load_split, prepare
-from sdpo_core.rundir.lock import run_lock
+from sdpo_core.rundir.lock import is_writer_rank, run_lock
 from sdpo_core.rundir.paths import eval_dir, prompts_dir
 from sdpo_core.tracking.register import champion_weights, register_stage
 from sdpo_core.tracking.runs import stage_tracker, tracked
-from sdpo_core.tracking.trackers import Tracker, preflight
+from sdpo_core.tracking.trackers import NullTracker, Tracker, preflight
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def train_command(cfg: Config, run_dir: Path, args: argparse.Namespace) -> None:
     with run_lock(run_dir):  # one writer per run dir; refusals come before a model or a tracking run
         check_train_start(cfg, run_dir, args.resume)
         print(dump_yaml(cfg), end="", flush=True)
-        tracker = stage_tracker(cfg, "train")  # an unreachable tracking server stops here, before any model
+        # an unreachable tracking server stops here, before any model; under a launcher rank 0 alone tracks
+        tracker = stage_tracker(cfg, "train", run_id=args.tracking_run_id) if is_writer_rank() else NullTracker()
         base_stage(cfg)
         with tracked(tracker):
             final = train_stage(cfg, run_dir, resume=args.resume, tracker=tracker)
@@ -222,6 +223,8 @@ class Stage:
 
 
 RESUME = Option(("--resume",), {"action": "store_true", "help": "continue from the last complete checkpoint"})
+TRACKING_RUN = Option(("--tracking-run-id",), {"help": "log into this existing MLflow run instead of opening one "
+                                                     "(the Prefect flow's run of a launched `sdpo train`)"})
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "build, clean and split the prompt set", prepare_command,
@@ -233,7 +236,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "SDPO (or DDPO, GRPO) online training", train_command,
           params=("*",), inputs=("prompts", "base"),
           outputs=("final", "checkpoints", "config.yaml", "train_metrics.jsonl", "train_metrics.csv"),
-          options=(RESUME,), step=train_step),
+          options=(RESUME, TRACKING_RUN), step=train_step),
     Stage("evaluate", "base vs trained at several step counts: eval.json, plot, grid", evaluate_command,
           params=("sample", "evaluate", "reward"), inputs=("prompts", "base", "final"),
           outputs=("eval/eval.json", "eval/reward_vs_steps.png", "eval/grid.png"),

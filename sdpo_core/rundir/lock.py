@@ -10,6 +10,12 @@ reports. The lock is re-entrant within a process (``sdpo run`` and the Prefect f
 stages that take it again). Under ``torchrun`` / ``accelerate launch`` only global rank 0 (the
 process that writes) takes it; the other ranks write nothing.
 
+A process holding the lock can launch the writer itself (the Prefect flow starts ``sdpo train``
+under ``accelerate launch``): it passes :func:`launch_env` in the launcher's environment and
+:func:`held_fd` in its ``pass_fds``. Rank 0 then writes under the launching process's lock instead of
+refusing (when the lock file names that process, alive), and the launcher's copy of the locked
+file keeps the lock held while training lives, even if the launching process dies first.
+
 On release the holder deletes the file, and removes the run directory again if it created it and
 left it empty (a refused or failed start writes nothing). Deleting a lock file is safe here because
 a process that wins ``flock`` checks that the path still names the file it locked, and retries if not.
@@ -29,7 +35,9 @@ from pathlib import Path
 
 LOCK_NAME = ".lock"
 
+HOLDER_ENV = "SDPO_RUN_LOCK_HOLDER"  # "<pid>:<resolved run dir>": the launching process holds the lock
 _held: dict[Path, int] = {}  # resolved run dir -> nesting depth, for this process
+_fds: dict[Path, int] = {}  # resolved run dir -> the locked file's descriptor, for this process
 _guard = threading.Lock()
 
 
@@ -37,9 +45,34 @@ class RunLockedError(RuntimeError):
     """Another live process is writing into this run directory."""
 
 
-def _is_writer_rank() -> bool:
+def is_writer_rank() -> bool:
     """Global rank 0, or not a distributed launch (torchrun and accelerate set RANK)."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def launch_env(run_dir: str | Path) -> dict[str, str]:
+    """The environment entry that lets a writer launched by this process (which holds the lock of
+    ``run_dir``) write under that lock."""
+    return {HOLDER_ENV: f"{os.getpid()}:{Path(run_dir).resolve()}"}
+
+
+def held_fd(run_dir: str | Path) -> int | None:
+    """The descriptor of ``run_dir``'s locked file while this process holds it (for ``pass_fds``)."""
+    with _guard:
+        return _fds.get(Path(run_dir).resolve())
+
+
+def _held_by_launcher(key: Path) -> bool:
+    """This process was launched by the live holder of ``key``'s lock (see :func:`launch_env`)."""
+    pid, _, path = os.environ.get(HOLDER_ENV, "").partition(":")
+    if not pid.isdigit() or Path(path) != key:
+        return False
+    try:
+        info = json.loads((key / LOCK_NAME).read_text(encoding="utf-8"))
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return str(info.get("pid")) == pid
 
 
 def _describe_holder(lock_path: Path) -> str:
@@ -75,10 +108,10 @@ def _acquire(lock_path: Path) -> int:
 def run_lock(run_dir: str | Path) -> Iterator[Path]:
     """Hold the run directory's lock for the ``with`` block (creating the directory if needed)."""
     run_dir = Path(run_dir)
-    if not _is_writer_rank():
+    key = run_dir.resolve()
+    if not is_writer_rank() or _held_by_launcher(key):
         yield run_dir
         return
-    key = run_dir.resolve()
     with _guard:
         if key in _held:
             _held[key] += 1
@@ -105,12 +138,12 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
     os.write(fd, json.dumps(info).encode())
     os.fsync(fd)
     with _guard:
-        _held[key] = 1
+        _held[key], _fds[key] = 1, fd
     try:
         yield run_dir
     finally:
         with _guard:
-            del _held[key]
+            del _held[key], _fds[key]
         lock_path.unlink(missing_ok=True)  # still locked: a waiter re-checks the path (see _acquire)
         os.close(fd)
         _remove_if_empty(run_dir, created)
