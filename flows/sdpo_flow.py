@@ -3,7 +3,9 @@
 Each task is a thin wrapper over the ``sdpo_core`` function the CLI calls, passing paths and run
 ids only. One flow run = one MLflow parent run (a nested run per stage) = one ``dvc.lock`` state.
 Only the network steps (version: dvc push, inside ``versioning.push``; register: MLflow) retry; a retried flow run resumes
-training from its last checkpoint. Run it directly::
+training from its last checkpoint, a new one refuses a run directory holding an earlier run's training
+unless ``resume`` or ``fresh`` says what to do with it (``flows/rundirs.py``). Training with more than one
+process runs ``sdpo train`` under ``accelerate launch`` (``flows/launch.py``). Run it directly::
 
     python -c "from flows.sdpo_flow import sdpo; sdpo('tiny-random', ['train.epochs=1'])"
 
@@ -21,17 +23,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from pydantic import BaseModel
 
-from flows import versioning
+from flows import launch, rundirs, versioning
 from flows.settings import load_settings
 from sdpo_core import stages
 from sdpo_core.config import Config, ConfigError, load_config
 from sdpo_core.evaluation.evaluate import format_table
 from sdpo_core.prompts import load_split
-from sdpo_core.rundir.lock import run_lock
-from sdpo_core.rundir.outputs import clear_train_outputs, export_train_metrics
+from sdpo_core.rundir.lock import held_fd, launch_env, run_lock
+from sdpo_core.rundir.outputs import export_train_metrics
 from sdpo_core.rundir.paths import default_run_dir, eval_dir, prompts_dir
 from sdpo_core.tracking.champion import version_with_inputs
 from sdpo_core.tracking.inputs import INPUTS_TAG, input_tags
@@ -39,7 +41,6 @@ from sdpo_core.tracking.provenance import provenance_tags
 from sdpo_core.tracking.register import register_stage
 from sdpo_core.tracking.runs import stage_tracker, tracked
 from sdpo_core.tracking.trackers import make_tracker, resolve_uri
-from sdpo_core.training.checkpoint import latest_checkpoint
 
 
 class Job(BaseModel):
@@ -49,13 +50,21 @@ class Job(BaseModel):
     overrides: list[str] = []
     pipelines_file: str = "pipelines.yaml"
     skip_unchanged: bool = False  # end without training when a registered version has the same inputs
+    location: str = ""  # the run directory (flows/rundirs.py); "": runs/<pipeline>
+    num_processes: int | None = None  # training processes, resolved (recorded as train.num_processes)
+    start: rundirs.StartMode = "new"  # what training does with an earlier run's outputs (rundirs.start_mode)
+
+    @property
+    def all_overrides(self) -> list[str]:
+        """The overrides with the resolved process count: what the config and a launched `sdpo train` see."""
+        return [*self.overrides, *([f"train.num_processes={self.num_processes}"] if self.num_processes else [])]
 
     def config(self) -> Config:
-        return load_config(self.pipeline, self.overrides, Path(self.pipelines_file))
+        return load_config(self.pipeline, self.all_overrides, Path(self.pipelines_file))
 
     @property
     def run_dir(self) -> Path:
-        return default_run_dir(self.pipeline)
+        return Path(self.location) if self.location else default_run_dir(self.pipeline)
 
 
 def _route_sdpo_core_logs() -> None:
@@ -106,19 +115,33 @@ def base_task(job: Job, parent_run_id: str | None, done: dict) -> str:
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(job: Job, parent_run_id: str | None, done: dict) -> str:
-    """Train; a retried flow run resumes from the last checkpoint, a new one starts afresh."""
-    cfg, logger = job.config(), get_run_logger()
-    resume = flow_run.run_count > 1 and latest_checkpoint(job.run_dir) is not None
-    if resume:
-        logger.info(
-            "flow run attempt %d: resuming from %s", flow_run.run_count, latest_checkpoint(job.run_dir)
-        )
-    else:
-        clear_train_outputs(job.run_dir)
+    """Train as ``job.start`` says (resume, or clear first); one process here, more under
+    ``accelerate launch`` (flows/launch.py), rank 0 logging into this task's MLflow run."""
+    cfg = job.config()
+    resume = rundirs.begin_training(job.run_dir, job.start, flow_run.id, flow_run.name, flow_run.run_count,
+                                    get_run_logger())
     with tracked(stage_tracker(cfg, "train", parent_run_id)) as tracker:
-        final = stages.train_stage(cfg, job.run_dir, resume=resume, tracker=tracker)
+        if job.num_processes in (None, 1):
+            final = stages.train_stage(cfg, job.run_dir, resume=resume, tracker=tracker)
+        else:
+            final = _train_processes(job, cfg, resume, tracker.run_id)
         tracker.log_artifact(export_train_metrics(job.run_dir))
     return str(final)
+
+
+def _train_processes(job: Job, cfg: Config, resume: bool, tracking_run_id: str | None) -> Path:
+    """``sdpo train`` under ``accelerate launch`` with ``job.num_processes`` processes, holding this
+    flow's lock of the run directory (rank 0 writes under it)."""
+    settings, logger = load_settings().launch, get_run_logger()
+    args = launch.train_args(job.pipeline, job.pipelines_file, job.run_dir, job.all_overrides, resume,
+                             tracking_run_id)
+    cmd = launch.launch_command(job.num_processes, launch.free_port(), cfg.model.mixed_precision, args,
+                                settings.accelerate_config)
+    logger.info("training with %d processes: %s", job.num_processes, " ".join(cmd[1:]))
+    fd = held_fd(job.run_dir)
+    launch.run_streaming(cmd, {**os.environ, **launch_env(job.run_dir)}, logger, settings.stop_seconds,
+                         pass_fds=(fd,) if fd is not None else ())
+    return job.run_dir / "final"
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -150,10 +173,12 @@ def stage_task(stage: stages.Stage):
 
 @task(name="version", cache_policy=NO_CACHE)
 def version_task(job: Job, executed: list[str]) -> dict[str, str]:
-    """dvc commit + push of the stages this run executed; returns the provenance tags. The push
+    """dvc commit + push of the stages this run executed (their outputs copied into the checkout's
+    runs/<pipeline> first when the run dir is elsewhere); returns the provenance tags. The push
     retries ``prefect.network_retries`` times, then fails naming the remote and its endpoint."""
     settings = load_settings()
     if settings.dvc.enabled:
+        versioning.copy_into_checkout(job.pipeline, job.run_dir, executed)  # a run dir outside the checkout
         versioning.commit_and_push(job.pipeline, executed, settings)
     return provenance_tags(job.pipeline)
 
@@ -188,18 +213,31 @@ def _slug(name: str) -> str:
     flow_run_name="{pipeline}",
     description="SDPO alignment: prepare, base, train, evaluate, version (DVC), register (MLflow)",
 )
-def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None,
-         skip_unchanged: bool = False) -> dict | State:
+def sdpo(pipeline: str = "digits-tiny", overrides: list[str] | None = None, skip_unchanged: bool = False,
+         run_dir: str | None = None, resume: bool = False, fresh: bool = False,
+         num_processes: int | None = None) -> dict | State:
+    """``run_dir``: where to train (default ``<runs_root>/<pipeline>``, or the checkout's ``runs/<pipeline>``);
+    ``resume`` / ``fresh``: continue or delete an earlier run's training found there (a new run refuses
+    one otherwise; a retry of this run resumes its own); ``num_processes``: training processes on this
+    machine (default ``train.num_processes``, else one per visible GPU, 1 without one)."""
     settings = load_settings()
     if settings.mlflow.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow.tracking_uri
     _route_sdpo_core_logs()
     job = Job(pipeline=pipeline, overrides=overrides or [], pipelines_file=str(settings.pipelines_file),
-              skip_unchanged=skip_unchanged)
-    cfg = job.config()  # a bad pipeline name or override fails the run here, with the reason
+              skip_unchanged=skip_unchanged,
+              location=str(rundirs.run_dir_for(pipeline, run_dir, settings.runs_root)))
+    # a bad pipeline name, override or process count fails the run here, with the reason
+    job.num_processes = launch.resolve_num_processes(num_processes, job.config().train.num_processes)
+    cfg = job.config()
     # one flow run per pipeline at a time: an overlapping one fails here (RunLockedError, naming the
     # holder) before it opens an MLflow run; a queued one would only redo the same work afterwards
     with run_lock(job.run_dir):
+        try:
+            job.start = rundirs.start_mode(job.run_dir, str(flow_run.id), resume=resume, fresh=fresh)
+        except rundirs.RunDirRefused as exc:  # before any stage or MLflow run: the reason is the state message
+            get_run_logger().error(str(exc))
+            return Failed(message=str(exc))
         return _flow_body(job, cfg, pipeline)
 
 

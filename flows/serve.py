@@ -22,7 +22,8 @@ from flows.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 TRAIN = "train"
-TRAIN_DESCRIPTION = "Run the whole pipeline on demand: --param pipeline=NAME [--param 'overrides=[\"k=v\"]']"
+TRAIN_DESCRIPTION = ("Run the whole pipeline on demand: --param pipeline=NAME [--param 'overrides=[\"k=v\"]'] "
+                     "[--param num_processes=N] [--param resume=true | --param fresh=true] [--param run_dir=DIR]")
 
 
 def _retrain_kwargs(settings: Settings) -> dict:
@@ -30,8 +31,9 @@ def _retrain_kwargs(settings: Settings) -> dict:
     return {
         "name": s.deployment,
         "schedules": [Cron(s.cron, timezone=s.timezone, active=s.active)],
-        # skip a week with nothing new (same inputs as a registered version); --param skip_unchanged=false forces
-        "parameters": {"pipeline": s.pipeline, "overrides": s.overrides, "skip_unchanged": True},
+        # skip a week with nothing new (same inputs as a registered version); --param skip_unchanged=false forces;
+        # each week trains afresh in the same run dir (a retry of the week's run still resumes)
+        "parameters": {"pipeline": s.pipeline, "overrides": s.overrides, "skip_unchanged": True, "fresh": True},
         "description": f"Scheduled retraining of {s.pipeline} ({s.cron} {s.timezone})",
     }
 
@@ -58,6 +60,10 @@ def deploy_to_pool(settings: Settings, work_pool: str | None = None) -> list[str
         remote.to_deployment(name=TRAIN, description=TRAIN_DESCRIPTION),
         remote.to_deployment(**_retrain_kwargs(settings)),
     ]
+    if settings.prefect.source and settings.runs_root is None:
+        log.warning("prefect.source is set but runs_root is not: each flow run trains in its worker's temporary "
+                    "clone, whose checkpoints go with it (a retried or resumed run starts from scratch); set "
+                    "runs_root (SDPO_RUNS_ROOT) to a folder on the workers")
     deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
     return [f"sdpo/{d.name} on work pool {pool}" for d in deployments]
 

@@ -93,6 +93,19 @@ class DvcSettings(_Section):
     git_commit: bool = Field(default=False, description="also `git commit dvc.lock` after a versioned run")
 
 
+class LaunchSettings(_Section):
+    accelerate_config: str | None = Field(
+        default=None,
+        description="`accelerate launch --config_file` for training with more than one process (e.g. an FSDP "
+        "config of configs/accelerate/); null: plain data-parallel processes (--multi_gpu)",
+    )
+    stop_seconds: float = Field(
+        default=20.0, gt=0, le=28,
+        description="on cancel, how long the training processes get after SIGTERM before SIGKILL (Prefect's "
+        "worker kills the whole flow run 30 s after its own SIGTERM)",
+    )
+
+
 class ScheduleSettings(_Section):
     deployment: str = "retrain"
     cron: str = "0 3 * * 1"
@@ -107,6 +120,12 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(default=Path(".sdpo-stack"), description="PIDs, logs, Prefect's database")
     pipelines_file: Path = Path("pipelines.yaml")
+    runs_root: Path | None = Field(
+        default=None,
+        description="absolute folder that holds the flow's run directories (<runs_root>/<pipeline>), outside "
+        "the checkout: kept across flow runs and shared by the machines of a run; null: the checkout's runs/",
+    )
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
@@ -123,6 +142,17 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=settings_file())
+
+    @field_validator("runs_root")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        v = v.expanduser()
+        if not v.is_absolute():
+            # a relative folder would follow each flow run's working directory (a temporary clone)
+            raise ValueError("must be an absolute path (a folder outside the checkout) or null")
+        return v
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -2,6 +2,10 @@
 in a fresh clone. The git / dvc.lock identifiers that tag runs and model versions are
 ``sdpo_core.tracking.provenance``'s.
 
+dvc.yaml's outs are the checkout's ``runs/<pipeline>/...``. A flow run that trained elsewhere
+(``runs_root``, its ``run_dir`` parameter) first copies the outputs of the stages it executed there
+(:func:`copy_into_checkout`), so that `dvc commit` hashes, and `dvc push` uploads, what it made.
+
 DVC runs as a subprocess of this interpreter (``python -m dvc``): its CLI is the stable interface,
 and nothing in ``sdpo_core`` imports it. Remote credentials stay in the environment.
 """
@@ -10,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from flows.settings import Settings
-from sdpo_core.stages import versioned_stages
+from sdpo_core.rundir.paths import default_run_dir
+from sdpo_core.stages import STAGES, versioned_stages
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,30 @@ def configure_remote(settings: Settings, project: str | Path = ".") -> str | Non
         if settings.s3.region:
             dvc("remote", "modify", "--local", "s3", "region", settings.s3.region, project=project)
     return remote
+
+
+def copy_into_checkout(pipeline: str, run_dir: str | Path, stages: list[str], project: str | Path = ".") -> list[str]:
+    """The outputs of ``stages`` written in ``run_dir``, copied over the checkout's ``runs/<pipeline>``
+    (what was there is replaced); nothing when ``run_dir`` is that folder. Returns the paths copied."""
+    target = Path(project) / default_run_dir(pipeline)
+    if Path(run_dir).resolve() == target.resolve():
+        return []
+    copied = []
+    for stage in (s for s in STAGES if s.name in stages and s.versioned and s.takes_run_dir):
+        for out in stage.outputs:
+            src, dst = Path(run_dir) / out, target / out
+            if not src.exists():
+                continue
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+            copied.append(str(dst))
+    if copied:
+        log.info("copied the outputs of %s into %s for DVC: %s", run_dir, target, " ".join(copied))
+    return copied
 
 
 def commit_and_push(

@@ -327,6 +327,12 @@ class TrainConfig(_Strict):
     max_nonfinite_steps: int = Field(
         default=3, ge=1, description="skipped non-finite updates in a row after which train.nonfinite: stop ends the run"
     )
+    num_processes: Int | None = Field(
+        default=None, ge=1,
+        description="training processes the Prefect flow launches on its machine (`accelerate launch "
+        "--num_processes`; sample and train batch sizes are per process); null: one per visible GPU, 1 without "
+        "one. `sdpo train` runs as many as the launcher it is started under",
+    )
 
     @field_validator("method")
     @classmethod

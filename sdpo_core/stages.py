@@ -124,7 +124,9 @@ def train_command(cfg: Config, run_dir: Path, args: argparse.Namespace) -> None:
     with run_lock(run_dir):  # one writer per run dir; refusals come before a model or a tracking run
         check_train_start(cfg, run_dir, args.resume)
         print(dump_yaml(cfg), end="", flush=True)
-        tracker = stage_tracker(cfg, "train")  # an unreachable tracking server stops here, before any model
+        # an unreachable tracking server stops here, before any model; under a launcher rank 0 alone
+        # tracks (the other ranks get a NullTracker from make_tracker)
+        tracker = stage_tracker(cfg, "train", run_id=args.tracking_run_id)
         base_stage(cfg)
         with tracked(tracker):
             final = train_stage(cfg, run_dir, resume=args.resume, tracker=tracker)
@@ -240,6 +242,8 @@ class Stage:
 
 
 RESUME = Option(("--resume",), {"action": "store_true", "help": "continue from the last complete checkpoint"})
+TRACKING_RUN = Option(("--tracking-run-id",), {"help": "log into this existing MLflow run instead of opening one "
+                                                     "(the Prefect flow's run of a launched `sdpo train`)"})
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "build, clean and split the prompt set", prepare_command,
@@ -251,7 +255,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "SDPO (or DDPO, GRPO) online training", train_command,
           params=("*",), inputs=("prompts", "base"),
           outputs=("final", "checkpoints", "config.yaml", "train_metrics.jsonl", "train_metrics.csv"),
-          options=(RESUME,), step=train_step),
+          options=(RESUME, TRACKING_RUN), step=train_step),
     Stage("evaluate", "base vs trained at several step counts: eval.json, plot, grid", evaluate_command,
           params=("sample", "evaluate", "reward"), inputs=("prompts", "base", "final"),
           outputs=("eval/eval.json", "eval/reward_vs_steps.png", "eval/grid.png"),

@@ -143,3 +143,18 @@ def versioned_bucket(bucket: str, log: Path, monkeypatch) -> Iterator:
         yield client
     finally:
         stop(proc)
+
+
+@contextmanager
+def prefect_server(home: Path, env: dict[str, str]) -> Iterator[str]:
+    """A real `prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite database there);
+    yields its API URL; stopped (SIGINT to its session) afterwards."""
+    port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                 home / "server.log", {**env, "PREFECT_HOME": str(home)})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        stop(proc)

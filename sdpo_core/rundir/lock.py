@@ -12,6 +12,12 @@ process that writes) takes it; the other ranks write nothing. Every rank enters 
 same points, and the outermost entry checks that every rank sees the same run directory
 (``ranks.check_shared_run_dir``: a collective, so rank 0 holds the lock while the others check).
 
+A process holding the lock can launch the writer itself (the Prefect flow starts ``sdpo train``
+under ``accelerate launch``): it passes :func:`launch_env` in the launcher's environment and
+:func:`held_fd` in its ``pass_fds``. Rank 0 then writes under the launching process's lock instead of
+refusing (when the lock file names that process, alive), and the launcher's copy of the locked
+file keeps the lock held while training lives, even if the launching process dies first.
+
 On release the holder deletes the file, and removes the run directory again if it created it and
 left it empty (a refused or failed start writes nothing). Deleting a lock file is safe here because
 a process that wins ``flock`` checks that the path still names the file it locked, and retries if not.
@@ -33,12 +39,44 @@ from sdpo_core.rundir.ranks import check_shared_run_dir, is_main_process
 
 LOCK_NAME = ".lock"
 
+HOLDER_ENV = "SDPO_RUN_LOCK_HOLDER"  # "<pid>:<resolved run dir>": the launching process holds the lock
 _held: dict[Path, int] = {}  # resolved run dir -> nesting depth, for this process
+_fds: dict[Path, int] = {}  # resolved run dir -> the locked file's descriptor, for this process
 _guard = threading.Lock()
 
 
 class RunLockedError(RuntimeError):
     """Another live process is writing into this run directory."""
+
+
+def is_writer_rank() -> bool:
+    """Global rank 0, or not a distributed launch: the process that writes (``ranks.is_main_process``)."""
+    return is_main_process()
+
+
+def launch_env(run_dir: str | Path) -> dict[str, str]:
+    """The environment entry that lets a writer launched by this process (which holds the lock of
+    ``run_dir``) write under that lock."""
+    return {HOLDER_ENV: f"{os.getpid()}:{Path(run_dir).resolve()}"}
+
+
+def held_fd(run_dir: str | Path) -> int | None:
+    """The descriptor of ``run_dir``'s locked file while this process holds it (for ``pass_fds``)."""
+    with _guard:
+        return _fds.get(Path(run_dir).resolve())
+
+
+def _held_by_launcher(key: Path) -> bool:
+    """This process was launched by the live holder of ``key``'s lock (see :func:`launch_env`)."""
+    pid, _, path = os.environ.get(HOLDER_ENV, "").partition(":")
+    if not pid.isdigit() or Path(path) != key:
+        return False
+    try:
+        info = json.loads((key / LOCK_NAME).read_text(encoding="utf-8"))
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return str(info.get("pid")) == pid
 
 
 def _describe_holder(lock_path: Path) -> str:
@@ -87,7 +125,8 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
             with _guard:
                 _held[key] -= 1
         return
-    with _file_lock(run_dir) if is_main_process() else nullcontext():
+    # rank 0 locks, unless the process that launched it holds the lock for it (launch_env)
+    with _file_lock(run_dir, key) if is_writer_rank() and not _held_by_launcher(key) else nullcontext():
         with _guard:
             _held[key] = 1
         try:
@@ -99,7 +138,7 @@ def run_lock(run_dir: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def _file_lock(run_dir: Path) -> Iterator[None]:
+def _file_lock(run_dir: Path, key: Path) -> Iterator[None]:
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / LOCK_NAME
@@ -112,9 +151,13 @@ def _file_lock(run_dir: Path) -> Iterator[None]:
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(info).encode())
     os.fsync(fd)
+    with _guard:
+        _fds[key] = fd
     try:
         yield
     finally:
+        with _guard:
+            del _fds[key]
         lock_path.unlink(missing_ok=True)  # still locked: a waiter re-checks the path (see _acquire)
         os.close(fd)
         _remove_if_empty(run_dir, created)

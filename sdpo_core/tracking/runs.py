@@ -13,11 +13,14 @@ from sdpo_core.config import Config
 from sdpo_core.tracking.trackers import Tracker, make_tracker
 
 
-def stage_tracker(cfg: Config, stage: str, parent_run_id: str | None = None) -> Tracker:
+def stage_tracker(cfg: Config, stage: str, parent_run_id: str | None = None, run_id: str | None = None) -> Tracker:
     """The tracker of one stage's run (``cfg.tracking``), named ``<pipeline>-<stage>``; with MLflow,
-    nested under ``parent_run_id`` when given (the Prefect flow's run)."""
+    nested under ``parent_run_id`` when given (the Prefect flow's run), or the existing run ``run_id``
+    (one the flow opened for a stage it launched as processes)."""
     backend = cfg.tracking.backend
-    kwargs = {"parent_run_id": parent_run_id} if parent_run_id is not None and backend == "mlflow" else {}
+    kwargs: dict[str, str] = {}
+    if backend == "mlflow":
+        kwargs = {k: v for k, v in (("parent_run_id", parent_run_id), ("run_id", run_id)) if v is not None}
     return make_tracker(backend, cfg.tracking.experiment, run_name=f"{cfg.pipeline}-{stage}", **kwargs)
 
 

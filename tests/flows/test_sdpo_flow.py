@@ -1,7 +1,8 @@
 """The `sdpo` flow on tiny-random: a full run registers a champion (MLflow runs, metrics, artifacts,
 DVC lock and remote, Prefect logs and artifact); an equal second run becomes challenger, a third
 is skipped when asked (skip_unchanged); a broken
-reward fails the run with its cause and leaves the registry alone; a retried run resumes training.
+reward fails the run with its cause and leaves the registry alone; a retried run resumes training;
+a new run refuses the training an earlier one left in its run dir unless told resume or fresh.
 
 The tests of this module share one checkout and registry and run in order (about 2 min).
 """
@@ -25,18 +26,19 @@ IMPROVING = [*TINY, "reward.name=flow_rewards:brightness", "train.learning_rate=
              "register.rule=mean_over_steps"]
 
 
-def _run(overrides: list[str], retries: int = 0):
+def _run(overrides: list[str], retries: int = 0, fresh: bool = True, **params):
+    """A new flow run; ``fresh``: it deletes the training an earlier test left in the run dir."""
     from flows.sdpo_flow import sdpo
 
     return sdpo.with_options(retries=retries, retry_delay_seconds=0)(
-        "tiny-random", overrides, return_state=True
+        "tiny-random", overrides, fresh=fresh, return_state=True, **params
     )
 
 
 def _run_skipping(overrides: list[str]):
     from flows.sdpo_flow import sdpo
 
-    return sdpo("tiny-random", overrides, skip_unchanged=True, return_state=True)
+    return sdpo("tiny-random", overrides, skip_unchanged=True, fresh=True, return_state=True)
 
 
 def _client():
@@ -116,6 +118,21 @@ def test_flow_registers_a_champion_with_runs_metrics_artifacts_and_dvc(in_projec
     assert arts and "trained mean ± CI95" in arts[0].data
 
 
+def test_a_new_run_refuses_the_earlier_training_in_its_run_dir(in_project: Path):
+    """Without resume or fresh, a new flow run fails before any stage, its state message saying
+    both ways out, and leaves the earlier training, MLflow and the registry as they were."""
+    run_dir = in_project / "runs/tiny-random"
+    before = (sorted(p.name for p in (run_dir / "checkpoints").iterdir()), len(_versions()))
+    state = _run(IMPROVING, fresh=False)
+    assert state.is_failed() and "\n" not in state.message
+    assert state.message.startswith("runs/tiny-random holds the training of an earlier run by flow run ")
+    assert "pass resume=true" in state.message and "or fresh=true" in state.message
+    assert (sorted(p.name for p in (run_dir / "checkpoints").iterdir()), len(_versions())) == before
+    flows_runs = _client().search_runs([_client().get_experiment_by_name("sdpo").experiment_id],
+                                       "attributes.run_name = 'tiny-random-flow'")
+    assert len(flows_runs) == 1  # no parent run opened for the refused one
+
+
 def test_second_run_that_does_not_beat_the_champion_is_challenger(in_project: Path):
     state = _run(IMPROVING)  # same seed, same data: equal scores, no margin over the champion
     assert state.is_completed(), state.message
@@ -125,7 +142,7 @@ def test_second_run_that_does_not_beat_the_champion_is_challenger(in_project: Pa
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "2"
     assert "does not beat" in client.get_model_version(MODEL, "2").tags["sdpo.decision"]
-    # a new flow run retrains from scratch in the stable run dir (one epoch, not a resumed tail)
+    # a new flow run with fresh=true retrains from scratch in the stable run dir (one epoch, not a resumed tail)
     lines = (in_project / "runs/tiny-random/train_metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0]
 
@@ -200,7 +217,7 @@ def test_deployments_on_a_work_pool_take_the_schedule_from_settings(in_project: 
         retrain = client.read_deployment_by_name("sdpo/retrain")
     assert train.work_pool_name == retrain.work_pool_name == "gpu"
     assert [s.schedule.cron for s in retrain.schedules] == ["*/30 * * * *"]
-    assert retrain.parameters == {"pipeline": "digits-tiny", "overrides": [], "skip_unchanged": True}
+    assert retrain.parameters == {"pipeline": "digits-tiny", "overrides": [], "skip_unchanged": True, "fresh": True}
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
