@@ -91,7 +91,10 @@ def test_every_item_gets_the_advantage_of_its_own_trajectory(tiny_cfg, tmp_path,
         counts = {p: samples.prompts.count(p) for p in samples.prompts}
         assert sorted(counts.values()) == [6, 6, 6], counts
     for got, want in zip(samples.advantages, expected, strict=True):
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+        # 2e-3: the reference decodes other batch compositions than the trainer, whose kernels differ in the
+        # last bits (with 1 thread or 2 they differ differently); per-prompt stds of ~1e-3 magnify those
+        # 1e-6 reward differences to ~6e-4 here. A swapped trajectory, item or step moves an advantage by O(1).
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
     # the check has teeth: the two trajectories of a pair do get different advantages
     if method == "sdpo":
         assert (samples.advantages[0] - samples.advantages[1]).abs().max() > 1e-2
