@@ -29,6 +29,7 @@ collectives use accelerate's ``PartialState``, which starts the process group th
 from __future__ import annotations
 
 import os
+import copy
 import pickle
 import secrets
 import socket
@@ -132,8 +133,11 @@ def gather(value: T) -> list[T]:
 
 
 def _sendable(error: Exception) -> Exception:
+    # the broadcast pickles it and the other ranks rebuild it: deepcopy rebuilds it the same way
+    # (__reduce_ex__), so an error class whose __init__ cannot be called again is caught here
     try:
-        pickle.loads(pickle.dumps(error))
+        pickle.dumps(error)
+        copy.deepcopy(error)
     except Exception:  # an error class that does not pickle: its message still travels
         return RuntimeError(f"{type(error).__name__}: {error}")
     return error
