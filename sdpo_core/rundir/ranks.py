@@ -28,8 +28,8 @@ collectives use accelerate's ``PartialState``, which starts the process group th
 
 from __future__ import annotations
 
-import os
 import copy
+import os
 import pickle
 import secrets
 import socket
