@@ -147,6 +147,8 @@ def run_all(args) -> dict:
                     e = max([1] + [i + 1 for i, h in enumerate(rec["history"]) if h["queries_cum"] <= budget])
                     by.setdefault(f"{method}_eq_queries", []).append(_at_epoch(sp, rec, e, args.fresh))
         main = [m for m in args.methods if m in MAIN]
+        if not main:
+            continue
         budget_s = min(np.mean([median_epoch_seconds(r) * sp.epochs for sp, r in specs[m]]) for m in main)
         for m in main:
             for sp, rec in specs[m]:
@@ -375,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="retrain even if a cached run exists")
     ap.add_argument("--smoke", action="store_true", help="tiny-random, T=3, 2 seeds, 3 epochs (CI)")
     args = ap.parse_args(argv)
-    if "sdpo" not in args.methods:
-        ap.error("--methods must include sdpo (every comparison is against it)")
     if args.epochs < QUERY_RATIO:
         ap.error(f"--epochs must be >= {QUERY_RATIO}: SDPO's equal-query model is its snapshot at epoch E // {QUERY_RATIO}")
     if args.smoke:
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     freeze_pipelines(args.out_dir)
     runs = run_all(args)
-    first = next(iter(runs.values()))["sdpo"][0]
+    first = next(iter(runs.values()))[args.methods[0]][0]
     steps = sorted(int(k) for k in first["eval"]["steps"])
     result: dict = {"meta": {"pipeline": args.pipeline, "seeds": args.seeds, "epochs": args.epochs,
                              "train_steps": args.train_steps, "methods": {m: METHODS[m] for m in args.methods},
