@@ -140,6 +140,8 @@ def run_all(args) -> dict:
             for method in args.methods:
                 sp = spec(args.pipeline, t, method, seed, args.epochs, args.set)
                 rec = train_run(sp, fresh=args.fresh, run_root=args.run_root)
+                if args.train_only:
+                    continue
                 by[method].append(_at_epoch(sp, rec, sp.epochs, args.fresh))
                 specs[method].append((sp, rec))
                 budget = sp.epochs * rec["trajectories_per_epoch"]  # a one-query method's queries
@@ -147,7 +149,7 @@ def run_all(args) -> dict:
                     e = max([1] + [i + 1 for i, h in enumerate(rec["history"]) if h["queries_cum"] <= budget])
                     by.setdefault(f"{method}_eq_queries", []).append(_at_epoch(sp, rec, e, args.fresh))
         main = [m for m in args.methods if m in MAIN]
-        if not main:
+        if not main or args.train_only:
             continue
         budget_s = min(np.mean([median_epoch_seconds(r) * sp.epochs for sp, r in specs[m]]) for m in main)
         for m in main:
@@ -375,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results/paper_regime"))
     ap.add_argument("--run-root", type=Path, default=RUN_ROOT)
     ap.add_argument("--fresh", action="store_true", help="retrain even if a cached run exists")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train (or resume) the runs and stop: several processes can split the methods, and a "
+                    "later call without it evaluates and reports from the cache")
     ap.add_argument("--smoke", action="store_true", help="tiny-random, T=3, 2 seeds, 3 epochs (CI)")
     args = ap.parse_args(argv)
     if args.epochs < QUERY_RATIO:
@@ -389,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     freeze_pipelines(args.out_dir)
     runs = run_all(args)
+    if args.train_only:
+        return 0
     first = next(iter(runs.values()))[args.methods[0]][0]
     steps = sorted(int(k) for k in first["eval"]["steps"])
     result: dict = {"meta": {"pipeline": args.pipeline, "seeds": args.seeds, "epochs": args.epochs,
