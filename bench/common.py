@@ -260,13 +260,40 @@ def _compatible_run(spec: RunSpec, run_root: Path) -> dict | None:
         for section in ("tracking", "register"):
             cached.pop(section, None)
         if (
-            cached == config
+            cached == without_new_defaults(config, cached)
             and light == [spec.light_every, spec.light_samples_per_prompt]
             and wanted <= set(rec["snapshots"])
         ):
             log.info("reusing %s (same training config)", path.parent)
             return rec
     return None
+
+
+def without_new_defaults(config: dict, cached: dict) -> dict:
+    """``config`` (a resolved config's dict) less the keys that ``cached`` (one recorded by an older
+    version) lacks and that hold their field's default: an option added since, left at its default,
+    trains as before, so the cached run still serves."""
+    from sdpo_core.config import Config
+
+    return _without_new_defaults(config, cached, Config)
+
+
+def _without_new_defaults(config: dict, cached: dict, model) -> dict:
+    from pydantic import BaseModel
+
+    out = {}
+    for k, v in config.items():
+        field_ = model.model_fields.get(k) if model is not None else None
+        if k not in cached and field_ is not None and not field_.is_required():
+            default = field_.get_default(call_default_factory=True)
+            if (default.model_dump() if isinstance(default, BaseModel) else default) == v:
+                continue
+        if k in cached and isinstance(v, dict) and isinstance(cached[k], dict):
+            sub = field_.annotation if field_ is not None else None
+            v = _without_new_defaults(v, cached[k], sub if isinstance(sub, type) and issubclass(sub, BaseModel)
+                                      else None)
+        out[k] = v
+    return out
 
 
 def final_eval(spec: RunSpec, model_dir: str | Path, out_dir: Path, fresh: bool = False) -> dict:

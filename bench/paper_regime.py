@@ -78,44 +78,84 @@ METHODS: dict[str, list[str]] = {
     "grpo": ["train.method=grpo", "train.grpo.group_size=8", "train.grpo.std=batch"],
     "nft": ["train.method=nft", "train.nft.group_size=8", "train.nft.std=batch"],
 }
+MAIN = list(METHODS)
+# issue 24: SDPO with a KL to the reference / an EMA, SDPO with fewer queries per trajectory, and one
+# tuning budget for every method (3x the learning rate; 2 passes over each epoch's samples)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "sdpo_kl": ("sdpo", ["train.kl_beta=0.04"]),  # Flow-GRPO's beta
+    "sdpo_ema": ("sdpo", ["train.ema_decay=0.9"]),  # DiffusionNFT's EMA decay
+    "sdpo_2q": ("sdpo", ["train.anchor=false", "train.skip_unused_queries=true"]),  # first + last
+    "sdpo_1q": ("sdpo", ["train.dense_reward=false", "train.skip_unused_queries=true"]),  # last only
+    **{f"{m}_lr3": (m, ["train.learning_rate=3e-3"]) for m in ("sdpo", "nft", "grpo", "ddpo")},
+    **{f"{m}_inner2": (m, ["train.num_inner_epochs=2"]) for m in ("sdpo", "nft", "grpo", "ddpo")},
+}
+METHODS.update({k: [*METHODS[base], *extra] for k, (base, extra) in VARIANTS.items()})
 LABELS = {"sdpo": "SDPO", "ddpo": "DDPO (shared)", "ddpo_pytorch": "DDPO (ddpo-pytorch defaults)", "grpo": "GRPO",
           "nft": "DiffusionNFT"}
 COLOURS = {"sdpo": "tab:blue", "ddpo": "tab:orange", "ddpo_pytorch": "tab:red", "grpo": "tab:green",
            "nft": "tab:purple"}
+for _i, (_k, (_base, _extra)) in enumerate(VARIANTS.items()):
+    LABELS[_k] = f"{LABELS[_base]} ({', '.join(o.removeprefix('train.') for o in _extra)})"
+    COLOURS[_k] = f"C{_i % 10}"
+NAMES = {**LABELS, **{f"{m}_eq_queries": f"{LABELS[m]} (equal queries)" for m in METHODS},
+         **{f"{m}_eq_time": f"{LABELS[m]} (equal time)" for m in METHODS}}
 # reward queries per trajectory: SDPO's first, anchor and last x0; the others' final x0
 QUERY_RATIO = 3
 
 
 def spec(pipeline: str, t: int, method: str, seed: int, epochs: int, extra: list[str]) -> RunSpec:
-    """One run; the light evaluation after every epoch gives the curves and the time to quality."""
-    snapshots = [max(1, epochs // QUERY_RATIO)] if method == "sdpo" else []
+    """One run; the light evaluation after every epoch gives the curves and the time to quality, and a
+    snapshot after every epoch the models at equal reward queries and at equal training time."""
+    snapshots = list(range(1, epochs))
     return RunSpec(f"paper-T{t}-{method}-s{seed}", pipeline, [f"sample.num_steps={t}", *METHODS[method], *extra],
                    seed, epochs, 1, snapshots=snapshots)
 
 
+def _at_epoch(sp: RunSpec, rec: dict, e: int, fresh: bool) -> dict:
+    """The entry of run ``rec`` cut at epoch ``e``: its snapshot's evaluation and the history up to it."""
+    run_dir = Path(rec["final"]).parent.parent
+    model = rec["final"] if e == sp.epochs else rec["snapshots"][str(e)]
+    ev = final_eval(sp, model, run_dir / ("eval" if e == sp.epochs else f"eval_epoch_{e}"), fresh=fresh)
+    hist = rec["history"][:e]
+    return {"record": {**rec, "history": hist, "queries": hist[-1]["queries_cum"],
+                       "train_seconds": sum(r["time/epoch"] for r in hist)}, "eval": ev, "epochs": e}
+
+
+def median_epoch_seconds(rec: dict) -> float:
+    """Training seconds per epoch as the run's median (a load spike in one epoch of the shared
+    machine would otherwise move its total)."""
+    return float(np.median([h["time/epoch"] for h in rec["history"]]))
+
+
 def run_all(args) -> dict:
-    """{T: {label: [per-seed entry]}}; labels: each method at E epochs, and sdpo_eq_queries."""
+    """{T: {label: [per-seed entry]}}; labels: each method at E epochs; ``<m>_eq_queries`` for a method
+    making more than one query per trajectory: its snapshot at the last epoch within the one-query
+    methods' E x trajectories; ``<m>_eq_time``: every main method's snapshot at the last epoch within
+    the training time of the fastest main method (epochs x median epoch time, mean over seeds)."""
     out: dict[int, dict[str, list[dict]]] = {}
     for t in args.train_steps:
-        out[t] = {m: [] for m in args.methods}
-        if "sdpo" in args.methods:
-            out[t]["sdpo_eq_queries"] = []
+        out[t] = by = {m: [] for m in args.methods}
+        specs: dict[str, list[tuple[RunSpec, dict]]] = {m: [] for m in args.methods}
         for seed in args.seeds:
             for method in args.methods:
                 sp = spec(args.pipeline, t, method, seed, args.epochs, args.set)
                 rec = train_run(sp, fresh=args.fresh, run_root=args.run_root)
-                run_dir = Path(rec["final"]).parent.parent
-                ev = final_eval(sp, rec["final"], run_dir / "eval", fresh=args.fresh)
-                out[t][method].append({"record": rec, "eval": ev, "epochs": sp.epochs})
-                if method == "sdpo":
-                    e = sp.snapshots[0]
-                    model = rec["snapshots"][str(e)]
-                    ev_e = final_eval(sp, model, run_dir / f"eval_epoch_{e}", fresh=args.fresh)
-                    hist = rec["history"][:e]
-                    out[t]["sdpo_eq_queries"].append({
-                        "record": {**rec, "history": hist, "queries": hist[-1]["queries_cum"],
-                                   "train_seconds": sum(r["time/epoch"] for r in hist)},
-                        "eval": ev_e, "epochs": e})
+                if args.train_only:
+                    continue
+                by[method].append(_at_epoch(sp, rec, sp.epochs, args.fresh))
+                specs[method].append((sp, rec))
+                budget = sp.epochs * rec["trajectories_per_epoch"]  # a one-query method's queries
+                if rec["queries"] > budget:
+                    e = max([1] + [i + 1 for i, h in enumerate(rec["history"]) if h["queries_cum"] <= budget])
+                    by.setdefault(f"{method}_eq_queries", []).append(_at_epoch(sp, rec, e, args.fresh))
+        main = [m for m in args.methods if m in MAIN]
+        if not main or args.train_only:
+            continue
+        budget_s = min(np.mean([median_epoch_seconds(r) * sp.epochs for sp, r in specs[m]]) for m in main)
+        for m in main:
+            for sp, rec in specs[m]:
+                e = int(np.clip(np.floor(budget_s / median_epoch_seconds(rec) + 1e-6), 1, sp.epochs))
+                by.setdefault(f"{m}_eq_time", []).append(_at_epoch(sp, rec, e, args.fresh))
     return out
 
 
@@ -149,20 +189,35 @@ def summarise(runs: dict[str, list[dict]], steps: list[int]) -> dict:
                     "train_minutes": sum(e["record"]["train_seconds"] for e in entries) / len(entries) / 60,
                     "median_epoch_seconds": float(np.median([h["time/epoch"] for e in entries
                                                              for h in e["record"]["history"]]))}
-    for budget, sdpo in (("equal_traj", "sdpo"), ("equal_queries", "sdpo_eq_queries")):
-        if sdpo not in runs:
+    for budget, _suffix, _title in BUDGETS:
+        sdpo = at_budget("sdpo", budget, runs)
+        if sdpo is None:
             continue
-        for other in runs:
-            if other in ("sdpo", "sdpo_eq_queries") or not runs[other]:
+        for other in MAIN:
+            b = at_budget(other, budget, runs) if other != "sdpo" else None
+            if b is None:
                 continue
             diff, ratio = {}, {}
             for n in steps:
-                diff[str(n)] = seed_ci([_trained(a, n) - _trained(b, n)
-                                        for a, b in zip(runs[sdpo], runs[other], strict=True)])
-                g_other = s[other]["steps"][str(n)]["gain"]["mean"]
+                diff[str(n)] = seed_ci([_trained(x, n) - _trained(y, n)
+                                        for x, y in zip(runs[sdpo], runs[b], strict=True)])
+                g_other = s[b]["steps"][str(n)]["gain"]["mean"]
                 ratio[str(n)] = s[sdpo]["steps"][str(n)]["gain"]["mean"] / g_other if abs(g_other) > 1e-9 else None
             s[f"sdpo_minus_{other}_{budget}"] = {"diff": diff, "gain_ratio": ratio}
     return s
+
+
+BUDGETS = (("equal_traj", "", "Equal trajectories"), ("equal_queries", "_eq_queries", "Equal reward queries"),
+           ("equal_time", "_eq_time", "Equal training time"))
+
+
+def at_budget(m: str, budget: str, runs: dict) -> str | None:
+    """The label of method ``m``'s models at a budget: its E-epoch runs, its equal-query snapshot
+    (the E-epoch runs for one-query methods) or its equal-time snapshot; None when absent."""
+    label = {"equal_traj": m, "equal_queries": f"{m}_eq_queries", "equal_time": f"{m}_eq_time"}[budget]
+    if budget == "equal_queries" and not runs.get(label):
+        label = m
+    return label if runs.get(label) else None
 
 
 def _curve(entries: list[dict], n: int):
@@ -232,50 +287,63 @@ def curves_png(runs: dict[str, list[dict]], steps: list[int], t: int, path: Path
     fig.savefig(path)
 
 
+def _acc_div(entry: dict, k: str, which: str = "trained") -> str:
+    m = entry["steps"][k]["metrics"]
+    vals = [m[x][which] if which == "base" else m[x]["trained"]["mean"] for x in ("digit_accuracy", "diversity")
+            if x in m]
+    return " / ".join(f"{v:.3f}" for v in vals) or "-"
+
+
+def _all_models_table(summary: dict, steps: list[int]) -> list[str]:
+    """Every model of the run (methods, variants, their equal-query and equal-time snapshots): gain
+    over base per step count with its accuracy / diversity."""
+    labels = [x for x in summary if x in NAMES]
+    lines = ["### Every model: gain over base (digit accuracy / diversity), mean over seeds", "",
+             "| model | seeds | epochs | queries | train min | " + " | ".join(f"{n} step{'s' * (n > 1)}" for n in steps)
+             + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(steps)]
+    for x in labels:
+        e = summary[x]
+        lines.append(f"| {NAMES[x]} | {e['steps'][str(steps[0])]['gain']['n']} | {e['epochs']} | {e['queries']:.0f} | "
+                     f"{e['train_minutes']:.1f} | " + " | ".join(
+                         f"{fmt_ci(e['steps'][str(n)]['gain'], sign=True)} ({_acc_div(e, str(n))})" for n in steps)
+                     + " |")
+    return [*lines, ""]
+
+
 def markdown_t(t: int, summary: dict, ttq: dict, steps: list[int], seeds: list[int]) -> str:
     lines = [f"## Trained at T = {t} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds})", ""]
-    others = [m for m in METHODS if m != "sdpo" and m in summary]
-    for budget, sdpo, title in (("equal_traj", "sdpo", "Equal trajectories"),
-                                ("equal_queries", "sdpo_eq_queries", "Equal reward queries")):
-        if sdpo not in summary:
+    others = [m for m in MAIN if m != "sdpo" and m in summary]
+    for budget, _suffix, title in BUDGETS:
+        cols = {m: at_budget(m, budget, summary) for m in ("sdpo", *others)}
+        if cols["sdpo"] is None:
             continue
-        s = summary[sdpo]
-        head = ", ".join(f"{LABELS[m]} {summary[m]['epochs']} epochs / {summary[m]['queries']:.0f} queries"
-                         for m in others)
-        lines += [f"### {title}: SDPO {s['epochs']} epochs / {s['trajectories']} trajectories / "
-                  f"{s['queries']:.0f} queries; {head}", "",
-                  "Gain over base, mean over seeds [95% t-interval]:", "",
-                  "| steps | base | SDPO | " + " | ".join(LABELS[m] for m in others) + " |",
-                  "|---:|---:|---:|" + "---:|" * len(others)]
+        cols = {m: label for m, label in cols.items() if label is not None}
+        lines += [f"### {title}: " + ", ".join(
+            f"{LABELS[m]} {summary[x]['epochs']} epochs / {summary[x]['queries']:.0f} queries / "
+            f"{summary[x]['epochs'] * summary[m]['median_epoch_seconds'] / 60:.1f} min" for m, x in cols.items()), "",
+            "Gain over base, mean over seeds [95% t-interval]; digit accuracy / diversity of the trained model "
+            "(mean over seeds):", "",
+            "| steps | base (acc / div) | " + " | ".join(LABELS[m] for m in cols) + " |",
+            "|---:|---:|" + "---:|" * len(cols)]
         for n in steps:
             k = str(n)
-            lines.append(f"| {n} | {s['steps'][k]['base']:.3f} | {fmt_ci(s['steps'][k]['gain'], sign=True)} | "
-                         + " | ".join(fmt_ci(summary[m]["steps"][k]["gain"], sign=True) for m in others) + " |")
+            lines.append(f"| {n} | {summary['sdpo']['steps'][k]['base']:.3f} ({_acc_div(summary['sdpo'], k, 'base')}) | "
+                         + " | ".join(f"{fmt_ci(summary[x]['steps'][k]['gain'], sign=True)} ({_acc_div(summary[x], k)})"
+                                      for x in cols.values()) + " |")
+        rest = [m for m in others if m in cols]
         lines += ["", "SDPO - method (trained reward, paired by seed) [95% t-interval]; ratio of mean gains:", "",
-                  "| steps | " + " | ".join(f"SDPO - {LABELS[m]} | gain ratio" for m in others) + " |",
-                  "|---:|" + "---:|---:|" * len(others)]
+                  "| steps | " + " | ".join(f"SDPO - {LABELS[m]} | gain ratio" for m in rest) + " |",
+                  "|---:|" + "---:|---:|" * len(rest)]
         for n in steps:
             k = str(n)
             cells = []
-            for m in others:
+            for m in rest:
                 d = summary[f"sdpo_minus_{m}_{budget}"]
                 r = d["gain_ratio"][k]
                 cells += [fmt_ci(d["diff"][k], sign=True), "-" if r is None else f"{r:.2f}"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
-    metrics = sorted(summary["sdpo"]["steps"][str(steps[0])]["metrics"]) if "sdpo" in summary else []
-    if metrics:
-        labels = [m for m in ("sdpo", "sdpo_eq_queries", *others) if m in summary]
-        names = {**LABELS, "sdpo_eq_queries": "SDPO (equal queries)"}
-        lines += ["### Digit accuracy, diversity, boldness (base -> trained, mean over seeds)", "",
-                  "| steps | metric | base | " + " | ".join(names[m] for m in labels) + " |",
-                  "|---:|---|---:|" + "---:|" * len(labels)]
-        for n in steps:
-            for met in metrics:
-                row = summary["sdpo"]["steps"][str(n)]["metrics"][met]
-                lines.append(f"| {n} | {met} | {row['base']:.3f} | " + " | ".join(
-                    f"{summary[m]['steps'][str(n)]['metrics'][met]['trained']['mean']:.3f}" for m in labels) + " |")
-        lines.append("")
+    lines += _all_models_table(summary, steps)
     if ttq:
         lines += ["### Time to quality (light eval, mean over seeds)", "",
                   "| eval steps | target (best DDPO) | " + " | ".join(LABELS[m] for m in METHODS if m in summary)
@@ -303,15 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, nargs="+", default=[50], help="training trajectory lengths T")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=12, help="epochs of every method (SDPO's equal-query model: E // 3)")
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=MAIN,
+                    help=f"default: {' '.join(MAIN)}; variants: {' '.join(VARIANTS)}")
     ap.add_argument("--set", action="append", default=[], help="config override for every method, key=value")
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results/paper_regime"))
     ap.add_argument("--run-root", type=Path, default=RUN_ROOT)
     ap.add_argument("--fresh", action="store_true", help="retrain even if a cached run exists")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train (or resume) the runs and stop: several processes can split the methods, and a "
+                    "later call without it evaluates and reports from the cache")
     ap.add_argument("--smoke", action="store_true", help="tiny-random, T=3, 2 seeds, 3 epochs (CI)")
     args = ap.parse_args(argv)
-    if "sdpo" not in args.methods:
-        ap.error("--methods must include sdpo (every comparison is against it)")
     if args.epochs < QUERY_RATIO:
         ap.error(f"--epochs must be >= {QUERY_RATIO}: SDPO's equal-query model is its snapshot at epoch E // {QUERY_RATIO}")
     if args.smoke:
@@ -324,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     freeze_pipelines(args.out_dir)
     runs = run_all(args)
-    first = next(iter(runs.values()))["sdpo"][0]
+    if args.train_only:
+        return 0
+    first = next(iter(runs.values()))[args.methods[0]][0]
     steps = sorted(int(k) for k in first["eval"]["steps"])
     result: dict = {"meta": {"pipeline": args.pipeline, "seeds": args.seeds, "epochs": args.epochs,
                              "train_steps": args.train_steps, "methods": {m: METHODS[m] for m in args.methods},

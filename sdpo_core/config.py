@@ -297,6 +297,13 @@ class TrainConfig(_Strict):
     shuffle_batch: bool = Field(default=True, description="shuffle samples before they are cut into train batches")
     dense_reward: bool = Field(default=True, description="ablation: false gives the final reward at every step")
     anchor: bool = Field(default=True, description="ablation: false predicts from first and last only")
+    skip_unused_queries: bool = Field(
+        default=False,
+        description="sdpo: do not score the x0 states the reward prediction leaves unused (the anchor under "
+        "train.anchor=false; first and anchor under train.dense_reward=false): 2 or 1 reward queries per "
+        "trajectory instead of 3, the same dense rewards; false: all three scored (the unused ones logged), as "
+        "the paper",
+    )
     stat_tracking: StatTrackingConfig = Field(default_factory=StatTrackingConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     nft: NFTConfig = Field(default_factory=NFTConfig)

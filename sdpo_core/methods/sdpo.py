@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sdpo_core.methods.method import Method
 from sdpo_core.rl.advantages import discounted_returns
-from sdpo_core.rl.dense_rewards import predict_dense_rewards, query_steps, similarities
+from sdpo_core.rl.dense_rewards import drop_unused_queries, predict_dense_rewards, query_steps, similarities
 from sdpo_core.rl.losses import sdpo_loss
 
 
@@ -23,7 +23,10 @@ class SDPO(Method):
 
     def scored_steps(self, x0):
         anchor, sims = (v.cpu() for v in similarities(x0))  # §4.2: first, anchor, last
-        return query_steps(anchor, x0.shape[1]), {"anchor": anchor, "sims": sims}
+        steps = query_steps(anchor, x0.shape[1])
+        if self.train.skip_unused_queries:
+            steps = drop_unused_queries(steps, self.train.anchor, self.train.dense_reward)
+        return steps, {"anchor": anchor, "sims": sims}
 
     def returns(self, rewards_queried, extras):
         train = self.train

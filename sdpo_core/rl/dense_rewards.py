@@ -40,6 +40,20 @@ def query_steps(anchor: torch.Tensor, num_steps: int) -> torch.Tensor:
     return torch.stack([first, anchor, last], dim=1)
 
 
+def drop_unused_queries(steps: torch.Tensor, use_anchor: bool = True, dense: bool = True) -> torch.Tensor:
+    """(N, 3) query steps (first, anchor, last) -> (N, 3) with each column that
+    :func:`predict_dense_rewards` leaves unused pointed at a used step: the anchor at the first step
+    when ``use_anchor`` is False, the first and the anchor at the last when ``dense`` is False. The
+    scorer scores each distinct (trajectory, step) once, so this makes 2 or 1 reward queries per
+    trajectory instead of 3; the dense rewards are those of the full query."""
+    steps = steps.clone()
+    if not dense:
+        steps[:, 0] = steps[:, 1] = steps[:, 2]
+    elif not use_anchor:
+        steps[:, 1] = steps[:, 0]
+    return steps
+
+
 def predict_dense_rewards(
     rewards_queried: torch.Tensor,
     sims: torch.Tensor,

@@ -178,14 +178,19 @@ def test_paper_regime_smoke(tmp_path):
     assert s["sdpo_eq_queries"]["queries"] < s["sdpo"]["queries"]
     # the baselines score the final x0 only: one query per trajectory
     assert s["ddpo"]["queries"] == s["grpo"]["queries"] == s["nft"]["queries"] == s["ddpo"]["trajectories"]
+    # equal training time: every method's snapshot within the fastest method's training time, from the same runs
+    assert {f"{m}_eq_time" for m in ("sdpo", "ddpo", "ddpo_pytorch", "grpo", "nft")} <= set(s)
+    assert all(1 <= s[f"{m}_eq_time"]["epochs"] <= 3 for m in ("sdpo", "grpo", "nft"))
+    assert min(s[f"{m}_eq_time"]["epochs"] for m in ("sdpo", "ddpo", "ddpo_pytorch", "grpo", "nft")) < 3 or len(
+        {round(s[m]["median_epoch_seconds"], 6) for m in ("sdpo", "ddpo", "grpo", "nft")}) == 1
     for other in ("ddpo", "ddpo_pytorch", "grpo", "nft"):
-        for budget in ("equal_traj", "equal_queries"):
+        for budget in ("equal_traj", "equal_queries", "equal_time"):
             assert set(s[f"sdpo_minus_{other}_{budget}"]["diff"]) == {"1", "2"}
     runs = by_t["runs"]
     assert len(runs["sdpo_eq_queries"][0]["history"]) == 1 and len(runs["grpo"][0]["history"]) == 3
     assert (tmp_path / "curves_T3.png").stat().st_size > 10_000
     md = (tmp_path / "paper_regime.md").read_text()
-    assert "Equal reward queries" in md and "Time to quality" in md and "GRPO" in md
+    assert "Equal reward queries" in md and "Equal training time" in md and "Time to quality" in md and "GRPO" in md
     assert "## Trained at T = 3" in proc.stdout
 
 

@@ -26,6 +26,24 @@ def test_sdpo_scores_first_anchor_last_and_discounts_dense_rewards():
     assert m.tracked_steps == 3 and m.shared_noise and m.trajectories_per_item == 2
 
 
+def test_sdpo_skip_unused_queries_scores_only_what_the_prediction_uses():
+    # trajectory 0 (anchor 1): without the anchor it queries (first, last) only, and its returns are the
+    # full query's with anchor=false; sparse: the last step only, and the returns of the full query
+    x0, r_full = _x0(), torch.tensor([[1.0, 2.0, 4.0], [1.0, 1.0, 1.0]])
+    for options, expected_steps, queries in (({"anchor": False}, [[0, 0, 2], [0, 0, 2]], 4),
+                                             ({"dense_reward": False}, [[2, 2, 2], [2, 2, 2]], 2)):
+        paper = build_method(TrainConfig(method="sdpo", gamma=0.5, **options), num_steps=3)
+        lean = build_method(TrainConfig(method="sdpo", gamma=0.5, skip_unused_queries=True, **options), num_steps=3)
+        full_steps, extras = paper.scored_steps(x0)
+        assert full_steps.tolist() == [[0, 1, 2], [0, 0, 2]], "the default still scores first, anchor, last"
+        steps, lean_extras = lean.scored_steps(x0)
+        assert steps.tolist() == expected_steps
+        assert len({(i, int(s)) for i, row in enumerate(steps) for s in row}) == queries  # distinct: scored once
+        # the scorer gives each (trajectory, step) its reward: gather the full query's at the lean steps
+        r_lean = torch.gather(torch.tensor([[1.0, 9.0, 4.0], [1.0, 9.0, 1.0]]), 1, steps)  # step 1 scores 9
+        torch.testing.assert_close(lean.returns(r_lean, lean_extras), paper.returns(r_full, extras))
+
+
 def test_ddpo_scores_the_last_step_only_and_returns_the_final_reward():
     m = build_method(TrainConfig(method="ddpo"), num_steps=3)
     steps, extras = m.scored_steps(_x0())
