@@ -23,7 +23,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from orchestration_testing import free_port  # a port from the OS on 127.0.0.1 (torchrun's port 0 hangs)
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,11 +45,6 @@ EVAL = [
 ]  # 2 batches: one per rank; diversity sees all 4 images at once
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **extra}
@@ -61,7 +56,7 @@ def torchrun(*launcher: str) -> list[str]:
 
 def two_nodes(rdzv_id: str) -> list[list[str]]:
     """Two torchrun launchers, one process each, meeting at a c10d rendezvous on 127.0.0.1."""
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     return [
         torchrun(
             "--nnodes",
@@ -164,7 +159,7 @@ def straight(tiny_base, tmp_path_factory):
     """`sdpo -v run` on 2 processes under torchrun with MLflow: the uninterrupted 2-process run."""
     tmp = tmp_path_factory.mktemp("straight")
     cmd = [
-        *torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())),
+        *torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())),
         "-v",
         "run",
         *tiny(tiny_base, tmp / "run", *EVAL),
@@ -231,7 +226,7 @@ def test_accelerate_launch_three_processes_track_once(tiny_base, tmp_path):
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "sdpo_core.cli",
         "-v",

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from orchestration_testing import free_port  # a port from the OS on 127.0.0.1 (torchrun's port 0 hangs)
 
 from sdpo_core.training.checkpoint import checkpoint_dirs
 
 HERE = Path(__file__).resolve().parent
 
-
-def _free_port() -> int:
-    # torchrun's --master_port 0 does not pick a port (it hangs); ask the OS for one on loopback
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -45,7 +39,7 @@ def test_two_processes_stay_in_sync(tiny_base, tmp_path, method, family):
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"), str(out), method]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,7 +66,7 @@ def test_a_nan_gradient_in_one_process_is_skipped_by_both(tiny_base, tmp_path):
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"),
+           "--master_port", str(free_port()), str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"),
            str(out), "sdpo", "poison"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from orchestration_testing import free_port  # a port from the OS on 127.0.0.1 (torchrun's port 0 hangs)
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -23,12 +23,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def _free_port() -> int:
-    # torchrun's --master_port 0 does not pick a port (it hangs); ask the OS for one on loopback
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_fsdp_lora_and_full_finetune_shard_checkpoint_and_resume_exactly(tiny_base, tmp_path):
@@ -37,7 +31,7 @@ def test_fsdp_lora_and_full_finetune_shard_checkpoint_and_resume_exactly(tiny_ba
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "2",
-           "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
            str(HERE / "fsdp_train.py"), str(tiny_base), str(tmp_path / "run"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
