@@ -252,7 +252,7 @@ STAGES: tuple[Stage, ...] = (
           params=("model",), inputs=(), outputs=("base",),  # model.pretrained: runs/<pipeline>/base when built
           options=(Option(("--force",), {"action": "store_true", "help": "rebuild even if it exists"}),),
           takes_run_dir=False, applies=_builds_base, step=base_step),
-    Stage("train", "SDPO (or DDPO, GRPO) online training", train_command,
+    Stage("train", "SDPO (or DDPO, GRPO, DiffusionNFT) online training", train_command,
           params=("*",), inputs=("prompts", "base"),
           outputs=("final", "checkpoints", "config.yaml", "train_metrics.jsonl", "train_metrics.csv"),
           options=(RESUME, TRACKING_RUN), step=train_step),

@@ -75,3 +75,32 @@ def test_a_nan_gradient_in_one_process_is_skipped_by_both(tiny_base, tmp_path):
         assert rec["skipped"] == [1, 0]
         assert rec["checksums_equal"] and all(rec["checksums_equal"]), "weights diverged between processes"
     assert ranks[0]["final_sum"] == ranks[1]["final_sum"]
+
+
+@pytest.mark.slow
+def test_nft_keeps_its_weight_copies_equal_in_both_processes(tiny_base, tmp_path):
+    """DiffusionNFT under two processes, with an EMA: sampling uses the old policy, the loss the old
+    policy and the KL reference, export the EMA; each process moves its own copies after the (averaged)
+    updates. Bugs caught: a copy updated from one process's weights only, a swap that leaves one
+    process's live weights on a copy, a hang in the old policy's forward under DDP."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"),
+           str(out), "nft"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert set(ranks[0]["copies_equal"]) == {"old", "reference", "ema"}
+    for rec in ranks:
+        assert rec["checksums_equal"] and all(rec["checksums_equal"]), "weights diverged between processes"
+        for name, equal in rec["copies_equal"].items():
+            assert len(equal) == len(rec["checksums_equal"]) and all(equal), f"copy {name!r} diverged"
+    assert ranks[0]["final_sum"] == ranks[1]["final_sum"]
+    assert ranks[0]["copy_sums"] == ranks[1]["copy_sums"]
+    sums = ranks[0]["copy_sums"]
+    # the copies did move (a LoRA starts with B = 0, so the sums of the reference are the initial ones)
+    assert sums["old"] != sums["reference"] and sums["ema"] != sums["reference"]
+    assert [d.name for d in checkpoint_dirs(tmp_path / "run")] == ["epoch_0000", "epoch_0001"]
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
