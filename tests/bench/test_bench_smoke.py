@@ -192,6 +192,16 @@ def test_paper_regime_smoke(tmp_path):
     md = (tmp_path / "paper_regime.md").read_text()
     assert "Equal reward queries" in md and "Equal training time" in md and "Time to quality" in md and "GRPO" in md
     assert "## Trained at T = 3" in proc.stdout
+    # bench/paired.py on the same result: its SDPO - GRPO is the report's own, seed by seed
+    out = tmp_path / "paired.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "paired.py"), str(tmp_path / "summary.json"), "sdpo",
+                           "grpo", "nft", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    paired = json.loads(out.read_text())["diff"]
+    for n in ("1", "2"):
+        assert paired["grpo"][n]["values"] == pytest.approx(s["sdpo_minus_grpo_equal_traj"]["diff"][n]["values"])
+        assert paired["nft"][n]["values"] == pytest.approx(s["sdpo_minus_nft_equal_traj"]["diff"][n]["values"])
+    assert "| 2 |" in proc.stdout and "sdpo - nft" in proc.stdout
 
 
 @pytest.mark.slow
