@@ -139,3 +139,29 @@ def test_nft_two_epochs_move_every_lora_weight_and_nothing_else(tiny_cfg, tiny_b
     assert all(torch.equal(frozen0[k], frozen1[k]) for k in frozen0)
     # the old policy followed the trained weights after each epoch (the paper's decay is ~0 this early)
     assert all(not torch.equal(old0[k], v) for k, v in tr.weights.snapshots["old"].items())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kl_and_ema_on_every_family(tiny_cfg, family_dirs, tmp_path, name):
+    # train.kl_beta (the per-step Gaussian KL to the starting weights) and train.ema_decay through each
+    # family's sampler and export. catches: a family whose transition has no std for the closed form
+    # (NaN or a missing kl_ref), a reference equal to the live weights (KL stuck at 0), final/ written
+    # from the raw weights instead of the EMA
+    import json
+
+    from safetensors.torch import load_file
+
+    tr = Trainer(_cfg(tiny_cfg, family_dirs[name], "train.epochs=2", "train.kl_beta=0.04", "train.ema_decay=0.9",
+                      "train.learning_rate=1e-2"), tmp_path, train_prompts=PROMPTS)
+    lora0, _ = _params(tr)
+    final = tr.run()
+    rows = [json.loads(line) for line in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["kl_ref"]) for r in rows) and rows[1]["kl_ref"] > 0
+    lora1, _ = _params(tr)
+    assert all(not torch.equal(lora0[k], lora1[k]) for k in lora0)
+    saved = load_file(str(final / "pytorch_lora_weights.safetensors"))
+    ema = {v.numpy().tobytes() for v in tr.weights.snapshots["ema"].values()}
+    raw = {v.numpy().tobytes() for v in tr.trainable_state().values()}
+    assert len(saved) == len(ema) and all(v.numpy().tobytes() in ema for v in saved.values())
+    assert any(v.numpy().tobytes() not in raw for v in saved.values())
