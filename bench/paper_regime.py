@@ -130,8 +130,9 @@ def median_epoch_seconds(rec: dict) -> float:
 def run_all(args) -> dict:
     """{T: {label: [per-seed entry]}}; labels: each method at E epochs; ``<m>_eq_queries`` for a method
     making more than one query per trajectory: its snapshot at the last epoch within the one-query
-    methods' E x trajectories; ``<m>_eq_time``: every main method's snapshot at the last epoch within
-    the training time of the fastest main method (epochs x median epoch time, mean over seeds)."""
+    methods' E x trajectories; ``<m>_eq_time``: every method's snapshot (variants too, each by its own
+    median epoch time) at the last epoch within the training time of the fastest main method (epochs x
+    median epoch time, mean over seeds)."""
     out: dict[int, dict[str, list[dict]]] = {}
     for t in args.train_steps:
         out[t] = by = {m: [] for m in args.methods}
@@ -152,7 +153,7 @@ def run_all(args) -> dict:
         if not main or args.train_only:
             continue
         budget_s = min(np.mean([median_epoch_seconds(r) * sp.epochs for sp, r in specs[m]]) for m in main)
-        for m in main:
+        for m in args.methods:
             for sp, rec in specs[m]:
                 e = int(np.clip(np.floor(budget_s / median_epoch_seconds(rec) + 1e-6), 1, sp.epochs))
                 by.setdefault(f"{m}_eq_time", []).append(_at_epoch(sp, rec, e, args.fresh))
