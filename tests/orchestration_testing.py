@@ -103,11 +103,21 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+# exec'd in front of every server: SIGINT back to its default action. A test run started as a background
+# job without job control (`make test &` in a script, `nohup ... &`) has SIGINT ignored, every process it
+# starts inherits that, and a Prefect worker then ignores stop()'s SIGINT (its handler re-sends the signal
+# to itself under the inherited disposition): the fixture waited 60 s and killed it. Exec keeps SIG_DFL.
+_SIGINT_DEFAULT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
 def start(args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
-    """A server in its own session (so stop() reaches its children too), output to ``log``."""
+    """A server in its own session (so stop() reaches its children too) that stops on SIGINT whatever
+    this process inherited, output to ``log``."""
     with open(log, "ab") as fh:
         return subprocess.Popen(
-            args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+            [sys.executable, "-c", _SIGINT_DEFAULT, *map(str, args)], stdout=fh, stderr=subprocess.STDOUT,
+            env=env, cwd=cwd, start_new_session=True
         )
 
 
