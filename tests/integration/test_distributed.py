@@ -16,6 +16,19 @@ from sdpo_core.training.checkpoint import checkpoint_dirs
 HERE = Path(__file__).resolve().parent
 
 
+def _torchrun(base, tmp_path: Path, *args: str) -> list[dict]:
+    """``dist_train.py BASE RUN OUT *args`` in two CPU processes (gloo); what each process recorded."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(HERE / "dist_train.py"), str(base), str(tmp_path / "run"), str(out),
+           *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 
 @pytest.mark.slow
 # SDPO on the SD UNet under a launcher is tests/e2e/test_launchers.py's (the sdpo CLI, 2 and 3 processes):
@@ -36,14 +49,7 @@ def test_two_processes_stay_in_sync(tiny_base, tmp_path, method, family):
         from sdpo_core.tiny.flow import build_tiny_sd3
 
         tiny_base = save_tiny(build_tiny_sd3(seed=0), tmp_path / "sd3")
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"), str(out), method]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _torchrun(tiny_base, tmp_path, method)
     for rec in ranks:
         assert rec["world_size"] == 2
         assert rec["checksums_equal"] and all(rec["checksums_equal"]), "weights diverged between processes"
@@ -62,15 +68,7 @@ def test_a_nan_gradient_in_one_process_is_skipped_by_both(tiny_base, tmp_path):
     """Process 1's gradient turns NaN in one backward: gradients are averaged, so both processes
     skip that update (train.nonfinite=skip) and their weights stay equal after every step
     (bugs caught: one process stepping while the other skips, a hang in the decision)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"),
-           str(out), "sdpo", "poison"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _torchrun(tiny_base, tmp_path, "sdpo", "poison")
     for rec in ranks:
         assert rec["skipped"] == [1, 0]
         assert rec["checksums_equal"] and all(rec["checksums_equal"]), "weights diverged between processes"
@@ -83,15 +81,7 @@ def test_nft_keeps_its_weight_copies_equal_in_both_processes(tiny_base, tmp_path
     policy and the KL reference, export the EMA; each process moves its own copies after the (averaged)
     updates. Bugs caught: a copy updated from one process's weights only, a swap that leaves one
     process's live weights on a copy, a hang in the old policy's forward under DDP."""
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "dist_train.py"), str(tiny_base), str(tmp_path / "run"),
-           str(out), "nft"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _torchrun(tiny_base, tmp_path, "nft")
     assert set(ranks[0]["copies_equal"]) == {"old", "reference", "ema"}
     for rec in ranks:
         assert rec["checksums_equal"] and all(rec["checksums_equal"]), "weights diverged between processes"
